@@ -1,0 +1,19 @@
+"""adassl_fast: fused, memory-efficient AdaSSL, NT-Xent and InfoNCE losses.
+
+Functional ops (API.md): nt_xent, info_nce, adassl_nt_xent, gaussian_kl, gaussian_sample,
+bernoulli_mask, l0_penalty. Modules: adassl_fast.nn. Backends: impl="reference" | "torch" | "triton" |
+"cuda" | "auto".
+"""
+
+__version__ = "0.1.0"
+
+from adassl_fast._checks import set_checks
+from adassl_fast._dispatch import BackendUnavailable, info
+from adassl_fast.nt_xent import nt_xent
+
+__all__ = [
+    "BackendUnavailable",
+    "info",
+    "nt_xent",
+    "set_checks",
+]

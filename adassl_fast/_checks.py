@@ -1,0 +1,90 @@
+"""Argument validation shared by every op: clear errors naming the argument, nothing silent."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_checks_enabled = os.environ.get("ADASSL_FAST_CHECKS", "0") not in ("", "0")
+
+
+def set_checks(enabled: bool) -> None:
+    """Make every op raise on NaN/Inf inputs (costs a device sync per input, hence opt-in)."""
+    global _checks_enabled
+    _checks_enabled = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _checks_enabled
+
+
+def matrix(name: str, t, *, min_rows: int = 1) -> torch.Tensor:
+    """A 2-D floating tensor with at least `min_rows` rows and one column, returned contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(t.shape)}")
+    if t.shape[0] < min_rows or t.shape[1] < 1:
+        raise ValueError(f"{name} must have at least {min_rows} rows and 1 column, got shape {tuple(t.shape)}")
+    if _checks_enabled and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf (checks enabled by set_checks / ADASSL_FAST_CHECKS)")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def same_layout(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, shape=None) -> None:
+    """`t` must match `ref` in dtype and device, and in shape (or `shape` when given)."""
+    want = tuple(ref.shape) if shape is None else tuple(shape)
+    if tuple(t.shape) != want:
+        raise ValueError(f"{name} must have shape {want} to match {ref_name}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; pass both in one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def optional_clamp(clamp) -> float | None:
+    return None if clamp is None else positive_float("clamp", clamp)
+
+
+def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
+    """`scale` (None, a number, or a 0-dim tensor) as a 0-dim tensor in the ops' accumulation dtype.
+
+    A tensor keeps its autograd history (the cast is differentiable), so lambda receives a gradient.
+    """
+    acc = accumulation_dtype(like.dtype)
+    if scale is None:
+        return torch.ones((), dtype=acc, device=like.device)
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0:
+            raise ValueError(f"scale must be a 0-dim tensor (the learnable lambda), got shape {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a floating tensor, got {scale.dtype}")
+        if scale.device != like.device:
+            raise ValueError(f"scale is on {scale.device} but the embeddings are on {like.device}")
+        if _checks_enabled and not bool(torch.isfinite(scale)):
+            raise ValueError("scale is NaN or Inf (checks enabled)")
+        return scale.to(acc)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return torch.tensor(float(scale), dtype=acc, device=like.device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (exact tests); every other dtype accumulates and reports in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

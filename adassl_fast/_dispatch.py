@@ -1,0 +1,121 @@
+"""Backend selection: which implementation runs an op, and why another one cannot.
+
+Nothing here imports Triton, builds the CUDA extension or touches a GPU at import time: availability is
+probed lazily and cached, so `import adassl_fast` works on any machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("reference", "torch", "triton", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+@functools.cache
+def _triton_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing adassl_fast to run the kernels on CPU)"
+    return None
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch (torch %s, built for CUDA %s)" % (
+            torch.__version__,
+            torch.version.cuda,
+        )
+    from adassl_fast import _cuda
+
+    ok, reason = _cuda.available()
+    return None if ok else reason
+
+
+def unavailable_reason(impl: str) -> str | None:
+    """None when `impl` can run on this machine, else the reason it cannot."""
+    if impl in ("reference", "torch"):
+        return None
+    if impl == "triton":
+        return _triton_reason()
+    if impl == "cuda":
+        return _cuda_reason()
+    raise ValueError(f"impl must be one of {('auto',) + IMPLS}, got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Turn `impl` (possibly "auto") into the backend that runs on tensors living on `device`.
+
+    "auto" honours ADASSL_FAST_IMPL; otherwise CUDA tensors get triton, else cuda, else torch, and CPU
+    tensors get torch. An explicit backend that cannot run raises BackendUnavailable.
+    """
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a string, got {type(impl).__name__}")
+    if impl == "auto":
+        impl = os.environ.get("ADASSL_FAST_IMPL", "auto") or "auto"
+        if impl == "auto":
+            if device.type == "cuda":
+                for candidate in ("triton", "cuda"):
+                    if unavailable_reason(candidate) is None:
+                        return candidate
+            return "torch"
+    reason = unavailable_reason(impl)
+    if reason is not None:
+        raise BackendUnavailable(f'impl="{impl}" cannot run: {reason}')
+    if impl == "cuda" and device.type != "cuda":
+        raise BackendUnavailable('impl="cuda" needs CUDA tensors, got tensors on ' + str(device))
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable('impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1), got ' + str(device))
+    return impl
+
+
+def info() -> dict:
+    """Versions, the device, and each backend with whether it is available (and why not)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    import adassl_fast
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    backends = {}
+    for impl in IMPLS:
+        try:
+            reason = unavailable_reason(impl)
+        except Exception as exc:  # a failing probe is itself a reason, never a crash
+            reason = f"probe failed: {type(exc).__name__}: {exc}"
+        backends[impl] = {"available": reason is None, "reason": reason}
+    return {
+        "adassl_fast": adassl_fast.__version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_runtime": torch.version.cuda,
+        "device": device,
+        "default_impl_cpu": resolve_impl("auto", torch.device("cpu")),
+        "backends": backends,
+    }
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

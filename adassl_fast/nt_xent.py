@@ -1,0 +1,298 @@
+"""NT-Xent (SimCLR) as AdaSSL uses it: edited rows `cont` against target columns `targ` (SPEC 2.1, 3.1).
+
+Read top to bottom: the reference (the authors' materialising semantics, the oracle), the chunked torch
+kernels (row blocks, online statistics, recompute in backward: nothing M x M is ever held), the
+torch.library ops that every backend plugs into (`impl` picks the kernels), and the functional form.
+The same core serves `info_nce` and the distributed schedules: each row has one positive column and at
+most one excluded column, given as index vectors (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adassl_fast import _checks
+from adassl_fast._dispatch import resolve_impl
+
+NORM_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference: the authors' computation, materialising the M x M logits.
+
+
+def clamp_inclusive(x: Tensor, bound: float) -> Tensor:
+    """clamp(x, -bound, bound) whose gradient passes at exactly +-bound (torch 2.3 behaviour, SPEC 2.1)."""
+    inside = (x >= -bound) & (x <= bound)
+    return torch.where(inside, x, x.detach().clamp(-bound, bound))
+
+
+def correlated_mask(batch: int, device=None) -> Tensor:
+    """(2B, 2B) bool: False on the diagonal and on the diagonals of the two off-diagonal B x B blocks."""
+    n = 2 * batch
+    idx = torch.arange(n, device=device)
+    mask = torch.ones(n, n, dtype=torch.bool, device=device)
+    mask[idx, idx] = False
+    mask[idx, (idx + batch) % n] = False
+    return mask
+
+
+def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, scale=None, clamp=20.0) -> Tensor:
+    """The authors' NT-Xent: cont (M, d) rows, targ (M, d) columns, M = 2B -> 0-dim loss.
+
+    Low-precision inputs are upcast to float32 (the reference's cross-entropy runs in float32 under AMP).
+    """
+    acc = _checks.accumulation_dtype(cont.dtype)
+    u = F.normalize(cont.to(acc), dim=1, eps=NORM_EPS)
+    v = F.normalize(targ.to(acc), dim=1, eps=NORM_EPS)
+    lam = _checks.scale_tensor(scale, cont)
+    logits = u @ v.t() * lam / temperature
+    if clamp is not None:
+        logits = clamp_inclusive(logits, clamp)
+    n = logits.shape[0]
+    positives = logits.diagonal().unsqueeze(1)
+    negatives = logits[correlated_mask(n // 2, logits.device)].view(n, n - 2)
+    labels = torch.zeros(n, dtype=torch.long, device=logits.device)
+    return F.cross_entropy(torch.cat([positives, negatives], dim=1), labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunked torch kernels. Each block of rows holds a (rows x N) slab of logits, sized so the slab stays
+# near 16 MB: the memory is O(M d + block), and the work is plain BLAS so it is fast on CPUs.
+
+_SLAB_ELEMENTS = 1 << 22
+
+
+def _rows_per_block(n_cols: int) -> int:
+    return max(16, _SLAB_ELEMENTS // max(n_cols, 1))
+
+
+def _normalize(x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    x = x.to(acc)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    return x / norm.clamp_min(NORM_EPS).unsqueeze(1), norm
+
+
+def normalize_backward(grad_u: Tensor, u: Tensor, norm: Tensor) -> Tensor:
+    """Gradient through u = x / max(||x||, eps): (g - (u.g) u) / ||x||, or g / eps below eps."""
+    radial = (u * grad_u).sum(1, keepdim=True)
+    above = (norm > NORM_EPS).unsqueeze(1)
+    return torch.where(above, (grad_u - radial * u) / norm.clamp_min(NORM_EPS).unsqueeze(1), grad_u / NORM_EPS)
+
+
+def _logit_slab(u_blk, v, s, pos_blk, excl_blk, clamp):
+    """Scaled, clamped logits of a row block with the excluded columns at -inf.
+
+    Returns the slab, the positives' logits and the out-of-clamp mask (None when nothing can clamp).
+    """
+    slab = u_blk @ v.t()
+    slab.mul_(s)
+    outside = None
+    if clamp is not None:
+        outside = (slab > clamp) | (slab < -clamp)
+        slab.clamp_(-clamp, clamp)
+    positive = slab.gather(1, pos_blk.unsqueeze(1)).squeeze(1)
+    # Rows without an excluded column (excl = -1) write their own value back: no data-dependent branch.
+    col = excl_blk.clamp_min(0).unsqueeze(1)
+    kept = slab.gather(1, col)
+    slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), kept))
+    return slab, positive, outside
+
+
+def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    u, _ = _normalize(cont, acc)
+    v, _ = _normalize(targ, acc)
+    s = scale.to(acc) * inv_temperature
+    m = u.shape[0]
+    lse = torch.empty(m, dtype=acc, device=u.device)
+    positive = torch.empty(m, dtype=acc, device=u.device)
+    step = _rows_per_block(v.shape[0])
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, s, pos[r0:r1], excl[r0:r1], clamp)
+        row_max = slab.amax(1, keepdim=True)
+        lse[r0:r1] = slab.sub_(row_max).exp_().sum(1).log_() + row_max.squeeze(1)
+    return (lse - positive).mean(), lse
+
+
+def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    u, norm_u = _normalize(cont, acc)
+    v, norm_v = _normalize(targ, acc)
+    s = scale.to(acc) * inv_temperature
+    m = u.shape[0]
+    grad_u = torch.empty_like(u)
+    grad_v = torch.zeros_like(v)
+    sum_gc = torch.zeros((), dtype=acc, device=u.device)
+    row_weight = grad_loss.to(acc) / m
+    step = _rows_per_block(v.shape[0])
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        slab, _, outside = _logit_slab(u[r0:r1], v, s, pos[r0:r1], excl[r0:r1], clamp)
+        # G = (P - onehot(pos)) * row_weight * [inside clamp]; P is 0 at the excluded column.
+        g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+        g.scatter_add_(1, pos[r0:r1].unsqueeze(1), torch.full((r1 - r0, 1), -1.0, dtype=acc, device=u.device))
+        if outside is not None:
+            g.masked_fill_(outside, 0.0)
+        g.mul_(row_weight)
+        gv = g @ v
+        sum_gc += (gv * u[r0:r1]).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
+        grad_u[r0:r1] = gv.mul_(s)
+        grad_v.addmm_(g.t(), u[r0:r1], alpha=1.0)
+    grad_v.mul_(s)
+    dcont = normalize_backward(grad_u, u, norm_u).to(cont.dtype)
+    dtarg = normalize_backward(grad_v, v, norm_v).to(targ.dtype)
+    return dcont, dtarg, (sum_gc * inv_temperature).to(scale.dtype)
+
+
+def _kernels(impl: str):
+    """(forward, backward) of the nt_xent core for a backend name (docs/backends.md)."""
+    if impl == "torch":
+        return _torch_forward, _torch_backward
+    if impl == "triton":
+        from adassl_fast.kernels import nt_xent as triton_kernels
+
+        return triton_kernels.nt_xent_forward, triton_kernels.nt_xent_backward
+    if impl == "cuda":
+        from adassl_fast import _cuda
+
+        return _cuda.nt_xent_forward, _cuda.nt_xent_backward
+    raise ValueError(f"no nt_xent kernels for impl={impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops: one registration for every backend, so autograd, torch.compile and opcheck see
+# the same op whatever runs inside.
+
+
+@torch.library.custom_op("adassl_fast::nt_xent_forward", mutates_args=())
+def nt_xent_forward_op(
+    cont: Tensor,
+    targ: Tensor,
+    pos: Tensor,
+    excl: Tensor,
+    scale: Tensor,
+    inv_temperature: float,
+    clamp: Optional[float],  # noqa: UP045 (torch.library parses typing.Optional on every supported version)
+    impl: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """-> (loss 0-dim, lse (M,)), both in the accumulation dtype."""
+    forward, _ = _kernels(impl)
+    return forward(cont, targ, pos, excl, scale, inv_temperature, clamp)
+
+
+@nt_xent_forward_op.register_fake
+def _(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    return cont.new_empty((), dtype=acc), cont.new_empty((cont.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op("adassl_fast::nt_xent_backward", mutates_args=())
+def nt_xent_backward_op(
+    grad_loss: Tensor,
+    cont: Tensor,
+    targ: Tensor,
+    pos: Tensor,
+    excl: Tensor,
+    scale: Tensor,
+    lse: Tensor,
+    inv_temperature: float,
+    clamp: Optional[float],  # noqa: UP045
+    impl: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dcont, dtarg, dscale)."""
+    _, backward = _kernels(impl)
+    return backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic)
+
+
+@nt_xent_backward_op.register_fake
+def _(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
+    return torch.empty_like(cont), torch.empty_like(targ), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic = inputs
+    ctx.save_for_backward(cont, targ, pos, excl, scale, output[1])
+    ctx.options = (inv_temperature, clamp, impl, deterministic)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    cont, targ, pos, excl, scale, lse = ctx.saved_tensors
+    inv_temperature, clamp, impl, deterministic = ctx.options
+    dcont, dtarg, dscale = nt_xent_backward_op(
+        grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
+    )
+    return dcont, dtarg, None, None, dscale, None, None, None, None
+
+
+nt_xent_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def partner_indices(m: int, device) -> tuple[Tensor, Tensor]:
+    """nt_xent's positive (i) and excluded ((i + M/2) mod M) column of every row."""
+    pos = torch.arange(m, device=device)
+    return pos, (pos + m // 2) % m
+
+
+def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
+    """mean_i [lse_i - S_{i,pos_i}] through the op of `impl` (not "reference"); inputs already checked."""
+    loss, _ = nt_xent_forward_op(cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional form.
+
+
+def nt_xent(
+    cont: Tensor,
+    targ: Tensor,
+    *,
+    temperature: float = 0.1,
+    scale=None,
+    clamp: float | None = 20.0,
+    impl: str = "auto",
+    process_group=None,
+    deterministic: bool = True,
+) -> Tensor:
+    """AdaSSL's NT-Xent loss (SPEC 2.1) without materialising the M x M logits.
+
+    Args:
+        cont: (M, d) edited / predicted rows `[x_hat; y_hat]`, M = 2B even.
+        targ: (M, d) target rows `[e_x; e_y]`, same dtype and device.
+        temperature: tau > 0.
+        scale: None (1), a float, or a 0-dim tensor lambda (receives a gradient).
+        clamp: logits are clamped to [-clamp, clamp] (inclusive gradient indicator); None disables.
+        impl: "auto", "reference", "torch", "triton" or "cuda".
+        process_group: a torch.distributed group: negatives are the rows of every rank (API.md).
+        deterministic: fused backends use the atomic-free backward (bitwise reproducible) when True.
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 inputs): the mean over rows of the cross-entropy of
+        row i against positive column i, with column (i + B) mod M excluded.
+    """
+    cont = _checks.matrix("cont", cont, min_rows=2)
+    targ = _checks.matrix("targ", targ)
+    _checks.same_layout("targ", targ, "cont", cont)
+    if cont.shape[0] % 2:
+        raise ValueError(f"cont must have an even number of rows M = 2B (pairs stacked), got M = {cont.shape[0]}")
+    temperature = _checks.positive_float("temperature", temperature)
+    clamp = _checks.optional_clamp(clamp)
+    lam = _checks.scale_tensor(scale, cont)
+    impl = resolve_impl(impl, cont.device)
+    if process_group is not None:
+        from adassl_fast import distributed
+
+        return distributed.nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group)
+    if impl == "reference":
+        return nt_xent_reference(cont, targ, temperature=temperature, scale=lam, clamp=clamp)
+    pos, excl = partner_indices(cont.shape[0], cont.device)
+    return contrastive_loss(cont, targ, pos, excl, lam, temperature, clamp, impl, deterministic)
