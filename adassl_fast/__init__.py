@@ -9,11 +9,20 @@ __version__ = "0.1.0"
 
 from adassl_fast._checks import set_checks
 from adassl_fast._dispatch import BackendUnavailable, info
+from adassl_fast.adassl import adassl_nt_xent
+from adassl_fast.info_nce import info_nce
+from adassl_fast.latent import bernoulli_mask, gaussian_kl, gaussian_sample, l0_penalty
 from adassl_fast.nt_xent import nt_xent
 
 __all__ = [
     "BackendUnavailable",
+    "adassl_nt_xent",
+    "bernoulli_mask",
+    "gaussian_kl",
+    "gaussian_sample",
     "info",
+    "info_nce",
+    "l0_penalty",
     "nt_xent",
     "set_checks",
 ]

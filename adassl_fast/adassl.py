@@ -1,0 +1,337 @@
+"""The one-pass AdaSSL op: latent sample, additive edit, NT-Xent and the regulariser in one Function.
+
+For each direction (x->y and y->x) the posterior output gives r (Gaussian reparameterisation for
+variant "v", straight-through Bernoulli mask for "s"), the editor adds it to the context embedding, and
+the edited rows are contrasted against the targets:
+
+    cont = [emb_y + r_yx; emb_x + r_xy],  targ = [emb_x; emb_y],  l_ssl = nt_xent(cont, targ)
+    l_reg = (R(post_xy, prior_xy) + R(post_yx, prior_yx)) / 2,  R = KL ("v") or L0 ("s")
+
+Order: the reference composition, the torch kernels (latent prologue and its analytic backward, SPEC
+3.3-3.6, around the chunked nt_xent core), the torch.library ops shared by every backend, the
+functional form.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adassl_fast import _checks, latent
+from adassl_fast._dispatch import resolve_impl
+from adassl_fast.nt_xent import _torch_backward, _torch_forward, nt_xent_reference, partner_indices
+
+VARIANTS = ("v", "s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference: the composition of the reference ops, as the authors' wrapper does it.
+
+
+def _reference_direction(post, prior, noise, variant):
+    d = post.shape[1] // 2
+    if variant == "v":
+        mu_q, pre_q = post[:, :d], post[:, d:]
+        r = latent.gaussian_sample_reference(mu_q, pre_q, noise)
+        return r, latent.gaussian_kl_reference(mu_q, pre_q, prior[:, :d], prior[:, d:])
+    logits, unmasked = post[:, :d], post[:, d:]
+    return latent.bernoulli_mask_reference(logits, noise) * unmasked, latent.l0_penalty_reference(logits)
+
+
+def adassl_nt_xent_reference(
+    emb_x, emb_y, post_xy, post_yx, prior_xy=None, prior_yx=None, *, variant="v", temperature=0.1, scale=None,
+    clamp=20.0, noise_xy, noise_yx,
+):
+    """(l_ssl, l_reg) by composing the reference ops; noise must be given."""
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    up = lambda t: None if t is None else t.to(acc)
+    emb_x, emb_y, post_xy, post_yx = up(emb_x), up(emb_y), up(post_xy), up(post_yx)
+    r_xy, reg_xy = _reference_direction(post_xy, up(prior_xy), up(noise_xy), variant)
+    r_yx, reg_yx = _reference_direction(post_yx, up(prior_yx), up(noise_yx), variant)
+    cont = torch.cat([emb_y + r_yx, emb_x + r_xy])
+    targ = torch.cat([emb_x, emb_y])
+    l_ssl = nt_xent_reference(cont, targ, temperature=temperature, scale=scale, clamp=clamp)
+    return l_ssl, (reg_xy + reg_yx) / 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torch kernels: the latent prologue in closed form (forward and backward), around the chunked core.
+
+
+def _softplus_slope(pre: Tensor) -> Tensor:
+    """d softplus / d pre with torch's threshold: sigmoid(pre), exactly 1 above 20."""
+    return torch.where(pre > 20, torch.ones_like(pre), torch.sigmoid(pre))
+
+
+def _gaussian(pre: Tensor):
+    """sigma-related quantities of one Gaussian: (logvar clamped, d logvar / d pre with the clamp indicator)."""
+    sigma = F.softplus(pre) + latent.SIGMA_EPS
+    raw = 2 * torch.log(sigma)
+    inside = (raw >= -latent.LOGVAR_BOUND) & (raw <= latent.LOGVAR_BOUND)
+    dlogvar_dpre = torch.where(inside, 2 * _softplus_slope(pre) / sigma, torch.zeros_like(pre))
+    return raw.clamp(-latent.LOGVAR_BOUND, latent.LOGVAR_BOUND), dlogvar_dpre
+
+
+def _direction_forward(post, prior, noise, variant):
+    """r (B, d) and the regulariser summed over rows and dims, for one direction."""
+    d = post.shape[1] // 2
+    head, tail = post[:, :d], post[:, d:]
+    if variant == "v":
+        logvar_q, _ = _gaussian(tail)
+        logvar_p, _ = _gaussian(prior[:, d:])
+        r = head + noise * torch.exp(0.5 * logvar_q)
+        delta = head - prior[:, :d]
+        kl = 0.5 * (logvar_p - logvar_q + torch.exp(logvar_q - logvar_p) + delta**2 * torch.exp(-logvar_p) - 1)
+        return r, kl.sum()
+    soft = torch.sigmoid(head + latent.logistic_noise(noise))
+    return (soft > 0.5).to(tail.dtype) * tail, torch.sigmoid(head).sum()
+
+
+def _direction_backward(grad_r, reg_weight, post, prior, noise, variant):
+    """(dpost, dprior) of one direction from dL/dr and the regulariser's weight d l_reg / d R_sum."""
+    d = post.shape[1] // 2
+    head, tail = post[:, :d], post[:, d:]
+    if variant == "v":
+        logvar_q, dlvq_dpre = _gaussian(tail)
+        logvar_p, dlvp_dpre = _gaussian(prior[:, d:])
+        delta = head - prior[:, :d]
+        inv_var_p = torch.exp(-logvar_p)
+        ratio = torch.exp(logvar_q - logvar_p)
+        d_mu = grad_r + reg_weight * delta * inv_var_p
+        d_logvar_q = grad_r * noise * 0.5 * torch.exp(0.5 * logvar_q) + reg_weight * 0.5 * (ratio - 1)
+        d_logvar_p = reg_weight * 0.5 * (1 - ratio - delta**2 * inv_var_p)
+        dpost = torch.cat([d_mu, d_logvar_q * dlvq_dpre], 1)
+        dprior = torch.cat([-reg_weight * delta * inv_var_p, d_logvar_p * dlvp_dpre], 1)
+        return dpost, dprior
+    soft = torch.sigmoid(head + latent.logistic_noise(noise))
+    keep = torch.sigmoid(head)
+    d_logits = grad_r * tail * soft * (1 - soft) + reg_weight * keep * (1 - keep)
+    return torch.cat([d_logits, grad_r * (soft > 0.5).to(tail.dtype)], 1), None
+
+
+def _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant):
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    up = lambda t: t.to(acc) if t.numel() else None
+    r_xy, reg_xy = _direction_forward(up(post_xy), up(prior_xy), up(noise_xy), variant)
+    r_yx, reg_yx = _direction_forward(up(post_yx), up(prior_yx), up(noise_yx), variant)
+    ex, ey = up(emb_x), up(emb_y)
+    return torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey]), (reg_xy + reg_yx) / (2 * emb_x.shape[0])
+
+
+def _torch_forward_adassl(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
+                          inv_temperature, clamp, variant):
+    cont, targ, l_reg = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
+    pos, excl = partner_indices(cont.shape[0], cont.device)
+    l_ssl, lse = _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp)
+    return l_ssl, l_reg, lse
+
+
+def _torch_backward_adassl(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
+                           noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic):
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    cont, targ, _ = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
+    pos, excl = partner_indices(cont.shape[0], cont.device)
+    dcont, dtarg, dscale = _torch_backward(grad_ssl, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, True)
+    b = emb_x.shape[0]
+    reg_weight = grad_reg.to(acc) / (2 * b)
+    up = lambda t: t.to(acc) if t.numel() else None
+    dpost_xy, dprior_xy = _direction_backward(dcont[b:], reg_weight, up(post_xy), up(prior_xy), up(noise_xy), variant)
+    dpost_yx, dprior_yx = _direction_backward(dcont[:b], reg_weight, up(post_yx), up(prior_yx), up(noise_yx), variant)
+    out = lambda g, like: torch.empty_like(like) if g is None else g.to(like.dtype)
+    return (
+        (dtarg[:b] + dcont[b:]).to(emb_x.dtype),
+        (dtarg[b:] + dcont[:b]).to(emb_y.dtype),
+        out(dpost_xy, post_xy),
+        out(dpost_yx, post_yx),
+        out(dprior_xy, prior_xy),
+        out(dprior_yx, prior_yx),
+        dscale,
+    )
+
+
+def _kernels(impl: str):
+    if impl == "torch":
+        return _torch_forward_adassl, _torch_backward_adassl
+    if impl == "triton":
+        from adassl_fast.kernels import adassl as triton_kernels
+
+        return triton_kernels.adassl_forward, triton_kernels.adassl_backward
+    if impl == "cuda":
+        from adassl_fast import _cuda
+
+        return _cuda.adassl_forward, _cuda.adassl_backward
+    raise ValueError(f"no adassl kernels for impl={impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops. Variant "s" has no prior: empty (0,) tensors stand in for it (ops cannot take None
+# in one call and a tensor in the next without recompiling, and cannot return None).
+
+
+@torch.library.custom_op("adassl_fast::adassl_forward", mutates_args=())
+def adassl_forward_op(
+    emb_x: Tensor, emb_y: Tensor, post_xy: Tensor, post_yx: Tensor, prior_xy: Tensor, prior_yx: Tensor,
+    noise_xy: Tensor, noise_yx: Tensor, scale: Tensor, inv_temperature: float,
+    clamp: Optional[float],  # noqa: UP045
+    variant: str, impl: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype."""
+    forward, _ = _kernels(impl)
+    return forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
+                   inv_temperature, clamp, variant)
+
+
+@adassl_forward_op.register_fake
+def _(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp,
+      variant, impl, deterministic):
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    return emb_x.new_empty((), dtype=acc), emb_x.new_empty((), dtype=acc), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op("adassl_fast::adassl_backward", mutates_args=())
+def adassl_backward_op(
+    grad_ssl: Tensor, grad_reg: Tensor, emb_x: Tensor, emb_y: Tensor, post_xy: Tensor, post_yx: Tensor,
+    prior_xy: Tensor, prior_yx: Tensor, noise_xy: Tensor, noise_yx: Tensor, scale: Tensor, lse: Tensor,
+    inv_temperature: float,
+    clamp: Optional[float],  # noqa: UP045
+    variant: str, impl: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)."""
+    _, backward = _kernels(impl)
+    return backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                    scale, lse, inv_temperature, clamp, variant, deterministic)
+
+
+@adassl_backward_op.register_fake
+def _(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, lse,
+      inv_temperature, clamp, variant, impl, deterministic):
+    return tuple(torch.empty_like(t) for t in (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, scale))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, inv_temperature, clamp, variant, impl, deterministic = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.options = (inv_temperature, clamp, variant, impl, deterministic)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, grad_ssl, grad_reg, _grad_lse):
+    *tensors, lse = ctx.saved_tensors
+    grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
+    demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
+    has_prior = tensors[4].numel() > 0
+    return (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy if has_prior else None,
+            dprior_yx if has_prior else None, None, None, dscale, None, None, None, None, None)
+
+
+adassl_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional form.
+
+
+def _check_inputs(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant):
+    if variant not in VARIANTS:
+        raise ValueError(f'variant must be "v" (Gaussian KL) or "s" (sparse L0), got {variant!r}')
+    emb_x = _checks.matrix("emb_x", emb_x)
+    emb_y = _checks.matrix("emb_y", emb_y)
+    _checks.same_layout("emb_y", emb_y, "emb_x", emb_x)
+    b, d = emb_x.shape
+    posts = []
+    for name, post in (("post_xy", post_xy), ("post_yx", post_yx)):
+        post = _checks.matrix(name, post)
+        if post.shape[0] == b and post.shape[1] % 2 == 0 and post.shape[1] != 2 * d:
+            raise ValueError(
+                f"{name} has d_r = {post.shape[1] // 2} but the additive editor needs d_r == d = {d} "
+                f"({name} must be (B, 2 d) = {(b, 2 * d)})"
+            )
+        _checks.same_layout(name, post, "emb_x", emb_x, shape=(b, 2 * d))
+        posts.append(post)
+    priors = []
+    for name, prior in (("prior_xy", prior_xy), ("prior_yx", prior_yx)):
+        if variant == "s":
+            if prior is not None:
+                raise ValueError(f'{name} must be None for variant "s" (the sparse variant has no prior network)')
+            priors.append(emb_x.new_empty((0,)))
+            continue
+        if prior is None:
+            raise ValueError(f'{name} is required for variant "v" (the KL needs the prior network output)')
+        prior = _checks.matrix(name, prior)
+        _checks.same_layout(name, prior, "emb_x", emb_x, shape=(b, 2 * d))
+        priors.append(prior)
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    noises = []
+    for name, noise in (("noise_xy", noise_xy), ("noise_yx", noise_yx)):
+        if noise is None:
+            draw = torch.randn if variant == "v" else torch.rand
+            noise = draw((b, d), dtype=acc, device=emb_x.device)
+        else:
+            noise = _checks.matrix(name, noise)
+            if tuple(noise.shape) != (b, d):
+                raise ValueError(f"{name} must have shape {(b, d)}, got {tuple(noise.shape)}")
+            if noise.device != emb_x.device:
+                raise ValueError(f"{name} is on {noise.device} but emb_x is on {emb_x.device}")
+            noise = noise.to(acc)
+        noises.append(noise)
+    return emb_x, emb_y, posts, priors, noises
+
+
+def adassl_nt_xent(
+    emb_x: Tensor,
+    emb_y: Tensor,
+    post_xy: Tensor,
+    post_yx: Tensor,
+    prior_xy: Tensor | None = None,
+    prior_yx: Tensor | None = None,
+    *,
+    variant: str = "v",
+    temperature: float = 0.1,
+    scale=None,
+    clamp: float | None = 20.0,
+    noise_xy: Tensor | None = None,
+    noise_yx: Tensor | None = None,
+    impl: str = "auto",
+    process_group=None,
+    deterministic: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """AdaSSL with the additive editor, fused: -> (l_ssl, l_reg), both 0-dim.
+
+    Args:
+        emb_x, emb_y: (B, d) context / target embeddings f(x), f(x+).
+        post_xy, post_yx: (B, 2d) posterior outputs per direction: [mu | pre-activation] for "v",
+            [mask logits | unmasked r] for "s" (d_r == d, the additive editor).
+        prior_xy, prior_yx: (B, 2d) prior outputs [mu | pre-activation] for "v"; None for "s".
+        variant: "v" (Gaussian KL) or "s" (L0 on a straight-through Bernoulli mask).
+        noise_xy, noise_yx: (B, d) standard normal ("v") or uniform ("s") noise; drawn from torch's RNG
+            (in float32, float64 for float64 inputs) when None.
+        temperature, scale, clamp, impl, process_group, deterministic: as for `nt_xent`.
+
+    Returns:
+        l_ssl = nt_xent([emb_y + r_yx; emb_x + r_xy], [emb_x; emb_y]) and
+        l_reg = (R_xy + R_yx) / 2 (not multiplied by beta), float32 (float64 for float64 inputs).
+    """
+    emb_x, emb_y, (post_xy, post_yx), (prior_xy, prior_yx), (noise_xy, noise_yx) = _check_inputs(
+        emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant
+    )
+    temperature = _checks.positive_float("temperature", temperature)
+    clamp = _checks.optional_clamp(clamp)
+    lam = _checks.scale_tensor(scale, emb_x)
+    impl = resolve_impl(impl, emb_x.device)
+    if process_group is not None:
+        from adassl_fast import distributed
+
+        return distributed.adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                                          lam, temperature, clamp, variant, impl, deterministic, process_group)
+    if impl == "reference":
+        none_if_empty = lambda t: t if t.numel() else None
+        return adassl_nt_xent_reference(
+            emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
+            temperature=temperature, scale=lam, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
+        )
+    l_ssl, l_reg, _ = adassl_forward_op(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam,
+                                        1.0 / temperature, clamp, variant, impl, deterministic)
+    return l_ssl, l_reg

@@ -1,0 +1,124 @@
+"""The latent variable r and its regularisers: Gaussian KL and sample (AdaSSL-V, SPEC 2.4), straight-through
+Bernoulli mask and L0 penalty (AdaSSL-S, SPEC 2.6).
+
+These are O(B d_r) elementwise ops. Standalone, they are launch-bound on a GPU, so the fused backends
+compute them inside `adassl_nt_xent`'s row prologue instead; here "reference" and "torch" are the same
+plain PyTorch (autograd through it is exact and cheap), and "auto" always picks it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adassl_fast import _checks
+from adassl_fast._dispatch import BackendUnavailable
+from adassl_fast.nt_xent import clamp_inclusive
+
+SIGMA_EPS = 1e-6
+LOGVAR_BOUND = 10.0
+UNIFORM_EPS = 1e-6
+
+
+def log_variance(pre: Tensor) -> Tensor:
+    """logvar = clamp(2 log(softplus(pre) + 1e-6), -10, 10), inclusive gradient indicator."""
+    return clamp_inclusive(2 * torch.log(F.softplus(pre) + SIGMA_EPS), LOGVAR_BOUND)
+
+
+def gaussian_kl_reference(mu_q: Tensor, pre_q: Tensor, mu_p: Tensor, pre_p: Tensor) -> Tensor:
+    lv_q, lv_p = log_variance(pre_q), log_variance(pre_p)
+    kl = 0.5 * (lv_p - lv_q + torch.exp(lv_q) / torch.exp(lv_p) + (mu_q - mu_p) ** 2 / torch.exp(lv_p) - 1)
+    return kl.sum(1).mean()
+
+
+def gaussian_sample_reference(mu_q: Tensor, pre_q: Tensor, noise: Tensor) -> Tensor:
+    return mu_q + noise * torch.exp(0.5 * log_variance(pre_q))
+
+
+def logistic_noise(noise: Tensor) -> Tensor:
+    """Logistic(0, 1) from uniform noise clamped to [1e-6, 1 - 1e-6]."""
+    u = noise.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
+    return torch.log(u) - torch.log(1 - u)
+
+
+def bernoulli_mask_reference(logits: Tensor, noise: Tensor) -> Tensor:
+    soft = torch.sigmoid(logits + logistic_noise(noise))
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard.detach() - soft.detach() + soft
+
+
+def l0_penalty_reference(logits: Tensor) -> Tensor:
+    return torch.sigmoid(logits).sum(1).mean()
+
+
+def _plain_pytorch(impl: str) -> None:
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a string, got {type(impl).__name__}")
+    if impl in ("triton", "cuda"):
+        raise BackendUnavailable(
+            f'impl="{impl}" has no standalone latent kernels: they are fused into adassl_nt_xent; '
+            'use impl="torch" (or "auto") for the standalone op'
+        )
+    if impl not in ("auto", "reference", "torch"):
+        raise ValueError(f'impl must be "auto", "reference", "torch", "triton" or "cuda", got {impl!r}')
+
+
+def _draw(kind: str, like: Tensor) -> Tensor:
+    """Noise from torch's RNG in the accumulation dtype (reproducible under torch.manual_seed)."""
+    acc = _checks.accumulation_dtype(like.dtype)
+    draw = torch.randn if kind == "normal" else torch.rand
+    return draw(like.shape, dtype=acc, device=like.device)
+
+
+def _noise(noise, like: Tensor, name: str, kind: str) -> Tensor:
+    if noise is None:
+        return _draw(kind, like)
+    noise = _checks.matrix(name, noise)
+    if tuple(noise.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(noise.shape)}")
+    if noise.device != like.device:
+        raise ValueError(f"{name} is on {noise.device} but the latent inputs are on {like.device}")
+    return noise
+
+
+def _pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> tuple[Tensor, Tensor]:
+    a = _checks.matrix(name_a, a)
+    b = _checks.matrix(name_b, b)
+    _checks.same_layout(name_b, b, name_a, a)
+    return a, b
+
+
+def gaussian_kl(mu_q: Tensor, pre_q: Tensor, mu_p: Tensor, pre_p: Tensor, *, impl: str = "auto") -> Tensor:
+    """KL(q || p) of diagonal Gaussians, summed over dims and averaged over rows (SPEC 2.4).
+
+    All four inputs are (B, d_r); `pre_*` are pre-activations, sigma = softplus(pre) + 1e-6.
+    """
+    _plain_pytorch(impl)
+    mu_q, pre_q = _pair("mu_q", mu_q, "pre_q", pre_q)
+    mu_p, pre_p = _pair("mu_p", mu_p, "pre_p", pre_p)
+    _checks.same_layout("mu_p", mu_p, "mu_q", mu_q)
+    return gaussian_kl_reference(mu_q, pre_q, mu_p, pre_p)
+
+
+def gaussian_sample(mu_q: Tensor, pre_q: Tensor, noise: Tensor | None = None, *, impl: str = "auto") -> Tensor:
+    """r = mu_q + noise * exp(logvar_q / 2): (B, d_r). `noise` (B, d_r) standard normal, drawn if None."""
+    _plain_pytorch(impl)
+    mu_q, pre_q = _pair("mu_q", mu_q, "pre_q", pre_q)
+    return gaussian_sample_reference(mu_q, pre_q, _noise(noise, mu_q, "noise", "normal"))
+
+
+def bernoulli_mask(logits: Tensor, noise: Tensor | None = None, *, impl: str = "auto") -> Tensor:
+    """Straight-through Bernoulli(sigmoid(logits)) mask (B, d_r): hard 0/1 forward, sigmoid gradient.
+
+    `noise` is the uniform u (B, d_r) of the logistic trick, drawn if None.
+    """
+    _plain_pytorch(impl)
+    logits = _checks.matrix("logits", logits)
+    return bernoulli_mask_reference(logits, _noise(noise, logits, "noise", "uniform"))
+
+
+def l0_penalty(logits: Tensor, *, impl: str = "auto") -> Tensor:
+    """Expected number of active mask entries: sum of sigmoid(logits) over dims, mean over rows."""
+    _plain_pytorch(impl)
+    return l0_penalty_reference(_checks.matrix("logits", logits))
