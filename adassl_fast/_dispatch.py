@@ -31,10 +31,7 @@ def _triton_reason() -> str | None:
 
 def _cuda_reason() -> str | None:
     if not torch.cuda.is_available():
-        return "no CUDA device visible to torch (torch %s, built for CUDA %s)" % (
-            torch.__version__,
-            torch.version.cuda,
-        )
+        return f"no CUDA device visible to torch (torch {torch.__version__}, built for CUDA {torch.version.cuda})"
     from adassl_fast import _cuda
 
     ok, reason = _cuda.available()

@@ -95,7 +95,8 @@ def _logit_slab(u_blk, v, s, pos_blk, excl_blk, clamp):
     if clamp is not None:
         outside = (slab > clamp) | (slab < -clamp)
         slab.clamp_(-clamp, clamp)
-    positive = slab.gather(1, pos_blk.unsqueeze(1)).squeeze(1)
+    has_pos = pos_blk >= 0
+    positive = torch.where(has_pos, slab.gather(1, pos_blk.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
     # Rows without an excluded column (excl = -1) write their own value back: no data-dependent branch.
     col = excl_blk.clamp_min(0).unsqueeze(1)
     kept = slab.gather(1, col)
@@ -136,7 +137,9 @@ def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatur
         slab, _, outside = _logit_slab(u[r0:r1], v, s, pos[r0:r1], excl[r0:r1], clamp)
         # G = (P - onehot(pos)) * row_weight * [inside clamp]; P is 0 at the excluded column.
         g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
-        g.scatter_add_(1, pos[r0:r1].unsqueeze(1), torch.full((r1 - r0, 1), -1.0, dtype=acc, device=u.device))
+        pos_blk = pos[r0:r1]
+        minus_one = (pos_blk >= 0).to(acc).neg_().unsqueeze(1)
+        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), minus_one)
         if outside is not None:
             g.masked_fill_(outside, 0.0)
         g.mul_(row_weight)

@@ -1,0 +1,3 @@
+from adassl_fast.cli import main
+
+raise SystemExit(main())
