@@ -188,7 +188,8 @@ def adassl_forward_op(
 def _(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp,
       variant, impl, deterministic):
     acc = _checks.accumulation_dtype(emb_x.dtype)
-    return emb_x.new_empty((), dtype=acc), emb_x.new_empty((), dtype=acc), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
+    scalar = lambda: emb_x.new_empty((), dtype=acc)
+    return scalar(), scalar(), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
 
 
 @torch.library.custom_op("adassl_fast::adassl_backward", mutates_args=())
