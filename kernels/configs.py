@@ -1,0 +1,116 @@
+"""Named, reproducible block configurations for the Triton kernels.
+
+Every shipped configuration has a name; `shipped_configs()` enumerates them for the cross-compile
+test (tests/test_cross_compile.py) and `pick_config()` is what the launchers (and bench/) use.
+
+Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
+- arch: "sm90" (H100/H200), "sm80" (A100 and anything else with a GPU), "interp" (TRITON_INTERPRET).
+- dtype class: "16" (bf16 / fp16 operands), "32" (fp32, IEEE dot), "64" (fp64, interpreter only).
+- BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
+Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
+"bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
+
+The sm90 16-bit d <= 128 entries follow the flash-attention shape that Hopper's wgmma wants
+(128-row warpgroup tiles, 8 warps, 2-3 stages). Larger d shrinks the streamed block first, then the
+owned block, so the fp32 gradient accumulator (BLOCK_M x BLOCK_D) stays in registers without spills;
+tests/test_cross_compile.py checks exactly that for every entry below.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("fwd", "bwd_row", "bwd_col")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    block_m: int  # rows owned by one program
+    block_n: int  # rows of the other side streamed per loop step
+    num_warps: int
+    num_stages: int
+
+
+def _c(kind, arch, dt, bd, bm, bn, w, s):
+    return Config(f"{kind}_{arch}_f{dt}_d{bd}_m{bm}n{bn}w{w}s{s}", bm, bn, w, s)
+
+
+# (arch, dtype class, BLOCK_D) -> {kind: (block_m, block_n, num_warps, num_stages)}
+_TABLE = {
+    ("sm90", "16", 64): {"fwd": (128, 128, 8, 3), "bwd_row": (128, 64, 8, 2), "bwd_col": (128, 64, 8, 2)},
+    ("sm90", "16", 128): {"fwd": (128, 128, 8, 3), "bwd_row": (128, 64, 8, 2), "bwd_col": (128, 64, 8, 2)},
+    ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    ("sm90", "16", 512): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 1), "bwd_col": (64, 32, 8, 1)},
+    ("sm90", "32", 128): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    ("sm90", "32", 512): {"fwd": (32, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
+    ("sm80", "16", 64): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 64, 4, 2), "bwd_col": (64, 64, 4, 2)},
+    ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    ("sm80", "16", 256): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2)},
+    ("sm80", "16", 512): {"fwd": (64, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
+    ("sm80", "32", 128): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2)},
+    ("sm80", "32", 512): {"fwd": (32, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
+}
+
+# The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.
+_INTERP = {"fwd": (64, 64, 4, 1), "bwd_row": (64, 64, 4, 1), "bwd_col": (64, 64, 4, 1)}
+
+
+def block_d(d: int) -> int:
+    """d padded to the power of two the kernels tile with (>= 16, the smallest tl.dot K)."""
+    return max(16, 1 << (max(int(d), 1) - 1).bit_length())
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}[dtype]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _arch_of(device: torch.device) -> str:
+    if interpreting() or device.type != "cuda":
+        return "interp"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major == 9 else "sm80"
+
+
+def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
+    """Nearest table entry: same arch, same dtype class (fp64 falls back to fp32), smallest BLOCK_D >= bd."""
+    dts = [dt] if dt != "64" else ["32"]
+    for dtc in dts:
+        cands = sorted(k[2] for k in _TABLE if k[0] == arch and k[1] == dtc)
+        for cbd in cands:
+            if cbd >= bd:
+                return _TABLE[(arch, dtc, cbd)], dtc, cbd
+    raise ValueError(f"no Triton config for arch={arch} dtype={dt} BLOCK_D={bd} (d <= 512 supported)")
+
+
+def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> Config:
+    """The configuration a launcher uses for `kind` on `device` for inputs of `dtype` and width d."""
+    bd = block_d(d)
+    arch = _arch_of(device)
+    if arch == "interp":
+        return _c(kind, "interp", dtype_class(dtype), bd, *_INTERP[kind])
+    entry, dtc, cbd = _lookup(arch, dtype_class(dtype), bd)
+    return _c(kind, arch, dtc, cbd, *entry[kind])
+
+
+def shipped_configs() -> list[tuple[str, str, int, Config]]:
+    """Every shipped GPU configuration as (arch, dtype class, BLOCK_D, Config), in a fixed order."""
+    out = []
+    for (arch, dt, bd), entry in _TABLE.items():
+        for kind in KINDS:
+            out.append((arch, dt, bd, _c(kind, arch, dt, bd, *entry[kind])))
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs needed to fill the device; the interpreter pretends to be an H200 (132 SMs)."""
+    if device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

@@ -1,0 +1,207 @@
+"""Triton nt_xent core (kernels/nt_xent.py) against the package reference and the backends.md formulas.
+
+Runs in the Triton interpreter without a GPU (tests/conftest.py sets TRITON_INTERPRET=1 first). float64
+checks are exact to rounding; bf16 goes through the kernels' fp32-upcast path with looser tolerances.
+Sizes are odd on purpose: M not a multiple of any block, d not a power of two.
+"""
+
+import pytest
+import torch
+from adassl_fast.kernels import nt_xent as ntx
+
+from adassl_fast.nt_xent import nt_xent_reference
+
+pytestmark = pytest.mark.triton
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    # every buffer the launchers allocate starts as NaN: unwritten elements cannot pass unnoticed
+    monkeypatch.setattr(ntx, "POISON", True)
+
+
+def _nt_indices(M):
+    idx = torch.arange(M)
+    return idx, (idx + M // 2) % M
+
+
+def _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
+    loss, lse = ntx.nt_xent_forward(cont, targ, pos, excl, scale, inv_t, clamp, num_splits=num_splits)
+    g = torch.tensor(grad, dtype=loss.dtype)
+    dc, dt, ds = ntx.nt_xent_backward(g, cont, targ, pos, excl, scale, lse, inv_t, clamp, deterministic,
+                                      num_splits=num_splits)
+    return loss, lse, dc, dt, ds
+
+
+def _reference(cont, targ, scale, temperature, clamp, grad=1.0, dtype=F64):
+    c = cont.detach().to(dtype).requires_grad_()
+    t = targ.detach().to(dtype).requires_grad_()
+    s = scale.detach().to(dtype).requires_grad_()
+    loss = nt_xent_reference(c, t, temperature=temperature, scale=s, clamp=clamp)
+    dc, dt, ds = torch.autograd.grad(loss, (c, t, s), torch.tensor(grad, dtype=dtype))
+    return loss.detach(), dc, dt, ds
+
+
+def _close(a, b, atol, rtol=0.0, what=""):
+    a, b = a.to(F64), b.to(F64)
+    assert torch.isfinite(a).all(), what
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"{what}: max err {err:.3e}"
+
+
+CASES = [  # (M, d, clamp, deterministic, num_splits)
+    (6, 5, None, True, 1),
+    (6, 5, 20.0, False, None),
+    (34, 24, 3.0, True, None),
+    (34, 37, None, False, 1),
+    (130, 37, 3.0, True, 1),
+    (130, 24, 3.0, False, None),
+    (130, 5, None, True, 2),
+]
+
+
+@pytest.mark.parametrize("M,d,clamp,deterministic,num_splits", CASES)
+def test_matches_reference_float64(M, d, clamp, deterministic, num_splits):
+    cont = torch.randn(M, d, dtype=F64)
+    targ = cont.roll(1, 0) + 0.5 * torch.randn(M, d, dtype=F64)
+    scale = torch.tensor(1.7, dtype=F64)
+    temperature = 0.3
+    pos, excl = _nt_indices(M)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 1 / temperature, clamp, deterministic,
+                                 num_splits, grad=0.7)
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, temperature, clamp, grad=0.7)
+    assert loss.dtype == F64 and lse.shape == (M,) and ds.dtype == F64 and ds.dim() == 0
+    _close(loss, r_loss, 1e-12, what="loss")
+    _close(dc, r_dc, 1e-12, what="dcont")
+    _close(dt, r_dt, 1e-12, what="dtarg")
+    _close(ds, r_ds, 1e-12, what="dscale")
+
+
+def _formula(cont, targ, pos, excl, scale, inv_t, clamp):
+    """docs/backends.md, written out with autograd: general pos (-1: none) and excl (-1: none)."""
+    u = cont / cont.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    v = targ / targ.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    S = scale * inv_t * (u @ v.t())
+    if clamp is not None:
+        S = torch.where(S.abs() <= clamp, S, S.detach().clamp(-clamp, clamp))
+    rows = torch.arange(S.shape[0])
+    dropped = torch.zeros_like(S, dtype=torch.bool)
+    dropped[rows[excl >= 0], excl[excl >= 0]] = True
+    lse = torch.logsumexp(S.masked_fill(dropped, float("-inf")), 1)
+    positive = torch.where(pos >= 0, S[rows, pos.clamp_min(0)], torch.zeros((), dtype=S.dtype))
+    return (lse - positive).mean(), lse
+
+
+@pytest.mark.parametrize("M,N,d,clamp,deterministic,num_splits", [
+    (37, 70, 24, 2.5, True, None),
+    (70, 37, 37, 2.5, False, 1),
+    (23, 130, 5, None, True, 2),
+])
+def test_general_pos_excl_float64(M, N, d, clamp, deterministic, num_splits):
+    cont = torch.randn(M, d, dtype=F64, requires_grad=True)
+    targ = torch.randn(N, d, dtype=F64, requires_grad=True)
+    scale = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    pos = torch.randint(0, N, (M,))
+    pos[::5] = -1  # rows whose positive lives in another block of columns (ring schedule)
+    excl = torch.randint(-1, N, (M,))  # includes -1 (info_nce style) and random columns
+    inv_t = 1 / 0.25
+    r_loss, r_lse = _formula(cont, targ, pos, excl, scale, inv_t, clamp)
+    r_dc, r_dt, r_ds = torch.autograd.grad(r_loss, (cont, targ, scale), torch.tensor(1.3, dtype=F64))
+    loss, lse, dc, dt, ds = _run(cont.detach(), targ.detach(), pos, excl, scale.detach(), inv_t, clamp,
+                                 deterministic, num_splits, grad=1.3)
+    _close(loss, r_loss, 1e-12, what="loss")
+    _close(lse, r_lse, 1e-12, what="lse")
+    _close(dc, r_dc, 1e-12, what="dcont")
+    _close(dt, r_dt, 1e-12, what="dtarg")
+    _close(ds, r_ds, 1e-12, what="dscale")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_entries_exactly_at_the_clamp(deterministic):
+    # d = 1 with power-of-two magnitudes: every cosine is exactly +-1 and scale / tau == clamp, so every
+    # logit sits exactly on +-clamp; the inclusive indicator keeps all their gradients (dscale != 0).
+    M = 10
+    cont = torch.tensor([1.0, -2.0, 0.5, 4.0, -1.0, 2.0, -0.5, 1.0, 8.0, -4.0], dtype=F64)[:, None]
+    targ = torch.tensor([2.0, 1.0, -1.0, 0.25, 1.0, -2.0, 1.0, 0.5, -1.0, 2.0], dtype=F64)[:, None]
+    scale = torch.tensor(2.0, dtype=F64)
+    temperature, clamp = 0.5, 4.0
+    pos, excl = _nt_indices(M)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 1 / temperature, clamp, deterministic)
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, temperature, clamp)
+    assert r_ds.abs().item() > 1e-3
+    _close(loss, r_loss, 1e-12, what="loss")
+    _close(dc, r_dc, 1e-12, what="dcont")
+    _close(dt, r_dt, 1e-12, what="dtarg")
+    _close(ds, r_ds, 1e-12, what="dscale")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_through_upcast(dtype):
+    M, d = 130, 37
+    cont = torch.randn(M, d).to(dtype)
+    targ = (cont.float() + 0.5 * torch.randn(M, d)).to(dtype)
+    scale = torch.tensor(1.5)
+    pos, excl = _nt_indices(M)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 10.0, 20.0, True)
+    assert dc.dtype == dtype and dt.dtype == dtype and loss.dtype == torch.float32
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, 0.1, 20.0)  # float64 on the same values
+    _close(loss, r_loss, 1e-4, 1e-5, what="loss")
+    _close(ds, r_ds, 1e-4, 1e-3, what="dscale")
+    scale_g = r_dc.abs().max().item()
+    _close(dc, r_dc, 1e-2 * scale_g, what="dcont")
+    _close(dt, r_dt, 1e-2 * scale_g, what="dtarg")
+
+
+def test_deterministic_schedule_is_bitwise_reproducible():
+    M, d = 130, 24
+    cont, targ = torch.randn(M, d, dtype=torch.float32), torch.randn(M, d, dtype=torch.float32)
+    pos, excl = _nt_indices(M)
+    a = _run(cont, targ, pos, excl, torch.tensor(1.0), 5.0, None, True)
+    b = _run(cont, targ, pos, excl, torch.tensor(1.0), 5.0, None, True)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def _padded(x, before, after, fill=1.0e30):
+    """x copied into the middle of a bigger sentinel-filled buffer: a contiguous view with guards."""
+    buf = torch.full((before + x.numel() + after,), fill, dtype=x.dtype)
+    view = buf[before:before + x.numel()].view(x.shape)
+    view.copy_(x)
+    return buf, view
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_out_of_bounds_guarded_by_sentinels(deterministic):
+    M, d = 34, 37
+    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
+    pos, excl = _nt_indices(M)
+    scale = torch.tensor(1.0, dtype=F64)
+    clean = _run(cont, targ, pos, excl, scale, 4.0, 20.0, deterministic)
+    # a block of 64 rows x 64 features reads far past both ends if any mask is wrong
+    cbuf, cv = _padded(cont, 64 * 64, 64 * 64)
+    tbuf, tv = _padded(targ, 64 * 64, 64 * 64)
+    pbuf, pv = _padded(pos, 64, 64, fill=-(2**40))
+    ebuf, ev = _padded(excl, 64, 64, fill=2**40)
+    guarded = _run(cv, tv, pv, ev, scale, 4.0, 20.0, deterministic)
+    for x, y in zip(clean, guarded, strict=True):
+        assert torch.equal(x, y)
+    for buf, view in ((cbuf, cv), (tbuf, tv)):
+        rest = torch.cat([buf[: view.storage_offset()], buf[view.storage_offset() + view.numel():]])
+        assert (rest == 1.0e30).all()
+
+
+def test_zero_rows_take_the_eps_branch():
+    M, d = 6, 5
+    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
+    cont[2] = 0.0
+    targ[4] = 1e-14  # below eps: the clamp_min branch of F.normalize
+    pos, excl = _nt_indices(M)
+    scale = torch.tensor(1.0, dtype=F64)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 2.0, None)
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, 0.5, None)
+    _close(loss, r_loss, 1e-12, what="loss")
+    _close(dc, r_dc, 1e-12 * max(1.0, r_dc.abs().max().item()), what="dcont")
+    _close(dt, r_dt, 1e-12 * max(1.0, r_dt.abs().max().item()), what="dtarg")
+    _close(ds, r_ds, 1e-12, what="dscale")
