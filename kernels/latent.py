@@ -52,7 +52,8 @@ def store_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, val, TWO_
 def _log1p(x):
     # log(1 + x) accurate for small x without libdevice (Goldberg): log(u) * x / (u - 1), u = fl(1 + x).
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    safe = tl.where(u == 1.0, 1.0, u - 1.0)  # keeps the unused branch finite
+    return tl.where(u == 1.0, x, tl.log(u) * (x / safe))
 
 
 @triton.jit

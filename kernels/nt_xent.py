@@ -474,7 +474,7 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
         *_targ_args(targ_a, targ_b, half_c, N),
         float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(d), PROLOGUE=src.prologue,
-        TARG_TWO_PART=targ_a is not targ_b, CLAMP=has_clamp, UPCAST=upcast, PREC=prec,
+        TARG_TWO_PART=half_c < N, CLAMP=has_clamp, UPCAST=upcast, PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     lse = _empty(M, stat, device)
     mblock = 128
@@ -501,7 +501,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     cfg_c = configs.get("bwd_col") or pick_config("bwd_col", device, dtype, d)
     bd = block_d(d)
     inv_t = float(inv_temperature)
-    two_part = targ_a is not targ_b
+    two_part = half_c < N  # AdaSSL: targ = [emb_x; emb_y]
     targ_src = RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0)
     rinv, _ = row_inv_norms(src, M, d, stat)
     cinv, _ = row_inv_norms(targ_src, N, d, stat)

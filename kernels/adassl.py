@@ -1,0 +1,92 @@
+"""The one-pass AdaSSL op in Triton (docs/backends.md "The one-pass AdaSSL op", SPEC 2.4, 2.6, 3.3-3.6).
+
+No kernel of its own: the nt_xent kernels (kernels/nt_xent.py) run with PROLOGUE = 1 ("v") or 2 ("s").
+Their row programs load emb / post / prior / noise for their rows and build the edited rows
+`cont = [emb_y + r_yx; emb_x + r_xy]` in registers (kernels/latent.py); `targ = [emb_x; emb_y]` is read
+in place through a two-part row source. Neither `cont` nor any M x M matrix is written to memory:
+- forward: the inverse-norm pre-pass forms the edited rows once (and sums the KL / L0 regulariser),
+  the row programs form them again in their prologue and stream the columns;
+- backward: the column-owned kernel rebuilds the edited rows of every streamed row tile, and the row
+  epilogue turns dcont into d emb (additive editor: d emb_ctx += dcont), d post, d prior, adding the
+  regulariser's gradient times grad_reg. emb_x / emb_y are both rows and columns, so the second
+  kernel to touch d emb adds to what the first wrote.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .nt_xent import RowSink, RowSource, _empty, _stat_dtype, backward_core, forward_core
+
+PROLOGUES = {"v": 1, "s": 2}
+
+
+def _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant):
+    if variant not in PROLOGUES:
+        raise ValueError(f'variant must be "v" or "s", got {variant!r}')
+    B, d = emb_x.shape
+    assert emb_y.shape == (B, d) and post_xy.shape == (B, 2 * d) and post_yx.shape == (B, 2 * d)
+    assert noise_xy.shape == (B, d) and noise_yx.shape == (B, d)
+    tensors = [emb_x, emb_y, post_xy, post_yx, noise_xy, noise_yx]
+    if variant == "v":
+        assert prior_xy.shape == (B, 2 * d) and prior_yx.shape == (B, 2 * d)
+        tensors += [prior_xy, prior_yx]
+    else:
+        prior_xy = prior_yx = post_xy  # never read by the "s" kernels
+    assert all(t.dtype == emb_x.dtype and t.is_contiguous() for t in tensors), "same dtype, contiguous"
+    assert d <= 512, "the Triton backend tiles d <= 512 in one block"
+    # rows i < B are the y -> x prediction (context emb_y), rows i >= B the x -> y one (context emb_x)
+    src = RowSource(emb_y, emb_x, B, post_yx, post_xy, prior_yx, prior_xy, noise_yx, noise_xy,
+                    PROLOGUES[variant])
+    return src, B, d
+
+
+def _nt_indices(M, device):
+    idx = torch.arange(M, device=device)
+    return idx, (idx + M // 2) % M
+
+
+def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
+                   inv_temperature, clamp, variant, *, num_splits=None, config=None):
+    """One-pass AdaSSL forward.
+
+    emb_x, emb_y (B, d); post_* (B, 2d); prior_* (B, 2d) for "v", empty for "s"; noise_* (B, d)
+    (standard normal for "v", uniform for "s"); scale () float32 (float64 for float64 inputs).
+    Returns (l_ssl (), l_reg (), lse (2B,)), float32 (float64 for float64 inputs).
+    """
+    src, B, d = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
+    M = 2 * B
+    pos, excl = _nt_indices(M, emb_x.device)
+    l_ssl, lse, reg_sum = forward_core(src, M, emb_x, emb_y, B, M, d, pos, excl, scale, inv_temperature,
+                                       clamp, num_splits=num_splits, config=config)
+    # l_reg = (R_xy + R_yx) / 2 with R a mean over B rows: the sum over all 2B rows / 2B
+    return l_ssl, reg_sum / M, lse
+
+
+def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
+                    noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic, *,
+                    num_splits=None, configs=None):
+    """One-pass AdaSSL backward.
+
+    grad_ssl, grad_reg () tensors; the inputs as in adassl_forward; lse (2B,) from it.
+    Returns (demb_x, demb_y (B, d), dpost_xy, dpost_yx (B, 2d), dprior_xy, dprior_yx ((B, 2d) for
+    "v", empty for "s"), dscale ()), gradients in the input dtype, dscale like scale.
+    """
+    src, B, d = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
+    M = 2 * B
+    pos, excl = _nt_indices(M, emb_x.device)
+    dev, dt = emb_x.device, emb_x.dtype
+    demb_x, demb_y = _empty((B, d), dt, dev), _empty((B, d), dt, dev)
+    dpost_xy, dpost_yx = _empty((B, 2 * d), dt, dev), _empty((B, 2 * d), dt, dev)
+    if variant == "v":
+        dprior_xy, dprior_yx = _empty((B, 2 * d), dt, dev), _empty((B, 2 * d), dt, dev)
+    else:
+        dprior_xy, dprior_yx = prior_xy.new_empty(prior_xy.shape), prior_yx.new_empty(prior_yx.shape)
+    row_sink = RowSink(demb_y, demb_x, dpost_yx, dpost_xy,
+                       dprior_yx if variant == "v" else dpost_yx, dprior_xy if variant == "v" else dpost_xy)
+    col_sink = RowSink(demb_x, demb_y, demb_x, demb_y, demb_x, demb_y)
+    grad_reg = grad_reg.reshape(()).to(_stat_dtype(dt))
+    dscale = backward_core(grad_ssl.reshape(()), grad_reg, src, row_sink, M, emb_x, emb_y, B, M, col_sink, d,
+                           pos, excl, scale, lse.contiguous(), inv_temperature, clamp, bool(deterministic),
+                           accumulate=True, num_splits=num_splits, configs=configs)
+    return demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale
