@@ -2,6 +2,7 @@
 before any kernel is decorated, hence before adassl_fast (or anything importing it) is imported."""
 
 import os
+import zlib
 
 import torch
 
@@ -14,4 +15,4 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh but reproducible random inputs per test: the seed comes from the test's name."""
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,72 @@
+"""The torch.library ops: opcheck (schema, fake tensors, autograd registration) and torch.compile."""
+
+import pytest
+import torch
+
+import adassl_fast
+from adassl_fast.adassl import adassl_forward_op
+from adassl_fast.nt_xent import nt_xent_forward_op, partner_indices
+
+
+def _nt_xent_args(m=10, d=6, dtype=torch.float64):
+    cont = torch.randn(m, d, dtype=dtype, requires_grad=True)
+    targ = torch.randn(m, d, dtype=dtype, requires_grad=True)
+    pos, excl = partner_indices(m, "cpu")
+    scale = torch.tensor(1.2, dtype=dtype, requires_grad=True)
+    return (cont, targ, pos, excl, scale, 10.0, 20.0, "torch", True)
+
+
+def _adassl_args(variant, b=5, d=4):
+    leaf = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    prior = (leaf(b, 2 * d), leaf(b, 2 * d)) if variant == "v" else (torch.empty(0), torch.empty(0))
+    draw = torch.randn if variant == "v" else torch.rand
+    noise = (draw(b, d, dtype=torch.float64), draw(b, d, dtype=torch.float64))
+    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    return (leaf(b, d), leaf(b, d), leaf(b, 2 * d), leaf(b, 2 * d), *prior, *noise, scale, 10.0, 20.0, variant,
+            "torch", True)
+
+
+def test_opcheck_nt_xent():
+    torch.library.opcheck(nt_xent_forward_op, _nt_xent_args())
+
+
+@pytest.mark.parametrize("variant", ["v", "s"])
+def test_opcheck_adassl(variant):
+    args = _adassl_args(variant)
+    if variant == "s":
+        args = tuple(a.double() if isinstance(a, torch.Tensor) and a.numel() == 0 else a for a in args)
+    torch.library.opcheck(adassl_forward_op, args)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_fullgraph():
+    torch._dynamo.reset()
+    encoder = torch.nn.Linear(8, 6)
+    heads = torch.nn.Linear(6, 24)  # posterior and prior outputs of both directions: 4 x (B, 2d), d = 3
+    lam = torch.nn.Parameter(torch.tensor(0.5413))
+    params = list(encoder.parameters()) + list(heads.parameters()) + [lam]
+
+    def step(x, y, noise_xy, noise_yx):
+        ex, ey = encoder(x), encoder(y)
+        l_nt = adassl_fast.nt_xent(torch.cat([ey, ex]), torch.cat([ex, ey]), scale=torch.nn.functional.softplus(lam),
+                                   impl="torch")
+        h = heads(torch.cat([ex, ey], 1)[:, :6])
+        post_xy, post_yx, prior_xy, prior_yx = h[:, :12].split(6, 1) + h[:, 12:].split(6, 1)
+        l_ssl, l_reg = adassl_fast.adassl_nt_xent(ex[:, :3], ey[:, :3], post_xy, post_yx, prior_xy, prior_yx,
+                                                  noise_xy=noise_xy, noise_yx=noise_yx, impl="torch")
+        return l_nt + l_ssl + 0.5 * l_reg
+
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    n1, n2 = torch.randn(16, 3), torch.randn(16, 3)
+    eager = step(x, y, n1, n2)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    # The usual compiled training step: forward and loss in one graph (no break through our ops), and
+    # AOTAutograd's compiled backward running the ops' registered backward.
+    compiled = torch.compile(step, fullgraph=True)(x, y, n1, n2)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,171 @@
+"""Cross-compile every shipped Triton kernel configuration for sm_90 and sm_80 on a machine without a GPU.
+
+`triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32))` builds the
+real PTX and cubin (ptxas ships inside the triton wheel). For each kernel x config x arch we assert: it
+compiles; no register spills (cuobjdump -res-usage from the wheel: LOCAL and STACK are 0); shared memory
+(metadata.shared) within the architecture's opt-in limit; and, for the matmul kernels on sm_90, that the
+PTX uses wgmma. The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces
+@triton.jit at decoration time), two at a time. Run with -s to see the table.
+
+ASTSource's (fn, signature, constexprs, attrs) form with string keys is the API of triton 3.3+ (checked in
+3.7.1's triton/compiler/compiler.py); the H200 machine's triton 3.6 has the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+ARCH_CC = {"sm90": 90, "sm80": 80}
+DTYPES = {"16": "bf16", "32": "fp32"}
+
+# argument name -> pointer type ("X" = the input dtype, "S" = the statistics dtype)
+_PTRS = {
+    "part_ptr": "S", "dsc_ptr": "S", "dv_ptr": "S", "rinv_ptr": "S", "cinv_ptr": "S", "lse_ptr": "S",
+    "scale_ptr": "S", "grad_ptr": "S", "greg_ptr": "S", "inv_ptr": "S", "reg_ptr": "S", "loss_ptr": "S",
+    "pos_ptr": "i64", "excl_ptr": "i64",
+}
+_X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "targ_a", "targ_b",
+      "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b"}
+_FLOATS = {"inv_t", "clamp2"}
+_ALIGNED_INTS = {"d"}  # a launch with d % 16 == 0 specialises d like this (vectorised row loads)
+
+
+def jobs():
+    """Every (kernel, variant, config, arch) to compile, as JSON-able dicts, in a fixed order."""
+    from adassl_fast.kernels.configs import shipped_configs
+
+    out = []
+    for arch, dt, bd, cfg in shipped_configs():
+        common = dict(BLOCK_D=bd, CLAMP=True, UPCAST=False, PREC="tf32" if dt == "16" else "ieee")
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        base = dict(arch=arch, dtype=DTYPES[dt], config=cfg.name, options=opts, matmul=True)
+        variants = [("nt_xent", 0)]
+        if dt == "16" and bd in (128, 256):  # the one-pass AdaSSL op ships for the training dtypes
+            variants.append(("adassl_v", 1))
+        for label, prologue in variants:
+            two = prologue != 0
+            if cfg.name.startswith("fwd"):
+                c = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PROLOGUE=prologue, TARG_TWO_PART=two)
+                out.append(dict(base, kernel="_fwd_kernel", variant=label, constexprs=c))
+            elif cfg.name.startswith("bwd_row"):
+                for atomic in (False, True) if prologue == 0 else (False,):
+                    c = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PROLOGUE=prologue,
+                             TARG_TWO_PART=two, ATOMIC=atomic, FUSED=True, ACCUM=two)
+                    name = label + ("_atomic" if atomic else "_det")
+                    out.append(dict(base, kernel="_bwd_row_kernel", variant=name, constexprs=c))
+            else:  # the column kernel owns cfg.block_m targ rows and streams cfg.block_n cont rows
+                c = dict(common, BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m, PROLOGUE=prologue, TARG_TWO_PART=two,
+                         FUSED=True, ACCUM=False)
+                out.append(dict(base, kernel="_bwd_col_kernel", variant=label, constexprs=c))
+    # the O(M d) helpers, at the widest d, for both archs
+    for arch in ARCH_CC:
+        for prologue, label in ((0, "nt_xent"), (1, "adassl_v")):
+            small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
+            out.append(dict(small, kernel="_row_stats_kernel", variant=label, config="m32_d512",
+                            constexprs=dict(BLOCK_M=32, BLOCK_D=512, PROLOGUE=prologue)))
+            out.append(dict(small, kernel="_finish_kernel", variant=label, config="m32_d512",
+                            constexprs=dict(BLOCK_M=32, BLOCK_D=512, PROLOGUE=prologue, TWO_PART=True, ACCUM=True)))
+        out.append(dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False,
+                        kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
+    for j in out:
+        j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"
+    return out
+
+
+def _compile_one(job):
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from adassl_fast.kernels import nt_xent as ntx
+
+    fn = getattr(ntx, job["kernel"])
+    consts = job["constexprs"]
+    stat = "fp32"
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in _PTRS:
+            sig[n] = "*" + {"S": stat}.get(_PTRS[n], _PTRS[n])
+        elif n in _X:
+            sig[n] = "*" + job["dtype"]
+        elif n in _FLOATS:
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or n in _ALIGNED_INTS}
+    cc = ARCH_CC[job["arch"]]
+    row = dict(id=job["id"], kernel=job["kernel"], variant=job["variant"], config=job["config"], arch=job["arch"],
+               matmul=job["matmul"])
+    try:
+        k = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                           options=job["options"])
+    except Exception as exc:  # reported, and the test asserts on it
+        row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        return row
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
+    row.update(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"), shared=int(k.metadata.shared),
+               wgmma="wgmma.mma_async" in k.asm["ptx"])
+    return row
+
+
+def _worker():
+    from concurrent.futures import ProcessPoolExecutor
+
+    todo = jobs()
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        rows = list(pool.map(_compile_one, todo))
+    print(json.dumps(rows))
+
+
+@pytest.fixture(scope="module")
+def table():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["id"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    lines = [f"{'kernel':<18} {'variant':<16} {'config':<36} {'arch':<5} {'regs':>4} {'spill':>5} {'smem':>7} wgmma"]
+    for r in rows.values():
+        if "error" in r:
+            lines.append(f"{r['kernel']:<18} {r['variant']:<16} {r['config']:<36} {r['arch']:<5} COMPILE ERROR")
+            continue
+        spill = r["stack"] + r["local"]
+        lines.append(f"{r['kernel']:<18} {r['variant']:<16} {r['config']:<36} {r['arch']:<5} {r['registers']:>4} "
+                     f"{spill:>5} {r['shared']:>7} {'yes' if r['wgmma'] else 'no'}")
+    print("\n" + "\n".join(lines))
+    return rows
+
+
+_JOBS = jobs()
+
+
+@pytest.mark.parametrize("job", _JOBS, ids=[j["id"] for j in _JOBS])
+def test_compiles_without_spills_within_smem(table, job):
+    row = table[job["id"]]
+    assert "error" not in row, row.get("error")
+    assert row["stack"] == 0 and row["local"] == 0, f"spills: {row}"
+    cc = ARCH_CC[row["arch"]]
+    assert row["shared"] <= SMEM_LIMIT[cc], f"shared {row['shared']} > {SMEM_LIMIT[cc]}"
+    if row["matmul"] and cc == 90:
+        assert row["wgmma"], "sm_90 matmul kernel without wgmma"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    os.environ.pop("TRITON_INTERPRET", None)
+    _worker()

@@ -1,0 +1,52 @@
+"""Backend selection, ADASSL_FAST_IMPL, info() and the `info` command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adassl_fast
+from adassl_fast._dispatch import resolve_impl
+
+
+def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("ADASSL_FAST_IMPL", raising=False)
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("ADASSL_FAST_IMPL", "reference")
+    assert resolve_impl("auto", torch.device("cpu")) == "reference"
+    cont, targ = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    assert adassl_fast.nt_xent(cont, targ).item() == adassl_fast.nt_xent(cont, targ, impl="reference").item()
+    monkeypatch.setenv("ADASSL_FAST_IMPL", "nonsense")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("auto", torch.device("cpu"))
+
+
+def test_explicit_impl_beats_the_environment(monkeypatch):
+    monkeypatch.setenv("ADASSL_FAST_IMPL", "reference")
+    assert resolve_impl("torch", torch.device("cpu")) == "torch"
+
+
+def test_info_lists_every_backend_with_a_reason():
+    report = adassl_fast.info()
+    assert set(report["backends"]) == {"reference", "torch", "triton", "cuda"}
+    for entry in report["backends"].values():
+        assert entry["available"] == (entry["reason"] is None)
+    assert report["backends"]["torch"]["available"]
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in report["backends"]["cuda"]["reason"]
+
+
+def test_info_command_prints_json():
+    out = subprocess.run([sys.executable, "-m", "adassl_fast", "info"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["backends"]["torch"]["available"] is True
+
+
+def test_import_needs_no_triton_and_no_gpu():
+    code = "import sys; sys.modules['triton'] = None; import adassl_fast; print(adassl_fast.info()['backends']['triton'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "not importable" in out.stdout

@@ -1,0 +1,332 @@
+"""Distributed losses (API.md "Distributed"), on CPU with gloo and torch.multiprocessing.
+
+Each spawn runs many cases and writes its results to files; the tests compare them with a single process
+on the global batch (impl="reference"). Spawns are few (gloo start-up costs seconds), cached per module.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import adassl_fast
+from adassl_fast import distributed
+
+D_IN, D = 6, 5
+OPS = ("nt_xent", "info_nce", "info_nce_oneway", "adassl_v", "adassl_s")
+SCHEDULES = distributed.SCHEDULES
+SIZES = {2: {"equal": (4, 4), "unequal": (3, 5)}, 4: {"equal": (3, 3, 3, 3), "unequal": (2, 4, 3, 5)}}
+WEIGHTS = (1.0, 0.7)  # objective = l_ssl + 0.7 l_reg for AdaSSL
+
+
+class Net(nn.Module):
+    """A small encoder with a predictor / posterior and prior heads and the learnable lambda."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        torch.manual_seed(1234)
+        lin = lambda i, o: nn.Linear(i, o, dtype=torch.float64)
+        self.op = op
+        self.f = lin(D_IN, D)
+        if op.startswith("adassl"):
+            self.pxy, self.pyx = lin(D, 2 * D), lin(D, 2 * D)
+            if op == "adassl_v":
+                self.qxy, self.qyx = lin(D, 2 * D), lin(D, 2 * D)
+        else:
+            self.h = lin(D, D)
+        self.lam = nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+
+    def forward(self, x, y, noise_xy, noise_yx, group=None, impl="torch"):
+        ex, ey = self.f(x), self.f(y)
+        if self.op == "nt_xent":
+            cont, targ = torch.cat([self.h(ey), self.h(ex)]), torch.cat([ex, ey])
+            return (adassl_fast.nt_xent(cont, targ, temperature=0.2, scale=self.lam, clamp=5.0, impl=impl,
+                                        process_group=group),)
+        if self.op.startswith("info_nce"):
+            sym = self.op == "info_nce"
+            return (adassl_fast.info_nce(ex, self.h(ey), temperature=0.3, scale=self.lam, symmetric=sym,
+                                         clamp=None if sym else 4.0, impl=impl, process_group=group),)
+        v = self.op == "adassl_v"
+        priors = (self.qxy(ey), self.qyx(ex)) if v else (None, None)
+        return adassl_fast.adassl_nt_xent(ex, ey, self.pxy(ex), self.pyx(ey), *priors, variant="v" if v else "s",
+                                          temperature=0.25, scale=self.lam, clamp=20.0, noise_xy=noise_xy,
+                                          noise_yx=noise_yx, impl=impl, process_group=group)
+
+
+def _data(op: str, b: int):
+    g = torch.Generator().manual_seed(99 + OPS.index(op) * 7 + b)
+    draw = torch.rand if op == "adassl_s" else torch.randn
+    x, y = (torch.randn(b, D_IN, generator=g, dtype=torch.float64) for _ in range(2))
+    return x, y, draw(b, D, generator=g, dtype=torch.float64), draw(b, D, generator=g, dtype=torch.float64)
+
+
+def _objective(outs):
+    return sum(w * o for w, o in zip(WEIGHTS, outs, strict=False))
+
+
+def _init(rank, world, store, seconds=60):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=seconds))
+
+
+def _check_worker(rank, world, store, out, cases, mismatch):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    _init(rank, world, store)
+    results = {}
+    for op, schedule, kind in cases:
+        sizes = SIZES[world][kind]
+        distributed.DEFAULT_SCHEDULE = schedule
+        net = Net(op)
+        model = DDP(net)
+        off = sum(sizes[:rank])
+        local = [t[off : off + sizes[rank]] for t in _data(op, sum(sizes))]
+        try:
+            outs = model(*local, group=dist.group.WORLD)
+            _objective(outs).backward()
+            results[(op, schedule, kind)] = (
+                [o.item() for o in outs],
+                {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None},
+            )
+        except Exception as exc:  # reported by the test
+            results[(op, schedule, kind)] = f"{type(exc).__name__}: {exc}"
+    if mismatch:  # every rank must raise a ValueError naming the ranks (and nobody hangs)
+        distributed.DEFAULT_SCHEDULE = None
+        bad = {
+            "d": lambda: adassl_fast.nt_xent(*(torch.randn(4, 5 + rank, dtype=torch.float64) for _ in range(2)),
+                                             process_group=dist.group.WORLD),
+            "dtype": lambda: adassl_fast.nt_xent(
+                *(torch.randn(4, 5, dtype=torch.float64 if rank else torch.float32) for _ in range(2)),
+                process_group=dist.group.WORLD),
+            "temperature": lambda: adassl_fast.info_nce(*(torch.randn(4, 5) for _ in range(2)),
+                                                        temperature=0.1 + rank, process_group=dist.group.WORLD),
+            "op": lambda: (adassl_fast.nt_xent if rank else adassl_fast.info_nce)(
+                *(torch.randn(4, 5) for _ in range(2)), process_group=dist.group.WORLD),
+        }
+        for name, call in bad.items():
+            try:
+                call()
+                results[("mismatch", name)] = "no error"
+            except Exception as exc:
+                results[("mismatch", name)] = f"{type(exc).__name__}: {exc}"
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _warm():
+    """Import what the ops' first call imports (torch._dynamo, for the torch.library ops: seconds), so that
+    forked ranks inherit it instead of each paying for it."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    adassl_fast.nt_xent(x, x.flip(0)).backward()
+
+
+def _spawn(fn, world, tmp, *args):
+    """Run fn(rank, world, store, tmp, *args) on `world` forked ranks (fork: no re-import of torch)."""
+    _warm()
+    store = os.path.join(tmp, f"store-{fn.__name__}-{world}-{time.time_ns()}")
+    mp.start_processes(fn, args=(world, store, str(tmp), *args), nprocs=world, join=True, start_method="fork")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+_single_cache: dict = {}
+
+
+def _single(op, b):
+    """Loss values and parameter gradients of one process on the global batch, impl="reference"."""
+    if (op, b) not in _single_cache:
+        net = Net(op)
+        outs = net(*_data(op, b), impl="reference")
+        _objective(outs).backward()
+        _single_cache[op, b] = ([o.item() for o in outs],
+                                {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    return _single_cache[op, b]
+
+
+ALL_CASES = [(op, s, k) for op in OPS for s in SCHEDULES for k in ("equal", "unequal")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            tmp = tmp_path_factory.mktemp(f"w{world}")
+            cache[world] = _spawn(_check_worker, world, tmp, ALL_CASES, world == 2)
+        return cache[world]
+
+    return get
+
+
+def _compare(per_rank, op, world, schedule, kind):
+    b = sum(SIZES[world][kind])
+    want_vals, want_grads = _single(op, b)
+    for rank, res in enumerate(per_rank):
+        got = res[(op, schedule, kind)]
+        assert not isinstance(got, str), f"rank {rank}: {got}"
+        vals, grads = got
+        torch.testing.assert_close(torch.tensor(vals), torch.tensor(want_vals), rtol=1e-10, atol=1e-12,
+                                   msg=lambda m, r=rank: f"rank {r} loss: {m}")
+        assert grads.keys() == want_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, want_grads[name], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, r=rank, n=name: f"rank {r} grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["equal", "unequal"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("op", OPS)
+def test_two_ranks_match_one_process_on_the_global_batch(runs, op, schedule, kind):
+    _compare(runs(2), op, 2, schedule, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["equal", "unequal"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("op", OPS)
+def test_four_ranks_match_one_process_on_the_global_batch(runs, op, schedule, kind):
+    _compare(runs(4), op, 4, schedule, kind)
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("d", ["feature dimension", "rank 0: 5", "rank 1: 6"]),
+        ("dtype", ["dtype", "rank 0: torch.float32", "rank 1: torch.float64"]),
+        ("temperature", ["temperature", "rank 0: 0.1", "rank 1: 1.1"]),
+        ("op", ["the op", "rank 0: info_nce", "rank 1: nt_xent"]),
+    ],
+)
+def test_mismatched_ranks_raise_on_every_rank_naming_them(runs, name, words):
+    for rank, res in enumerate(runs(2)):
+        msg = res[("mismatch", name)]
+        assert msg.startswith("ValueError"), f"rank {rank}: {msg}"
+        for w in words:
+            assert w in msg, f"rank {rank}: {w!r} not in {msg!r}"
+
+
+def test_schedule_and_timeout_resolution(monkeypatch):
+    monkeypatch.setattr(distributed, "DEFAULT_SCHEDULE", None)
+    monkeypatch.delenv("ADASSL_FAST_SCHEDULE", raising=False)
+    assert distributed.resolve_schedule() == "ring"
+    monkeypatch.setenv("ADASSL_FAST_SCHEDULE", "gather")
+    assert distributed.resolve_schedule() == "gather"
+    assert distributed.resolve_schedule("ring") == "ring"
+    with pytest.raises(ValueError, match="schedule"):
+        distributed.resolve_schedule("allgather")
+    monkeypatch.setenv("ADASSL_FAST_DIST_TIMEOUT", "7.5")
+    assert distributed.resolve_timeout() == 7.5
+    assert distributed.resolve_timeout(3) == 3.0
+    with pytest.raises(ValueError, match="timeout"):
+        distributed.resolve_timeout(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failure behaviour: a peer that raises (and lingers) or dies.
+
+
+def _failing_worker(rank, world, store, out, mode, timeout):
+    _init(rank, world, store, seconds=120)  # the group's own timeout is long: the op's timeout must act
+    distributed.DEFAULT_TIMEOUT = timeout
+    x = torch.randn(8, 4, dtype=torch.float64)
+    adassl_fast.nt_xent(x, x.flip(0), process_group=dist.group.WORLD)  # one good step
+    if rank == world - 1:
+        if mode == "die":
+            os._exit(3)
+        time.sleep(60)  # "raised" and stuck in its handler: never reaches the collective
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        loss = adassl_fast.nt_xent(x, x.flip(0), process_group=dist.group.WORLD)
+        result = f"no error ({loss.item()})"
+    except Exception as exc:
+        result = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(out, f"fail{rank}.txt"), "w") as f:
+        f.write(f"{time.monotonic() - start:.3f}\n{result}")
+    os._exit(0)
+
+
+@pytest.mark.parametrize("mode", ["raise", "die"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_a_failing_rank_makes_the_others_fail_within_the_timeout(tmp_path, monkeypatch, mode, schedule):
+    world, timeout = 2, 2.0
+    monkeypatch.setenv("ADASSL_FAST_SCHEDULE", schedule)
+    ctx = mp.get_context("spawn")
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_failing_worker, args=(r, world, store, str(tmp_path), mode, timeout))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + 60
+        while procs[0].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not procs[0].is_alive(), "rank 0 hung"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    elapsed, msg = (tmp_path / "fail0.txt").read_text().split("\n", 1)
+    assert msg.startswith("DistributedError"), msg
+    assert "rank 0 of 2" in msg and schedule in msg, msg
+    assert float(elapsed) < timeout + 5, (elapsed, msg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: the ring's peak per rank does not grow with the world size (weak scaling, fixed local rows).
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _memory_worker(rank, world, store, out, m_local, d):
+    torch.set_num_threads(1)
+    _init(rank, world, store)
+    results = {}
+    for schedule in ("ring", "gather", "ring"):  # the first ring call also warms everything up
+        distributed.DEFAULT_SCHEDULE = schedule
+        g = torch.Generator().manual_seed(rank)
+        cont = torch.randn(m_local, d, dtype=torch.float64, generator=g).requires_grad_()
+        targ = torch.randn(m_local, d, dtype=torch.float64, generator=g).requires_grad_()
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM)
+        before = _rss_kib("VmRSS")
+        adassl_fast.nt_xent(cont, targ, process_group=dist.group.WORLD).backward()
+        results[schedule] = ((_rss_kib("VmHWM") - before) / 1024, distributed.last_stats["column_bytes"] / 2**20)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ring_peak_memory_does_not_grow_with_world_size(tmp_path, monkeypatch):
+    # Fixed threshold: big buffers are mmapped and unmapped on free, so RSS follows the live bytes.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    m_local, d = 128, 8192  # one block = 8 MiB in float64
+    block_mib = m_local * d * 8 / 2**20
+    peaks = {}
+    for world in (1, 2, 4):
+        sub = tmp_path / f"w{world}"
+        sub.mkdir()
+        res = _spawn(_memory_worker, world, sub, m_local, d)
+        peaks[world] = {s: max(r[s][0] for r in res) for s in ("ring", "gather")}
+        peaks[world]["ring_buffers"] = res[0]["ring"][1]
+    print(f"\npeak extra RSS per rank (MiB), block = {block_mib:.0f} MiB:", peaks)
+    assert peaks[4]["ring"] <= peaks[2]["ring"] + 0.5 * block_mib, peaks
+    assert peaks[4]["ring_buffers"] == peaks[2]["ring_buffers"], peaks
+    # The measurement sees growth where there is some: gather holds every rank's columns.
+    assert peaks[4]["gather"] >= peaks[2]["gather"] + 4 * block_mib, peaks

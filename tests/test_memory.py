@@ -1,0 +1,48 @@
+"""The chunked torch backend's O(M) memory claim, measured as peak RSS of fresh subprocesses."""
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import sys, time, torch, adassl_fast
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+impl, m, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cont = torch.randn(m, d, requires_grad=True)
+targ = torch.randn(m, d, requires_grad=True)
+warm = torch.randn(8, d, requires_grad=True)
+adassl_fast.nt_xent(warm, warm.detach(), impl=impl).backward()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+base = rss("VmRSS")
+start = time.perf_counter()
+adassl_fast.nt_xent(cont, targ, impl=impl).backward()
+print(rss("VmHWM") - base, time.perf_counter() - start)
+"""
+
+
+def peak_extra_bytes(impl: str, m: int, d: int) -> tuple[int, float]:
+    """Peak RSS above the inputs during one forward + backward, in a fresh process; and its seconds."""
+    out = subprocess.run([sys.executable, "-c", PROBE, impl, str(m), str(d)], capture_output=True, text=True,
+                         check=True)
+    extra, seconds = out.stdout.split()
+    return int(extra), float(seconds)
+
+
+@pytest.mark.slow
+def test_torch_backend_memory_is_a_small_fraction_of_the_reference():
+    m, d = 8192, 128
+    torch_bytes, torch_s = peak_extra_bytes("torch", m, d)
+    ref_bytes, ref_s = peak_extra_bytes("reference", m, d)
+    ratio = torch_bytes / ref_bytes
+    print(f"\nM={m} d={d} float32 fwd+bwd: torch {torch_bytes / 2**20:.0f} MiB {torch_s:.2f} s, "
+          f"reference {ref_bytes / 2**20:.0f} MiB {ref_s:.2f} s, memory ratio {ratio:.3f}")
+    assert ref_bytes > 4 * m * m  # the reference holds at least the M x M float32 logits
+    assert ratio <= 0.05
