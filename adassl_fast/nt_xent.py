@@ -84,19 +84,26 @@ def normalize_backward(grad_u: Tensor, u: Tensor, norm: Tensor) -> Tensor:
     return torch.where(above, (grad_u - radial * u) / norm.clamp_min(NORM_EPS).unsqueeze(1), grad_u / NORM_EPS)
 
 
-def _logit_slab(u_blk, v, s, pos_blk, excl_blk, clamp):
-    """Scaled, clamped logits of a row block with the excluded columns at -inf.
+def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
+    """An upper bound on |S| and whether the clamp can bite: |<u, v>| <= 1 (plus rounding) for unit rows."""
+    bound = abs(s) * (1 + 1e-5)
+    if clamp is not None and bound >= clamp:
+        return clamp, True
+    return bound, False
 
-    Returns the slab, the positives' logits and the out-of-clamp mask (None when nothing can clamp).
+
+def _logit_slab(u_scaled_blk, v, pos_blk, excl_blk, clamp, clamp_active):
+    """Clamped logits of a row block (the scale is folded into the rows) with excluded columns at -inf.
+
+    Returns the slab, the positives' logits (0 where pos = -1) and the out-of-clamp mask (None when the
+    clamp cannot bite).
     """
-    slab = u_blk @ v.t()
-    slab.mul_(s)
+    slab = u_scaled_blk @ v.t()
     outside = None
-    if clamp is not None:
+    if clamp_active:
         outside = (slab > clamp) | (slab < -clamp)
         slab.clamp_(-clamp, clamp)
-    has_pos = pos_blk >= 0
-    positive = torch.where(has_pos, slab.gather(1, pos_blk.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+    positive = torch.where(pos_blk >= 0, slab.gather(1, pos_blk.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
     # Rows without an excluded column (excl = -1) write their own value back: no data-dependent branch.
     col = excl_blk.clamp_min(0).unsqueeze(1)
     kept = slab.gather(1, col)
@@ -106,51 +113,57 @@ def _logit_slab(u_blk, v, s, pos_blk, excl_blk, clamp):
 
 def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
     acc = _checks.accumulation_dtype(cont.dtype)
+    s = float(scale) * inv_temperature
     u, _ = _normalize(cont, acc)
+    u.mul_(s)
     v, _ = _normalize(targ, acc)
-    s = scale.to(acc) * inv_temperature
+    bound, clamp_active = _logit_bound(s, clamp)
+    # Logits lie in [-bound, bound]; when exp(-2 bound) is far from underflow, the bound is a valid
+    # log-sum-exp shift for every row and the row-max pass can be skipped.
+    fixed_shift = bound if 2 * bound < 60 else None
     m = u.shape[0]
     lse = torch.empty(m, dtype=acc, device=u.device)
     positive = torch.empty(m, dtype=acc, device=u.device)
     step = _rows_per_block(v.shape[0])
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
-        slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, s, pos[r0:r1], excl[r0:r1], clamp)
-        row_max = slab.amax(1, keepdim=True)
-        lse[r0:r1] = slab.sub_(row_max).exp_().sum(1).log_() + row_max.squeeze(1)
+        slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
+        # (the row-max path floors the shift so a row whose only column is excluded gives -inf, not NaN)
+        shift = slab.amax(1, keepdim=True).clamp_min_(-1e30) if fixed_shift is None else fixed_shift
+        lse[r0:r1] = slab.sub_(shift).exp_().sum(1).log_().add_(shift if fixed_shift else shift.squeeze(1))
     return (lse - positive).mean(), lse
 
 
 def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic):
     acc = _checks.accumulation_dtype(cont.dtype)
+    s = float(scale) * inv_temperature
     u, norm_u = _normalize(cont, acc)
     v, norm_v = _normalize(targ, acc)
-    s = scale.to(acc) * inv_temperature
+    u_scaled = u * s
+    _, clamp_active = _logit_bound(s, clamp)
     m = u.shape[0]
     grad_u = torch.empty_like(u)
     grad_v = torch.zeros_like(v)
     sum_gc = torch.zeros((), dtype=acc, device=u.device)
-    row_weight = grad_loss.to(acc) / m
     step = _rows_per_block(v.shape[0])
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
-        slab, _, outside = _logit_slab(u[r0:r1], v, s, pos[r0:r1], excl[r0:r1], clamp)
-        # G = (P - onehot(pos)) * row_weight * [inside clamp]; P is 0 at the excluded column.
-        g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
         pos_blk = pos[r0:r1]
-        minus_one = (pos_blk >= 0).to(acc).neg_().unsqueeze(1)
-        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), minus_one)
+        slab, _, outside = _logit_slab(u_scaled[r0:r1], v, pos_blk, excl[r0:r1], clamp, clamp_active)
+        # G / w = (P - onehot(pos)) * [inside clamp], P = 0 at the excluded column; the scalar row weight
+        # w = grad_loss / M is applied to the small products below instead of the slab.
+        g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), (pos_blk >= 0).to(acc).neg_().unsqueeze(1))
         if outside is not None:
             g.masked_fill_(outside, 0.0)
-        g.mul_(row_weight)
         gv = g @ v
         sum_gc += (gv * u[r0:r1]).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
-        grad_u[r0:r1] = gv.mul_(s)
-        grad_v.addmm_(g.t(), u[r0:r1], alpha=1.0)
-    grad_v.mul_(s)
-    dcont = normalize_backward(grad_u, u, norm_u).to(cont.dtype)
-    dtarg = normalize_backward(grad_v, v, norm_v).to(targ.dtype)
-    return dcont, dtarg, (sum_gc * inv_temperature).to(scale.dtype)
+        grad_u[r0:r1] = gv
+        grad_v.addmm_(g.t(), u[r0:r1])
+    w = grad_loss.to(acc) / m
+    dcont = normalize_backward(grad_u.mul_(w * s), u, norm_u).to(cont.dtype)
+    dtarg = normalize_backward(grad_v.mul_(w * s), v, norm_v).to(targ.dtype)
+    return dcont, dtarg, (sum_gc * w * inv_temperature).to(scale.dtype)
 
 
 def _kernels(impl: str):
