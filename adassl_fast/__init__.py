@@ -7,6 +7,7 @@ bernoulli_mask, l0_penalty. Modules: adassl_fast.nn. Backends: impl="reference" 
 
 __version__ = "0.1.0"
 
+from adassl_fast import nn
 from adassl_fast._checks import set_checks
 from adassl_fast._dispatch import BackendUnavailable, info
 from adassl_fast.adassl import adassl_nt_xent
@@ -23,6 +24,7 @@ __all__ = [
     "info",
     "info_nce",
     "l0_penalty",
+    "nn",
     "nt_xent",
     "set_checks",
 ]
