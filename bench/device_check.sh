@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The one script a lent GPU machine runs (DESIGN.md "On a GPU machine"; PERF.md says what it measures):
+#   environment -> install this tree (no network) -> CUDA extension build -> GPU tests -> benchmark sweep for
+#   the PERF.md targets -> plots -> summary, printed LAST (the device tool returns only the output's tail).
+#
+#   bash bench/device_check.sh             # GPU: files in $OUT, else bench/results/<date>-<device>/
+#   bash bench/device_check.sh --dry-run   # the same path on CPU with tiny sizes; files in a temp dir (CI runs it)
+#
+# Every step has its own timeout and the benchmark a deadline, so one hang cannot eat the lease; a step
+# that fails is recorded and the next one runs. At most 8 files are written: device_check.log, rows.json,
+# rows.csv and 4 PNGs.
+#
+# Environment: PYTHON (default python3: on the H200 the system one that holds torch), BUDGET_S (total seconds,
+# default 420), OUT (output folder), ADASSL_FAST_COMMIT (the commit, where the tree arrives without .git:
+# e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1.
+#
+# How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
+# non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels only in an install),
+# with a copy of the files as the fallback; $SITE/csrc links to this tree's csrc/ (adassl_fast/_cuda.py
+# builds from <package>/../csrc). PYTHONPATH=$SITE and PYTHONSAFEPATH=1, so this tree's own adassl_fast/
+# (which lacks kernels/) never shadows the install; the tests run from a copy in $SITE for the same reason
+# (tests/__init__.py makes pytest put the tests' parent folder first on sys.path).
+set -u
+set -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        --skip-build) SKIP_BUILD=1 ;;
+        --skip-tests) SKIP_TESTS=1 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        *) echo "device_check.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${BUDGET_S:-420}
+[ "$DRY" = 1 ] && BUDGET=${BUDGET_S:-90}
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+clip() { local want=$1 avail; avail=$(($(left) - ${2:-0})); [ "$avail" -lt "$want" ] && want=$avail; [ "$want" -lt 5 ] && want=5; echo "$want"; }
+
+if [ -z "${OUT:-}" ]; then
+    if [ "$DRY" = 1 ]; then
+        OUT=$(mktemp -d /tmp/device_check_dry.XXXXXX)
+    else
+        gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9._\n-' '-')
+        OUT="$REPO/bench/results/$(date +%Y-%m-%d_%H%M)-${gpu:-nogpu}"
+    fi
+fi
+mkdir -p "$OUT"
+LOG="$OUT/device_check.log"
+export DRY OUT LOG PY REPO
+: > "$LOG"
+STEPS=()
+say() { echo "$*" | tee -a "$LOG"; }
+# step NAME SECONDS CMD...: run with a timeout, output to the terminal and the log, record the status.
+step() {
+    local name=$1 secs=$2 rc t0
+    shift 2
+    t0=$(date +%s)
+    if declare -F "$1" >/dev/null; then export -f "$1"; set -- bash -c "$1"; fi  # timeout runs functions in a child bash
+    say ""
+    say "=== $name (timeout ${secs}s, $(left)s of ${BUDGET}s left)"
+    timeout -k 5 "$secs" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    local why="ok"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why="TIMEOUT"
+    [ "$rc" != 0 ] && [ "$why" = ok ] && why="FAILED rc=$rc"
+    STEPS+=("$(printf '%-10s %-14s %4ss' "$name" "$why" "$(($(date +%s) - t0))")")
+    return "$rc"
+}
+
+# --- environment ------------------------------------------------------------------------------------
+env_report() {
+    echo "date: $(date -Is)  host: $(hostname)  dry-run: $DRY  out: $OUT"
+    uname -srm
+    if [ "$DRY" = 0 ]; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+            --format=csv 2>&1 || echo "nvidia-smi: not available"
+        (nvcc --version 2>&1 || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>&1) | tail -2
+    fi
+    "$PY" -c "import sys, torch; print('python', sys.version.split()[0], sys.executable); print('torch', \
+torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() \
+else None)"
+    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+}
+step env 30 env_report
+
+# --- the commit these numbers belong to -------------------------------------------------------------
+if [ -z "${ADASSL_FAST_COMMIT:-}" ]; then
+    if git -C "$REPO" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+        ADASSL_FAST_COMMIT=$(git -C "$REPO" rev-parse --short=12 HEAD)
+        if ! git -C "$REPO" diff --quiet HEAD -- 2>/dev/null || \
+           [ -n "$(git -C "$REPO" status --porcelain --untracked-files=all -- adassl_fast kernels csrc 2>/dev/null)" ]; then
+            ADASSL_FAST_COMMIT="$ADASSL_FAST_COMMIT-dirty"
+        fi
+    else
+        ADASSL_FAST_COMMIT="unknown (no .git; pass ADASSL_FAST_COMMIT)"
+    fi
+fi
+export ADASSL_FAST_COMMIT
+say "commit: $ADASSL_FAST_COMMIT"
+
+# --- install: the package with adassl_fast.kernels, from this tree, offline ------------------------------
+SITE=$(mktemp -d /tmp/adassl_site.XXXXXX)
+export SITE
+install_pkg() {
+    if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target "$SITE" "$REPO"; then
+        echo "installed: pip install --no-deps --no-build-isolation --no-index --target $SITE (non-editable)"
+    else
+        echo "pip install failed: copying adassl_fast/ and kernels/ into $SITE instead"
+        rm -rf "$SITE/adassl_fast" && cp -r "$REPO/adassl_fast" "$SITE/adassl_fast" &&
+            rm -rf "$SITE/adassl_fast/kernels" && cp -r "$REPO/kernels" "$SITE/adassl_fast/kernels" || return 1
+    fi
+    ln -sfn "$REPO/csrc" "$SITE/csrc"
+    rm -rf "$SITE/tests" && cp -r "$REPO/tests" "$SITE/tests" && cp "$REPO/pyproject.toml" "$SITE/"
+    find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
+}
+step install 180 install_pkg
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+step import 60 "$PY" -c "import adassl_fast, adassl_fast.kernels, json; print('adassl_fast from', adassl_fast.__file__); \
+print(json.dumps(adassl_fast.info()['backends']))"
+
+# --- the CUDA extension (built on first use; the tests and the benchmark reuse the cache) ------------------
+build_cuda() {
+    "$PY" - <<'EOF'
+import time
+from adassl_fast._dispatch import unavailable_reason
+t = time.time()
+reason = unavailable_reason("cuda")
+print(f"cuda backend: {'available' if reason is None else 'unavailable: ' + reason} ({time.time() - t:.1f} s)")
+try:
+    from adassl_fast import _cuda
+    log = str(_cuda.info().get("build_log") or "")
+    print("build log (tail):", log[-3000:] if log else "(none)")
+except Exception as exc:
+    print("no build log:", type(exc).__name__, exc)
+EOF
+}
+if [ "${SKIP_BUILD:-0}" = 1 ]; then say "build: skipped (SKIP_BUILD=1)"; else step build "$(clip 240 120)" build_cuda; fi
+
+# --- GPU tests: Triton and CUDA against the reference (the dry run only collects them) ----------------------
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+    say "tests: skipped (SKIP_TESTS=1)"
+elif [ "$DRY" = 1 ]; then
+    step tests 60 bash -c "cd '$SITE' && '$PY' -m pytest -q -p no:cacheprovider --collect-only -m 'gpu or triton or cuda' tests | tail -3"
+else
+    step tests "$(clip 150 100)" bash -c "cd '$SITE' && '$PY' -m pytest -x -q -p no:cacheprovider -m 'gpu or triton or cuda' \
+        --durations=5 tests"
+fi
+
+# --- the benchmark sweep the PERF.md targets need -----------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+    BENCH=(--device cpu --op nt_xent,adassl --impl triton,cuda,torch,reference --M 128,256 --d 32 --dtype fp32
+           --phase full --err-max-m 256 --budget-s 0.2 --min-reps 2 --interpret-max-m 128)
+    export TRITON_INTERPRET=1  # the Triton rows run in the interpreter, at the smallest size only
+else
+    BENCH=(--op nt_xent,adassl --impl triton,cuda,torch,reference,compile --M 8192,32768,65536,262144,2097152,1048576
+           --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
+           --sizes-for torch=8192,32768,65536,262144 --err-max-m 8192 --budget-s 0.5)
+fi
+BENCH_S=$(clip 600 25)
+step bench "$((BENCH_S + 15))" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$((BENCH_S - 10))" \
+    --no-progress --out "$OUT"
+
+# --- plots and the summary ----------------------------------------------------------------------------------
+if [ -f "$OUT/rows.json" ]; then
+    step plot 60 "$PY" "$REPO/bench/plot.py" "$OUT/rows.json" --out "$OUT"
+fi
+echo "" >> "$LOG"
+{
+    echo ""
+    echo "=== steps"
+    printf '  %s\n' "${STEPS[@]}"
+    echo "files: $OUT"
+    ls "$OUT" | sed 's/^/  /'
+    echo ""
+    if [ -f "$OUT/rows.json" ]; then
+        "$PY" -m adassl_fast bench --summary "$OUT/rows.json"
+    else
+        echo "no rows.json: the benchmark wrote nothing"
+    fi
+} 2>&1 | tee -a "$LOG"
+rm -rf "$SITE"
+exit 0
