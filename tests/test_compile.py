@@ -7,57 +7,66 @@ import adassl_fast
 from adassl_fast.adassl import adassl_forward_op
 from adassl_fast.nt_xent import nt_xent_forward_op, partner_indices
 
-
-def _nt_xent_args(m=10, d=6, dtype=torch.float64):
-    cont = torch.randn(m, d, dtype=dtype, requires_grad=True)
-    targ = torch.randn(m, d, dtype=dtype, requires_grad=True)
-    pos, excl = partner_indices(m, "cpu")
-    scale = torch.tensor(1.2, dtype=dtype, requires_grad=True)
-    return (cont, targ, pos, excl, scale, 10.0, 20.0, "torch", True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every backend that can run here goes through the same ops; Triton runs in its interpreter on CPU.
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+if torch.cuda.is_available():
+    IMPLS.append(pytest.param("cuda", marks=pytest.mark.cuda))
 
 
-def _adassl_args(variant, b=5, d=4):
-    leaf = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
-    prior = (leaf(b, 2 * d), leaf(b, 2 * d)) if variant == "v" else (torch.empty(0), torch.empty(0))
+def _nt_xent_args(impl, m=10, d=6, dtype=torch.float64):
+    leaf = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE, requires_grad=True)
+    pos, excl = partner_indices(m, DEVICE)
+    scale = torch.tensor(1.2, dtype=dtype, device=DEVICE, requires_grad=True)
+    return (leaf(m, d), leaf(m, d), pos, excl, scale, 10.0, 20.0, impl, True)
+
+
+def _adassl_args(impl, variant, b=5, d=4):
+    leaf = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    empty = lambda: torch.empty(0, dtype=torch.float64, device=DEVICE)
+    prior = (leaf(b, 2 * d), leaf(b, 2 * d)) if variant == "v" else (empty(), empty())
     draw = torch.randn if variant == "v" else torch.rand
-    noise = (draw(b, d, dtype=torch.float64), draw(b, d, dtype=torch.float64))
-    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    noise = (draw(b, d, dtype=torch.float64, device=DEVICE), draw(b, d, dtype=torch.float64, device=DEVICE))
+    scale = torch.tensor(0.9, dtype=torch.float64, device=DEVICE, requires_grad=True)
     return (leaf(b, d), leaf(b, d), leaf(b, 2 * d), leaf(b, 2 * d), *prior, *noise, scale, 10.0, 20.0, variant,
-            "torch", True)
+            impl, True)
 
 
-def test_opcheck_nt_xent():
-    torch.library.opcheck(nt_xent_forward_op, _nt_xent_args())
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck_nt_xent(impl):
+    torch.library.opcheck(nt_xent_forward_op, _nt_xent_args(impl))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", ["v", "s"])
-def test_opcheck_adassl(variant):
-    args = _adassl_args(variant)
-    if variant == "s":
-        args = tuple(a.double() if isinstance(a, torch.Tensor) and a.numel() == 0 else a for a in args)
-    torch.library.opcheck(adassl_forward_op, args)
+def test_opcheck_adassl(impl, variant):
+    torch.library.opcheck(adassl_forward_op, _adassl_args(impl, variant))
+
+
+COMPILE_IMPLS = [pytest.param(i, marks=pytest.mark.gpu) for i in ("triton", "cuda")] if DEVICE == "cuda" else []
 
 
 @pytest.mark.slow
-def test_compiled_training_step_fullgraph():
+@pytest.mark.parametrize("impl", ["torch"] + COMPILE_IMPLS)
+def test_compiled_training_step_fullgraph(impl):
     torch._dynamo.reset()
-    encoder = torch.nn.Linear(8, 6)
-    heads = torch.nn.Linear(6, 24)  # posterior and prior outputs of both directions: 4 x (B, 2d), d = 3
-    lam = torch.nn.Parameter(torch.tensor(0.5413))
+    encoder = torch.nn.Linear(8, 6, device=DEVICE)
+    heads = torch.nn.Linear(6, 24, device=DEVICE)  # posterior and prior outputs of both directions: 4 x (B, 2d), d = 3
+    lam = torch.nn.Parameter(torch.tensor(0.5413, device=DEVICE))
     params = list(encoder.parameters()) + list(heads.parameters()) + [lam]
 
     def step(x, y, noise_xy, noise_yx):
         ex, ey = encoder(x), encoder(y)
         l_nt = adassl_fast.nt_xent(torch.cat([ey, ex]), torch.cat([ex, ey]), scale=torch.nn.functional.softplus(lam),
-                                   impl="torch")
+                                   impl=impl)
         h = heads(torch.cat([ex, ey], 1)[:, :6])
         post_xy, post_yx, prior_xy, prior_yx = h[:, :12].split(6, 1) + h[:, 12:].split(6, 1)
         l_ssl, l_reg = adassl_fast.adassl_nt_xent(ex[:, :3], ey[:, :3], post_xy, post_yx, prior_xy, prior_yx,
-                                                  noise_xy=noise_xy, noise_yx=noise_yx, impl="torch")
+                                                  noise_xy=noise_xy, noise_yx=noise_yx, impl=impl)
         return l_nt + l_ssl + 0.5 * l_reg
 
-    x, y = torch.randn(16, 8), torch.randn(16, 8)
-    n1, n2 = torch.randn(16, 3), torch.randn(16, 3)
+    x, y = torch.randn(16, 8, device=DEVICE), torch.randn(16, 8, device=DEVICE)
+    n1, n2 = torch.randn(16, 3, device=DEVICE), torch.randn(16, 3, device=DEVICE)
     eager = step(x, y, n1, n2)
     eager.backward()
     eager_grads = [p.grad.clone() for p in params]
