@@ -47,6 +47,7 @@ def test_info_command_prints_json():
 
 
 def test_import_needs_no_triton_and_no_gpu():
-    code = "import sys; sys.modules['triton'] = None; import adassl_fast; print(adassl_fast.info()['backends']['triton'])"
+    code = ("import sys; sys.modules['triton'] = None; import adassl_fast; "
+            "print(adassl_fast.info()['backends']['triton'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "not importable" in out.stdout
