@@ -134,45 +134,49 @@ HOST_PROGRAM = r"""
 #include <string>
 #include <vector>
 #include "adassl_math.cuh"
+#include <cstdlib>
 using namespace adassl;
+// operator>> does not parse "inf" / "-inf": read every number through strtod.
+static double rd() { std::string s; std::cin >> s; return strtod(s.c_str(), nullptr); }
+static int ri() { return (int)rd(); }
 // Each input line: an op name and its numbers; prints one line of results (%.17g).
 int main() {
   std::string op;
   while (std::cin >> op) {
     if (op == "lse") {  // ntiles, then per tile: n and n values -> merged LSE, single-pass LSE
-      int nt; std::cin >> nt;
+      int nt = ri();
       LseState<double> acc = lse_empty<double>(), flat = lse_empty<double>();
       for (int t = 0; t < nt; ++t) {
-        int n; std::cin >> n;
+        int n = ri();
         LseState<double> st = lse_empty<double>();
-        for (int i = 0; i < n; ++i) { double x; std::cin >> x; st = lse_push(st, x); flat = lse_push(flat, x); }
+        for (int i = 0; i < n; ++i) { double x = rd(); st = lse_push(st, x); flat = lse_push(flat, x); }
         acc = lse_merge(acc, st);
       }
       printf("%.17g %.17g\n", lse_value(acc), lse_value(flat));
     } else if (op == "lsef") {  // same in float
-      int nt; std::cin >> nt;
+      int nt = ri();
       LseState<float> acc = lse_empty<float>();
       for (int t = 0; t < nt; ++t) {
-        int n; std::cin >> n;
+        int n = ri();
         LseState<float> st = lse_empty<float>();
-        for (int i = 0; i < n; ++i) { float x; std::cin >> x; st = lse_push(st, x); }
+        for (int i = 0; i < n; ++i) { float x = (float)rd(); st = lse_push(st, x); }
         acc = lse_merge(acc, st);
       }
       printf("%.17g\n", (double)lse_value(acc));
     } else if (op == "elem") {  // x -> softplus, softplus', log_sigmoid, l0, l0'
-      double x; std::cin >> x;
+      double x = rd();
       printf("%.17g %.17g %.17g %.17g %.17g\n", softplus(x), softplus_grad(x), log_sigmoid(x), l0_term(x),
              l0_grad(x));
     } else if (op == "kl") {  // mu_q a_q mu_p a_p eps -> kl, 4 grads (c = 1), sample, dsample/da
-      double mq, aq, mp, ap, eps; std::cin >> mq >> aq >> mp >> ap >> eps;
+      double mq = rd(), aq = rd(), mp = rd(), ap = rd(), eps = rd();
       KlGrad<double> g = gauss_kl_grad(mq, aq, mp, ap, 1.0);
       printf("%.17g %.17g %.17g %.17g %.17g %.17g %.17g\n", gauss_kl(mq, aq, mp, ap), g.mu_q, g.a_q, g.mu_p,
              g.a_p, gauss_sample(mq, aq, eps), gauss_sample_grad_a(aq, eps));
     } else if (op == "st") {  // logits u -> mask, dy/dlogits
-      double l, u; std::cin >> l >> u;
+      double l = rd(), u = rd();
       printf("%.17g %.17g\n", st_mask(l, u), st_mask_grad(l, u));
     } else if (op == "clamp") {  // s c -> clamped, indicator (double and float)
-      double s, c; std::cin >> s >> c;
+      double s = rd(), c = rd();
       printf("%.17g %.17g %.17g %.17g\n", clamp_logit(s, c), clamp_pass(s, c),
              (double)clamp_logit((float)s, (float)c), (double)clamp_pass((float)s, (float)c));
     }
@@ -287,14 +291,14 @@ def test_cuda_host_kl_and_sample(host_math):
         host_math(
             [
                 f"kl {float(a)!r} {float(b)!r} {float(c)!r} {float(d)!r} {float(e)!r}"
-                for a, b, c, d, e in zip(mq, aq, mp, ap, eps)
+                for a, b, c, d, e in zip(mq, aq, mp, ap, eps, strict=True)
             ]
         ),
         dtype=torch.float64,
     )
     ins = [t.clone().requires_grad_(True) for t in (mq, aq, mp, ap)]
     kl, r = _kl_ref(*ins, eps)
-    gk = torch.autograd.grad(kl.sum(), ins)
+    gk = torch.autograd.grad(kl.sum(), ins, retain_graph=True)
     (gr,) = torch.autograd.grad(r.sum(), ins[1])
     torch.testing.assert_close(out[:, 0], kl.detach(), rtol=1e-12, atol=1e-12)
     for k in range(4):
@@ -309,7 +313,9 @@ def test_cuda_host_straight_through_mask(host_math):
     logits = torch.randn(n, generator=g, dtype=torch.float64) * 3
     u = torch.rand(n, generator=g, dtype=torch.float64)
     u[:3] = torch.tensor([0.0, 1.0, 1e-9], dtype=torch.float64)
-    out = torch.tensor(host_math([f"st {float(a)!r} {float(b)!r}" for a, b in zip(logits, u)]), dtype=torch.float64)
+    out = torch.tensor(
+        host_math([f"st {float(a)!r} {float(b)!r}" for a, b in zip(logits, u, strict=True)]), dtype=torch.float64
+    )
     uc = u.clamp(1e-6, 1 - 1e-6)
     gn = torch.log(uc) - torch.log(1 - uc)
     lg = logits.clone().requires_grad_(True)
@@ -335,7 +341,7 @@ def test_cuda_host_clamp_indicator_at_boundary(host_math):
         19.5,
     ]
     out = host_math([f"clamp {s!r} {c!r}" for s in cases] + [f"clamp 5.0 {math.inf!r}", "clamp -1e30 inf"])
-    for s, (cl, ind, clf, indf) in zip(cases, out):
+    for s, (cl, ind, clf, indf) in zip(cases, out[: len(cases)], strict=True):
         assert cl == min(max(s, -c), c)
         # inclusive: exactly +-clamp passes the gradient (torch 2.3 semantics, SPEC 2.1)
         assert ind == (1.0 if -c <= s <= c else 0.0), s

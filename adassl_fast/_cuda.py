@@ -1,0 +1,381 @@
+"""CUDA C++ backend: builds csrc/ on first use and exposes the backend entry points (docs/backends.md).
+
+The kernels (``csrc/*.cu``) are compiled by nvcc into objects; the thin binding ``csrc/binding.cpp``
+(which includes only ``<torch/extension.h>``) is built with ninja through
+``torch.utils.cpp_extension.load`` and linked against those objects and the static CUDA runtime. This
+works unchanged with a CUDA torch and with the CPU wheel (where the module imports but no kernel can
+launch). Builds are cached under ``$TORCH_EXTENSIONS_DIR/adassl_fast`` or ``~/.cache/adassl_fast``,
+keyed by the sources, the flags, the torch version and the toolkit.
+
+Entry points (same signatures as every backend):
+``nt_xent_forward``, ``nt_xent_backward``, ``adassl_forward``, ``adassl_backward``; plus
+``available() -> (bool, reason)`` and ``info() -> dict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "available",
+    "info",
+    "build",
+    "find_cuda_home",
+    "nt_xent_forward",
+    "nt_xent_backward",
+    "adassl_forward",
+    "adassl_backward",
+]
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_SOURCES = ("nt_xent.cu", "adassl.cu")
+BINDING_SOURCE = "binding.cpp"
+NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v", "-Xcompiler", "-fPIC")
+# Targets when no GPU is visible (build checks on CPU machines): Ampere and Hopper (wgmma-capable).
+DEFAULT_GENCODES = ("arch=compute_80,code=sm_80", "arch=compute_90a,code=sm_90a")
+
+_lock = threading.Lock()
+_state: dict = {"module": None, "error": None, "log": "", "build_dir": None, "nvcc_logs": {}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Toolkit discovery (as torch does: CUDA_HOME / CUDA_PATH, then the standard prefix; `nvcc` on PATH
+# may be a wrapper script, so ask nvcc itself where its toolkit is).
+# ------------------------------------------------------------------------------------------------
+def _is_toolkit(path: str | None) -> bool:
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isdir(os.path.join(path, "include"))
+    )
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root, or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        p = os.environ.get(var)
+        if _is_toolkit(p):
+            return os.path.realpath(p)
+    if _is_toolkit("/usr/local/cuda"):
+        return os.path.realpath("/usr/local/cuda")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # A wrapper script (exec /opt/.../nvcc "$@") hides the toolkit; `nvcc -dryrun` prints TOP=.
+        try:
+            out = subprocess.run(
+                [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+            if m and _is_toolkit(os.path.realpath(m.group(1))):
+                return os.path.realpath(m.group(1))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if _is_toolkit(cand):
+            return cand
+    found = sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for p in found:
+        if _is_toolkit(p):
+            return p
+    return None
+
+
+def _static_cudart(cuda_home: str) -> str | None:
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        p = os.path.join(cuda_home, sub, "libcudart_static.a")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _gencodes() -> tuple[str, ...]:
+    env = os.environ.get("ADASSL_CUDA_GENCODES")
+    if env:
+        return tuple(g for g in env.split(";") if g)
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        out = []
+        for major, minor in caps:
+            cc = f"{major}{minor}"
+            if cc == "90":
+                out.append("arch=compute_90a,code=sm_90a")
+            else:
+                out.append(f"arch=compute_{cc},code=sm_{cc}")
+        return tuple(out)
+    return DEFAULT_GENCODES
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env) / "adassl_fast"
+    return Path(os.path.expanduser("~")) / ".cache" / "adassl_fast"
+
+
+def _build_key(cuda_home: str, gencodes: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(CSRC.glob("*")):
+        if f.suffix in (".cu", ".cuh", ".h"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    h.update(repr((NVCC_FLAGS, gencodes, torch.__version__, os.path.realpath(cuda_home))).encode())
+    return h.hexdigest()[:16]
+
+
+def compile_cu(src: Path, obj: Path, gencodes: tuple[str, ...], cuda_home: str, extra=()) -> str:
+    """nvcc -c one kernel source; returns the compiler output (ptxas -v report). Raises on error."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    cmd = [
+        nvcc,
+        *NVCC_FLAGS,
+        *extra,
+        *(f"-gencode={g}" for g in gencodes),
+        "-I",
+        str(CSRC),
+        "-c",
+        str(src),
+        "-o",
+        str(obj),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    log = " ".join(cmd) + "\n" + res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {src.name}:\n{log[-6000:]}")
+    return log
+
+
+def compile_kernels(
+    gencodes: tuple[str, ...] = DEFAULT_GENCODES, cuda_home: str | None = None, force: bool = False
+) -> tuple[Path, list[str], dict[str, str]]:
+    """nvcc-compile every kernel source (cached); -> (build dir, object paths, {source: nvcc/ptxas log})."""
+    cuda_home = cuda_home or find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME; nvcc was not found either)")
+    key = _build_key(cuda_home, gencodes)
+    bdir = _cache_root() / f"build_{key}"
+    bdir.mkdir(parents=True, exist_ok=True)
+
+    def one(name: str) -> tuple[str, str]:
+        obj = bdir / (Path(name).stem + ".o")
+        logf = bdir / (Path(name).stem + ".nvcc.log")
+        if obj.is_file() and logf.is_file() and not force:
+            return name, logf.read_text()
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
+        log = compile_cu(CSRC / name, tmp, gencodes, cuda_home)
+        os.replace(tmp, obj)
+        logf.write_text(log)
+        return name, log
+
+    with ThreadPoolExecutor(max_workers=len(KERNEL_SOURCES)) as ex:
+        logs = dict(ex.map(one, KERNEL_SOURCES))
+    return bdir, [str(bdir / (Path(n).stem + ".o")) for n in KERNEL_SOURCES], logs
+
+
+def build(force: bool = False):
+    """Build (or load the cached build of) the extension module; raises RuntimeError on failure."""
+    with _lock:
+        if _state["module"] is not None and not force:
+            return _state["module"]
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            raise RuntimeError("no CUDA toolkit found (set CUDA_HOME; nvcc was not found either)")
+        cudart = _static_cudart(cuda_home)
+        if cudart is None:
+            raise RuntimeError(f"libcudart_static.a not found under {cuda_home}")
+        gencodes = _gencodes()
+        bdir, objs, logs = compile_kernels(gencodes, cuda_home, force=force)
+        key = bdir.name.removeprefix("build_")
+
+        from torch.utils import cpp_extension
+
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                mod = cpp_extension.load(
+                    name=f"adassl_fast_cuda_{key}",
+                    sources=[str(CSRC / BINDING_SOURCE)],
+                    extra_cflags=["-O2", "-std=c++17"],
+                    extra_ldflags=[*objs, cudart, "-ldl", "-lrt", "-lpthread"],
+                    build_directory=str(bdir),
+                    with_cuda=False,
+                    verbose=False,
+                )
+        except Exception as e:  # noqa: BLE001 - reported through available()/info()
+            raise RuntimeError(f"building the binding failed: {e}\n{buf.getvalue()[-6000:]}") from e
+        _state.update(
+            module=mod,
+            error=None,
+            build_dir=str(bdir),
+            nvcc_logs=logs,
+            log="\n".join(logs.values()) + "\n" + buf.getvalue(),
+            cuda_home=cuda_home,
+            gencodes=gencodes,
+        )
+        return mod
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the CUDA backend can run here, else (False, why)."""
+    if not torch.cuda.is_available():
+        return False, (
+            f"torch.cuda.is_available() is False: no usable CUDA device/driver (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda})"
+        )
+    if _state["error"] is not None:
+        return False, _state["error"]
+    try:
+        build()
+    except Exception as e:  # noqa: BLE001
+        _state["error"] = f"adassl_fast CUDA extension build failed: {e}"
+        return False, _state["error"]
+    return True, ""
+
+
+def info() -> dict:
+    """Backend status: availability, reason, toolkit, build directory and the build log text."""
+    ok, reason = available()
+    return {
+        "available": ok,
+        "reason": reason,
+        "cuda_home": _state.get("cuda_home") or find_cuda_home(),
+        "build_dir": _state["build_dir"],
+        "gencodes": _state.get("gencodes"),
+        "build_log": _state["log"],
+    }
+
+
+def _module():
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(reason)
+    return _state["module"]
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _clamp(clamp):
+    return None if clamp is None else float(clamp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend entry points (docs/backends.md)
+# ------------------------------------------------------------------------------------------------
+def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+    """-> (loss 0-dim, lse (M,)); float32 (float64 for float64 inputs)."""
+    m = _module()
+    with torch.cuda.device(cont.device):
+        loss, lse = m.nt_xent_forward(
+            cont.contiguous(),
+            targ.contiguous(),
+            pos.contiguous(),
+            excl.contiguous(),
+            scale,
+            float(inv_temperature),
+            _clamp(clamp),
+            _stream(cont),
+        )
+    return loss, lse
+
+
+def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic=True):
+    """-> (dcont, dtarg, dscale). Always the deterministic row/column schedule."""
+    m = _module()
+    with torch.cuda.device(cont.device):
+        dcont, dtarg, dscale = m.nt_xent_backward(
+            grad_loss,
+            cont.contiguous(),
+            targ.contiguous(),
+            pos.contiguous(),
+            excl.contiguous(),
+            scale,
+            lse,
+            float(inv_temperature),
+            _clamp(clamp),
+            _stream(cont),
+        )
+    return dcont, dtarg, dscale
+
+
+def adassl_forward(
+    emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp, variant
+):
+    """-> (l_ssl, l_reg, lse (2B,))."""
+    m = _module()
+    with torch.cuda.device(emb_x.device):
+        return tuple(
+            m.adassl_forward(
+                emb_x.contiguous(),
+                emb_y.contiguous(),
+                post_xy.contiguous(),
+                post_yx.contiguous(),
+                prior_xy.contiguous(),
+                prior_yx.contiguous(),
+                noise_xy.contiguous(),
+                noise_yx.contiguous(),
+                scale,
+                float(inv_temperature),
+                _clamp(clamp),
+                str(variant),
+                _stream(emb_x),
+            )
+        )
+
+
+def adassl_backward(
+    grad_ssl,
+    grad_reg,
+    emb_x,
+    emb_y,
+    post_xy,
+    post_yx,
+    prior_xy,
+    prior_yx,
+    noise_xy,
+    noise_yx,
+    scale,
+    lse,
+    inv_temperature,
+    clamp,
+    variant,
+    deterministic=True,
+):
+    """-> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)."""
+    m = _module()
+    with torch.cuda.device(emb_x.device):
+        return tuple(
+            m.adassl_backward(
+                grad_ssl,
+                grad_reg,
+                emb_x.contiguous(),
+                emb_y.contiguous(),
+                post_xy.contiguous(),
+                post_yx.contiguous(),
+                prior_xy.contiguous(),
+                prior_yx.contiguous(),
+                noise_xy.contiguous(),
+                noise_yx.contiguous(),
+                scale,
+                lse,
+                float(inv_temperature),
+                _clamp(clamp),
+                str(variant),
+                _stream(emb_x),
+            )
+        )
