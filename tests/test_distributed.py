@@ -259,7 +259,8 @@ def _failing_worker(rank, world, store, out, mode, timeout):
 def test_a_failing_rank_makes_the_others_fail_within_the_timeout(tmp_path, monkeypatch, mode, schedule):
     world, timeout = 2, 2.0
     monkeypatch.setenv("ADASSL_FAST_SCHEDULE", schedule)
-    ctx = mp.get_context("spawn")
+    _warm()
+    ctx = mp.get_context("fork")
     store = str(tmp_path / "store")
     procs = [ctx.Process(target=_failing_worker, args=(r, world, store, str(tmp_path), mode, timeout))
              for r in range(world)]
@@ -294,6 +295,12 @@ def _rss_kib(field):
 
 
 def _memory_worker(rank, world, store, out, m_local, d):
+    import ctypes
+
+    # Fixed mmap threshold: big buffers are mmapped and unmapped on free, so RSS follows the live bytes.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
     torch.set_num_threads(1)
     _init(rank, world, store)
     results = {}
@@ -313,20 +320,22 @@ def _memory_worker(rank, world, store, out, m_local, d):
 
 
 @pytest.mark.slow
-def test_ring_peak_memory_does_not_grow_with_world_size(tmp_path, monkeypatch):
-    # Fixed threshold: big buffers are mmapped and unmapped on free, so RSS follows the live bytes.
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    m_local, d = 128, 8192  # one block = 8 MiB in float64
+def test_ring_peak_memory_does_not_grow_with_world_size(tmp_path):
+    # The ring holds the local rows, two block buffers (in hand, arriving) and two column-gradient
+    # accumulators (arriving, leaving): from 3 ranks on, that set is complete and constant (2 ranks use
+    # fewer). Measured here (block 4 MiB, fwd + bwd): ring 40 / 56 / 68 / 68 / 68 MiB at 1 / 2 / 3 / 4 / 6
+    # ranks, gather 44 / 70 / - / 118 MiB at 1 / 2 / 4 ranks.
+    m_local, d = 64, 4096  # one block = 2 MiB in float64
     block_mib = m_local * d * 8 / 2**20
     peaks = {}
-    for world in (1, 2, 4):
+    for world in (3, 6):
         sub = tmp_path / f"w{world}"
         sub.mkdir()
         res = _spawn(_memory_worker, world, sub, m_local, d)
         peaks[world] = {s: max(r[s][0] for r in res) for s in ("ring", "gather")}
         peaks[world]["ring_buffers"] = res[0]["ring"][1]
     print(f"\npeak extra RSS per rank (MiB), block = {block_mib:.0f} MiB:", peaks)
-    assert peaks[4]["ring"] <= peaks[2]["ring"] + 0.5 * block_mib, peaks
-    assert peaks[4]["ring_buffers"] == peaks[2]["ring_buffers"], peaks
+    assert peaks[6]["ring"] <= peaks[3]["ring"] + 0.5 * block_mib, peaks
+    assert peaks[6]["ring_buffers"] == peaks[3]["ring_buffers"], peaks
     # The measurement sees growth where there is some: gather holds every rank's columns.
-    assert peaks[4]["gather"] >= peaks[2]["gather"] + 4 * block_mib, peaks
+    assert peaks[6]["gather"] >= peaks[3]["gather"] + 3 * block_mib, peaks
