@@ -269,7 +269,8 @@ def _reps(estimate_s: float, budget_s: float, min_reps: int, max_reps: int, time
     """Timed calls: fill `budget_s`, at least min_reps (1 once a call exceeds the budget), within the time left."""
     floor = min_reps if estimate_s <= budget_s else 1
     n = max(floor, min(max_reps, int(budget_s / max(estimate_s, 1e-9))))
-    return max(1, min(n, int(time_left_s / max(estimate_s, 1e-9))))
+    fits = time_left_s / max(estimate_s, 1e-9)
+    return max(1, n if fits >= n else int(fits))
 
 
 def _time_cuda(step, clear, device, budget_s, min_reps, max_reps, time_left_s):
