@@ -1,0 +1,102 @@
+"""The synthetic benchmark's generative process, the image-pair loaders and the tensor augmentations."""
+
+import pytest
+import torch
+
+from adassl_fast import data
+
+
+def test_mixing_is_invertible_leaky_mlp_with_normalised_columns():
+    mix = data.mixing_mlp(10, 3, seed=0, cond_samples=200)
+    linears = [m for m in mix if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is None for m in linears)
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in mix) == 2
+    for m in linears:
+        assert torch.allclose(m.weight.norm(dim=0), torch.ones(10), atol=1e-6)
+        assert torch.linalg.cond(m.weight.double()) < 1e3
+    assert not any(p.requires_grad for p in mix.parameters())
+    # Same seed, same g; different seed, different g.
+    assert torch.equal(linears[0].weight, data.mixing_mlp(10, 3, seed=0, cond_samples=200)[0].weight)
+    assert not torch.equal(linears[0].weight, data.mixing_mlp(10, 3, seed=1, cond_samples=200)[0].weight)
+
+
+def test_pair_conditional_keeps_each_factor_with_probability_keep():
+    ds = data.SyntheticPairs(10, keep=0.8, seed=0, cond_samples=100)
+    z, z_pos = ds.latent_pairs(20000, torch.Generator().manual_seed(0))
+    assert z.min() >= -1 and z.max() <= 1
+    kept = (z == z_pos).float().mean(0)
+    assert torch.allclose(kept, torch.full((10,), 0.8), atol=0.015)
+    changed = z_pos[z != z_pos]
+    assert abs(float(changed.mean())) < 0.03 and float(changed.std()) == pytest.approx((1 / 3) ** 0.5, abs=0.02)
+
+
+def test_batches_are_a_function_of_seed_rank_and_step():
+    ds = data.SyntheticPairs(10, seed=0, cond_samples=100)
+    x1, y1 = ds.batch(7, 16)
+    x2, y2 = ds.batch(7, 16)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(ds.batch(8, 16)[0], x1)
+    other_rank = data.SyntheticPairs(10, seed=0, rank=1, cond_samples=100)
+    assert not torch.equal(other_rank.batch(7, 16)[0], x1)
+    other_seed = data.SyntheticPairs(10, seed=0, cond_samples=100, batch_seed=5)
+    assert not torch.equal(other_seed.batch(7, 16)[0], x1)
+    # The observations are g(z): the eval set returns latents scaled by 1/sd(U[-1, 1]).
+    x, z = ds.eval_set(64, "test")
+    assert torch.allclose(ds.observe(z * data.LATENT_SD), x, atol=1e-5)
+    assert not torch.equal(ds.eval_set(64, "train")[1], z)
+
+
+def _write_images(folder, names, size=(20, 16)):
+    Image = pytest.importorskip("PIL.Image")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, color=(10 * i, 255 - 10 * i, 128)).save(folder / name)
+
+
+def test_frame_pairs_within_clips(tmp_path):
+    _write_images(tmp_path / "clipA", [f"{i:03d}.png" for i in range(5)])
+    _write_images(tmp_path / "clipB", [f"{i:03d}.png" for i in range(2)])
+    pairs = data.frame_pairs(tmp_path, gap=2)
+    assert [(a.parent.name, a.name, b.name) for a, b in pairs] == [
+        ("clipA", "000.png", "002.png"), ("clipA", "001.png", "003.png"), ("clipA", "002.png", "004.png")]
+    assert len(data.frame_pairs(tmp_path, gap=1)) == 5
+    with pytest.raises(ValueError, match="no frame pairs"):
+        data.frame_pairs(tmp_path, gap=9)
+    with pytest.raises(FileNotFoundError):
+        data.frame_pairs(tmp_path / "missing")
+
+
+def test_csv_pairs_and_image_batches(tmp_path):
+    _write_images(tmp_path / "img", ["a.png", "b.png", "c.jpg"])
+    (tmp_path / "pairs.csv").write_text("first,second\nimg/a.png,img/b.png\nimg/b.png,img/c.jpg\n")
+    pairs = data.csv_pairs(tmp_path / "pairs.csv")
+    assert [(a.name, b.name) for a, b in pairs] == [("a.png", "b.png"), ("b.png", "c.jpg")]
+    for aug in ("none", "weak", "strong"):
+        loader = data.ImagePairs(pairs, image_size=12, augmentation=aug, seed=3)
+        x, y = loader.batch(0, 3)
+        assert x.shape == y.shape == (3, 3, 12, 12)
+        assert x.min() >= 0 and x.max() <= 1
+        x2, _ = loader.batch(0, 3)
+        assert torch.equal(x, x2)  # reproducible from (seed, step)
+    (tmp_path / "bad.csv").write_text("only_one_column\nimg/a.png\n")
+    with pytest.raises(ValueError, match="path_a,path_b"):
+        data.csv_pairs(tmp_path / "bad.csv")
+
+
+def test_image_pair_epochs_cover_every_pair_once():
+    loader = data.ImagePairs([(i, i) for i in range(10)], seed=0)
+    seen = loader.indices(0, 5) + loader.indices(1, 5)
+    assert sorted(seen) == list(range(10))
+    ranks = [data.ImagePairs([(i, i) for i in range(8)], rank=r, world_size=2).indices(0, 4) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(8))
+
+
+def test_augmentations_keep_shape_and_range():
+    img = torch.rand(3, 40, 30)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        out = data.augment(img, 16, g, "strong")
+        assert out.shape == (3, 16, 16) and out.min() >= 0 and out.max() <= 1
+    assert data.gaussian_blur(torch.ones(3, 9, 9), g).allclose(torch.ones(3, 9, 9))
+    with pytest.raises(ValueError, match="strength"):
+        data.augment(img, 16, g, "medium")
