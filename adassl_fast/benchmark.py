@@ -274,42 +274,37 @@ def _reps(estimate_s: float, budget_s: float, min_reps: int, max_reps: int, time
 
 
 def _time_cuda(step, clear, device, budget_s, min_reps, max_reps, time_left_s):
-    """CUDA-event times of `step` (L2 flushed before each) and the peak allocated bytes above the baseline."""
+    """CUDA-event times of `step` (L2 flushed before each) and the peak allocated bytes above the baseline.
+
+    One untimed warm-up (JIT, compilation, autotuning); the first timed call sets how many follow."""
     import torch
 
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     clear()
     step()
     torch.cuda.synchronize(device)
-    estimate = time.perf_counter() - start  # includes JIT / compilation: an upper bound
-    if estimate < budget_s / 4:
-        clear()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize(device)
-        estimate = a.elapsed_time(b) * 1e-3
-    reps = _reps(estimate, budget_s, min_reps, max_reps, time_left_s - estimate)
     flush = torch.empty(256 << 20, dtype=torch.int8, device=device)  # > L2: every call starts cold
     clear()
     gc.collect()
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    events = []
-    for _ in range(reps):
+    times, reps = [], 1
+    while len(times) < reps:
         clear()
         flush.zero_()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         step()
         b.record()
-        events.append((a, b))
+        if not times:
+            torch.cuda.synchronize(device)
+            first = a.elapsed_time(b) * 1e-3
+            reps = _reps(first, budget_s, min_reps, max_reps, time_left_s - (time.perf_counter() - t0) + first)
+        times.append((a, b))
     torch.cuda.synchronize(device)
     extra = torch.cuda.max_memory_allocated(device) - base
-    return [a.elapsed_time(b) for a, b in events], extra, "cuda max_memory_allocated - baseline"
+    return [a.elapsed_time(b) for a, b in times], extra, "cuda max_memory_allocated - baseline"
 
 
 def _status_kib(field: str) -> int | None:
@@ -334,14 +329,13 @@ def _reset_peak_rss() -> bool:
 
 
 def _time_cpu(step, clear, budget_s, min_reps, max_reps, time_left_s):
-    """Host-clock times of `step`; the first timed call after a warm-up also gives the peak RSS above the baseline."""
+    """Host-clock times of `step` after one warm-up; the first timed call also gives the peak RSS above the
+    baseline and sets how many calls follow."""
     import resource
 
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     clear()
     step()
-    estimate = time.perf_counter() - start
-    reps = _reps(estimate, budget_s, min_reps, max_reps, time_left_s - estimate)
     clear()
     gc.collect()
     if _reset_peak_rss():
@@ -350,14 +344,16 @@ def _time_cpu(step, clear, budget_s, min_reps, max_reps, time_left_s):
     else:
         base, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss after - before"
         read_peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, extra = [], None
-    for i in range(reps):
+    times, extra, reps = [], None, 1
+    while len(times) < reps:
         clear()
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         step()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if i == 0:
+        elapsed = time.perf_counter() - t1
+        times.append(elapsed * 1e3)
+        if extra is None:
             extra = max(0, read_peak() - base) * 1024
+            reps = _reps(elapsed, budget_s, min_reps, max_reps, time_left_s - (time.perf_counter() - t0) + elapsed)
     return times, extra, method
 
 
