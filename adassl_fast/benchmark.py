@@ -521,55 +521,65 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
+class _Interrupted(Exception):
+    """SIGTERM (e.g. from `timeout`) or Ctrl-C: stop the workers and keep what they measured."""
+
+
 def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: str, progress, env: dict) -> list:
     """Rows for `specs` in order: one worker per row ("row") or per run ("run"), restarted after a crash."""
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="adassl_bench_"))
-    groups = [[s] for s in specs] if isolate == "row" else [specs]
-    for g, group in enumerate(groups):
-        todo = list(group)
-        attempt = 0
-        while todo:
-            attempt += 1
-            plan, out = tmp / f"plan{g}_{attempt}.json", tmp / f"rows{g}_{attempt}.jsonl"
-            plan.write_text(json.dumps({"settings": settings, "deadline": deadline, "rows": todo}))
-            log = tmp / f"worker{g}_{attempt}.log"
-            with open(log, "w") as logf:
-                proc = subprocess.Popen([sys.executable, "-m", "adassl_fast.benchmark", "--worker", str(plan),
-                                         str(out)], stdout=logf, stderr=subprocess.STDOUT, env=_child_env())
-                done, timeout = 0, None
-                limit = settings["row_timeout_s"] if isolate == "row" else None
-                started = time.time()
+    todo = list(specs)
+    attempt, stop = 0, None
+    while todo and stop is None:
+        if time.time() > deadline:
+            stop = "not run: the run's deadline had passed"
+            break
+        attempt += 1
+        batch = todo[:1] if isolate == "row" else todo
+        plan, out = tmp / f"plan{attempt}.json", tmp / f"rows{attempt}.jsonl"
+        plan.write_text(json.dumps({"settings": settings, "deadline": deadline, "rows": batch}))
+        log = tmp / f"worker{attempt}.log"
+        done, killed = 0, None
+        limit = settings["row_timeout_s"]
+        with open(log, "w") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", "adassl_fast.benchmark", "--worker", str(plan), str(out)],
+                                    stdout=logf, stderr=subprocess.STDOUT, env=_child_env())
+            started = time.time()
+            try:
                 while proc.poll() is None:
                     time.sleep(0.2)
                     now_done = len(_read_rows(out))
                     if now_done != done:
                         progress.update(now_done - done)
                         done, started = now_done, time.time()
-                    hard = deadline + settings["grace_s"]
-                    if (limit and time.time() - started > limit) or time.time() > hard:
-                        timeout = "row timeout" if limit and time.time() - started > limit else "deadline"
+                    if time.time() - started > limit:
+                        killed = f"killed after {limit:.0f} s on one row (--row-timeout-s)"
+                    elif time.time() > deadline + settings["grace_s"]:
+                        killed = "killed: the run's deadline had passed"
+                    if killed:
                         proc.kill()
                         proc.wait()
-            got = _read_rows(out)
-            progress.update(len(got) - done)
-            rows += got
-            todo = todo[len(got):]
-            if todo and proc.returncode not in (0, 3):  # the first unfinished row is the culprit
-                bad = _base_row(todo[0], env)
-                tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-400:]
-                why = f"killed ({timeout})" if timeout else f"worker exited with code {proc.returncode}"
-                bad.update(status="error", note=f"{why}: {tail}")
-                rows.append(bad)
-                progress.update(1)
-                todo = todo[1:]
-            if timeout == "deadline":
-                for spec in todo:
-                    r = _base_row(spec, env)
-                    r["note"] = "not run: the run's deadline had passed"
-                    rows.append(r)
-                    progress.update(1)
-                todo = []
+            except (_Interrupted, KeyboardInterrupt):
+                killed = stop = "interrupted (SIGTERM or Ctrl-C)"
+                proc.kill()
+                proc.wait()
+        got = _read_rows(out)
+        progress.update(len(got) - done)
+        rows += got
+        todo = todo[len(got):]
+        if todo and proc.returncode not in (0, 3):  # the first unfinished row is the culprit
+            bad = _base_row(todo[0], env)
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-400:]
+            bad.update(status="error", note=f"{killed or f'worker exited with code {proc.returncode}'}: {tail}")
+            rows.append(bad)
+            progress.update(1)
+            todo = todo[1:]
+    for spec in todo:
+        r = _base_row(spec, env)
+        r["note"] = stop or "not run"
+        rows.append(r)
+        progress.update(1)
     return rows
 
 
@@ -656,9 +666,16 @@ def run(specs: list[dict], settings: dict, *, isolate: str, deadline: float, sho
             bar = tqdm(total=len(todo), desc="bench", unit="row", file=sys.stderr)
         except ImportError:
             pass
+    import signal
+
+    def interrupted(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         measured = _run_workers([s for _, s in todo], settings, deadline, isolate, bar, env)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         bar.close()
     for (i, _), row in zip(todo, measured, strict=True):
         rows[i] = row
@@ -873,7 +890,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes-for", action="append", type=_sizes_for, default=[], metavar="IMPL=M1,M2",
                    help="run IMPL only at these M (repeatable), e.g. compile=32768")
     p.add_argument("--deadline-s", type=float, default=math.inf, help="stop starting rows after this many seconds")
-    p.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a CPU row's process after this long")
+    p.add_argument("--grace-s", type=float, default=30.0, help="kill the worker this long after the deadline")
+    p.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a worker stuck this long on one row")
     p.add_argument("--isolate", choices=("row", "run"), help="a fresh process per row (CPU default) or per run (GPU)")
     p.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
@@ -919,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_max_m": args.torch_max_m or (262144 if gpu else 16384),
         "err_max_m": args.err_max_m if args.err_max_m is not None else (8192 if gpu else 4096),
         "interpret_max_m": args.interpret_max_m, "threads": args.threads,
-        "row_timeout_s": args.row_timeout_s, "grace_s": 60.0,
+        "row_timeout_s": args.row_timeout_s, "grace_s": args.grace_s,
     }
     specs = build_specs(ops, impls, ms, ds, dtype, phases, device, not args.atomic, dict(args.sizes_for))
     deadline = time.time() + args.deadline_s if math.isfinite(args.deadline_s) else 1e18

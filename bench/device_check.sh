@@ -163,8 +163,9 @@ else
            --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
            --sizes-for torch=8192,32768,65536,262144 --err-max-m 8192 --budget-s 0.5)
 fi
-BENCH_S=$(clip 600 25)
-step bench "$((BENCH_S + 15))" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$((BENCH_S - 10))" \
+BENCH_S=$(clip 600 40)  # the worker is stopped at the deadline + 30 s; SIGTERM still writes the rows
+DEADLINE_S=$((BENCH_S - 45)); [ "$DEADLINE_S" -lt $((BENCH_S / 2)) ] && DEADLINE_S=$((BENCH_S / 2))
+step bench "$BENCH_S" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$DEADLINE_S" --grace-s 30 \
     --no-progress --out "$OUT"
 
 # --- plots and the summary ----------------------------------------------------------------------------------
