@@ -571,7 +571,8 @@ def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: st
         if todo and proc.returncode not in (0, 3):  # the first unfinished row is the culprit
             bad = _base_row(todo[0], env)
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-400:]
-            bad.update(status="error", note=f"{killed or f'worker exited with code {proc.returncode}'}: {tail}")
+            bad.update(status="skipped" if stop else "error",
+                       note=f"{killed or f'worker exited with code {proc.returncode}'}: {tail}".rstrip(": "))
             rows.append(bad)
             progress.update(1)
             todo = todo[1:]
