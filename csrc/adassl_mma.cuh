@@ -1,19 +1,413 @@
-// Tensor-core (mma.sync m16n8k16) kernels for bf16 / fp16. Placeholder: filled in next.
+// Tensor-core kernels for bf16 / fp16 (mma.sync.m16n8k16, fp32 accumulation), d <= 128.
+//
+// One kernel template covers the three passes (MODE): the forward row LSE, the row-owned dU pass and
+// the column-owned dV pass. A CTA of 4 warps owns 64 rows (16 per warp) whose operand fragments stay
+// in registers for the whole run; it streams 64-row tiles of the other side through shared memory
+// (double-buffered, cp.async when the source is a plain aligned tensor; formed in the loader for
+// AdaSSL's edited rows, which therefore never touch global memory). Norms are applied to the fp32
+// accumulator (S = <c_i, t_j> * rn_i * rn_j * scale / tau), so the operands are the inputs' own bits.
+// exp2 with log2(e) folded in. Every gradient element is produced by one thread in a fixed order:
+// no atomics, bitwise reproducible.
 #pragma once
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "adassl_generic.cuh"
+#include "adassl_sources.cuh"
 
 namespace adassl {
+
 template <class T>
 struct MmaTraits {
   static constexpr bool kOk = false;
 };
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  static constexpr bool kOk = true;
+};
+template <>
+struct MmaTraits<__half> {
+  static constexpr bool kOk = true;
+};
+
+constexpr int kMW = 4;              // warps per CTA
+constexpr int kMThreads = 32 * kMW;
+constexpr int kMRows = 16 * kMW;    // owned rows per CTA
+constexpr int kMCols = 64;          // streamed rows per tile (must equal kMRows: the owned tile reuses a buffer)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <class T>
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Stage rows [r0, r0 + 64) x [0, DP) of src into buf (row stride DP + 8 elements: the 16-byte pad
+// keeps the 8 row addresses of every ldmatrix on distinct banks). Rows past nrows and columns past d
+// are zero, so they add nothing to any product.
+template <class T, int DP, class Src>
+__device__ __forceinline__ void load_tile(const Src& src, int64_t r0, int64_t nrows, int d, bool vec, T* buf) {
+  constexpr int LDS = DP + 8;
+  const int tid = threadIdx.x;
+  if constexpr (Src::kPlain) {
+    if (vec) {
+      constexpr int CPR = DP / 8;
+      for (int e = tid; e < kMCols * CPR; e += kMThreads) {
+        const int r = e / CPR, c = e % CPR;
+        const int64_t row = r0 + r;
+        T* dst = buf + r * LDS + c * 8;
+        if (row < nrows && c * 8 < d) {
+          cp_async16(dst, src.row_ptr(row) + c * 8);
+        } else {
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      return;
+    }
+  }
+  for (int e = tid; e < kMCols * DP; e += kMThreads) {
+    const int r = e / DP, k = e % DP;
+    const int64_t row = r0 + r;
+    const float v = (row < nrows && k < d) ? src.template get<float>(row, k) : 0.f;
+    buf[r * LDS + k] = Cvt<T>::from_f(v);
+  }
+}
+
+template <class T, int DP, int MODE, class Own, class Str>
+__global__ void __launch_bounds__(kMThreads)
+    mma_core_kernel(Own own, Str str, int64_t n_own, int64_t n_str, int d, bool vec_own, bool vec_str,
+                    const float* rn_own, const float* rn_str, const int64_t* pos, const int64_t* excl,
+                    const float* lse_in, const float* scale_p, const float* gl_p, float inv_temp, float clampv,
+                    float inv_m, float* out_lse, float* out_rowloss, float* g_out, float* part_out) {
+  constexpr int LDS = DP + 8;
+  constexpr int KS = DP / 16;      // k-steps of the S product
+  constexpr int NT = kMCols / 8;   // n-tiles of S per warp
+  constexpr int NF = DP / 8;       // feature n-tiles of the gradient product
+  __shared__ __align__(16) T sbuf[2][kMCols * LDS];
+  __shared__ float s_rn[2][kMCols];
+  __shared__ float s_lse[2][kMCols];  // kCol: lse * log2(e) of the streamed cont rows
+  __shared__ int64_t s_pos[2][kMCols];
+  __shared__ int64_t s_exc[2][kMCols];
+  __shared__ float s_red[kMW];
+
+  // fp16 has 5 exponent bits: lift the gradient operand (|P - 1| * rn <= rn) away from the subnormal
+  // range; overflow would need a row norm below ~1e-3. bf16 has float32's range and needs no lift.
+  constexpr float kAScale = std::is_same<T, __half>::value ? 64.f : 1.f;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kMRows;
+  const float alpha = *scale_p * inv_temp;
+  const float gfac = (MODE == kFwd) ? 0.f : *gl_p * inv_m;
+
+  // Owned-row metadata: this thread's rows are warp*16 + g and + 8.
+  int64_t orow[2];
+  float orn[2], olse2[2] = {0.f, 0.f};
+  int64_t opos[2] = {-2, -2}, oexc[2] = {-2, -2};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    orow[h] = o0 + warp * 16 + g + 8 * h;
+    const bool v = orow[h] < n_own;
+    orn[h] = v ? rn_own[orow[h]] : 0.f;
+    if (MODE != kCol && v) {
+      opos[h] = pos[orow[h]];
+      oexc[h] = excl[orow[h]];
+      if (MODE == kRow) olse2[h] = lse_in[orow[h]] * kLog2e;
+    }
+  }
+
+  auto load_meta = [&](int64_t s0, int buf) {
+    if (tid < kMCols) {
+      const int64_t i = s0 + tid;
+      const bool v = i < n_str;
+      s_rn[buf][tid] = v ? rn_str[i] : 0.f;
+      if (MODE == kCol) {
+        s_lse[buf][tid] = v ? lse_in[i] * kLog2e : 0.f;
+        s_pos[buf][tid] = v ? pos[i] : -2;
+        s_exc[buf][tid] = v ? excl[i] : -2;
+      }
+    }
+  };
+
+  // Prologue: owned tile -> buffer 1 -> registers; streamed tile 0 -> buffer 0.
+  load_tile<T, DP>(own, o0, n_own, d, vec_own, sbuf[1]);
+  load_tile<T, DP>(str, 0, n_str, d, vec_str, sbuf[0]);
+  load_meta(0, 0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    const int q = lane >> 3;
+    const int r = warp * 16 + (lane & 7) + (q & 1) * 8;
+    const int c = kk * 16 + (q >> 1) * 8;
+    ldsm_x4(qa[kk], smem_u32(&sbuf[1][r * LDS + c]));
+  }
+  __syncthreads();
+
+  float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.f, 0.f}, spos[2] = {0.f, 0.f};
+  float dacc[NF][4];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) dacc[f][0] = dacc[f][1] = dacc[f][2] = dacc[f][3] = 0.f;
+  float dpart = 0.f;
+
+  const int64_t ntiles = (n_str + kMCols - 1) / kMCols;
+  for (int64_t it = 0; it < ntiles; ++it) {
+    const int cur = static_cast<int>(it & 1);
+    if (it + 1 < ntiles) {
+      load_tile<T, DP>(str, (it + 1) * kMCols, n_str, d, vec_str, sbuf[cur ^ 1]);
+      load_meta((it + 1) * kMCols, cur ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sb = sbuf[cur];
+    const int64_t s0 = it * kMCols;
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        const int q = lane >> 3;
+        const int n = np * 16 + (lane & 7) + (q >> 1) * 8;
+        const int c = kk * 16 + (q & 1) * 8;
+        ldsm_x4(b, smem_u32(&sb[n * LDS + c]));
+        mma16816<T>(acc[2 * np], qa[kk], b[0], b[1]);
+        mma16816<T>(acc[2 * np + 1], qa[kk], b[2], b[3]);
+      }
+    }
+
+    if (MODE == kFwd) {
+      float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int c = n * 8 + 2 * t + (e & 1);
+          const int64_t j = s0 + c;
+          const float x = clamp_logit(acc[n][e] * orn[h] * s_rn[cur][c] * alpha, clampv);
+          if (j == opos[h]) spos[h] = x;
+          const float v = (j < n_str && j != oexc[h]) ? x * kLog2e : -INFINITY;
+          acc[n][e] = v;
+          tmax[h] = fmaxf(tmax[h], v);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float mn = fmaxf(m2[h], tmax[h]);
+        if (mn == -INFINITY) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) sum += fast_exp2(acc[n][2 * h] - mn) + fast_exp2(acc[n][2 * h + 1] - mn);
+        l2[h] = l2[h] * fast_exp2(m2[h] - mn) + sum;
+        m2[h] = mn;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          const int c = n * 8 + 2 * t + (e & 1);
+          const int64_t sidx = s0 + c;
+          const float cosv = acc[n][e] * orn[h] * s_rn[cur][c];
+          const float S = cosv * alpha;
+          const float x = clamp_logit(S, clampv);
+          int64_t j, pi, ei;
+          float l2i;
+          if (MODE == kRow) {
+            j = sidx;
+            pi = opos[h];
+            ei = oexc[h];
+            l2i = olse2[h];
+          } else {
+            j = orow[h];
+            pi = s_pos[cur][c];
+            ei = s_exc[cur][c];
+            l2i = s_lse[cur][c];
+          }
+          const bool valid = sidx < n_str && orow[h] < n_own;
+          const float P = (j == ei) ? 0.f : fast_exp2(x * kLog2e - l2i);
+          // grad_loss / M is applied in the epilogue, not here: the operand below is rounded to T, and
+          // for fp16 a 1/M factor would push it into the subnormal range (kAScale lifts it further).
+          const float G = valid ? (P - (j == pi ? 1.f : 0.f)) * clamp_pass(S, clampv) : 0.f;
+          if (MODE == kRow) dpart += G * cosv;
+          acc[n][e] = G * s_rn[cur][c] * kAScale;  // the streamed row enters normalised
+        }
+      }
+      // dacc[16 x DP] += G[16 x 64] * X[64 x DP]: G from registers (accumulator layout == A layout),
+      // X through ldmatrix.trans.
+#pragma unroll
+      for (int kk = 0; kk < kMCols / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+        a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+        a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+#pragma unroll
+        for (int np = 0; np < NF / 2; ++np) {
+          uint32_t b[4];
+          const int q = lane >> 3;
+          const int r = kk * 16 + (lane & 7) + (q & 1) * 8;
+          const int c = np * 16 + (q >> 1) * 8;
+          ldsm_x4_t(b, smem_u32(&sb[r * LDS + c]));
+          mma16816<T>(dacc[2 * np], a, b[0], b[1]);
+          mma16816<T>(dacc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (MODE == kFwd) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // merge the 4 lanes of the quad (base-2 states), fixed xor order
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m2[h], o);
+        const float lo = __shfl_xor_sync(0xffffffffu, l2[h], o);
+        spos[h] += __shfl_xor_sync(0xffffffffu, spos[h], o);
+        const float mn = fmaxf(m2[h], mo);
+        if (mn != -INFINITY) {
+          l2[h] = l2[h] * fast_exp2(m2[h] - mn) + lo * fast_exp2(mo - mn);
+          m2[h] = mn;
+        }
+      }
+      if (t == 0 && orow[h] < n_own) {
+        const float lse = (m2[h] == -INFINITY) ? -INFINITY : (m2[h] + __log2f(l2[h])) * kLn2;
+        out_lse[orow[h]] = lse;
+        out_rowloss[orow[h]] = lse - spos[h];
+      }
+    }
+  } else {
+    const float gscale = alpha * gfac / kAScale;
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1;
+        const int k = f * 8 + 2 * t + (e & 1);
+        if (orow[h] < n_own && k < d) g_out[orow[h] * d + k] = gscale * dacc[f][e];
+      }
+    }
+    if (MODE == kRow) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) dpart += __shfl_xor_sync(0xffffffffu, dpart, o);
+      if (lane == 0) s_red[warp] = dpart * gfac;
+      __syncthreads();
+      if (tid == 0) {
+        float s = 0.f;
+        for (int w = 0; w < kMW; ++w) s += s_red[w];
+        part_out[blockIdx.x] = s;
+      }
+    }
+  }
+}
+
+template <class Src>
+bool vec_ok(const Src& s, int d) {
+  if constexpr (Src::kPlain) {
+    auto al = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+    return d % 8 == 0 && al(s.p0) && al(s.p1);
+  }
+  return false;
+}
+
+template <class T, int DP, int MODE, class Own, class Str>
+int64_t launch_mma(cudaStream_t s, Own own, Str str, int64_t n_own, int64_t n_str, int d, const float* rn_own,
+                   const float* rn_str, const int64_t* pos, const int64_t* excl, const float* lse_in,
+                   const float* scale_p, const float* gl_p, float inv_temp, float clampv, float inv_m,
+                   float* out_lse, float* out_rowloss, float* g_out, float* part_out) {
+  const unsigned nb = static_cast<unsigned>((n_own + kMRows - 1) / kMRows);
+  if (nb == 0) return 0;
+  mma_core_kernel<T, DP, MODE, Own, Str><<<nb, kMThreads, 0, s>>>(
+      own, str, n_own, n_str, d, vec_ok(own, d), vec_ok(str, d), rn_own, rn_str, pos, excl, lse_in, scale_p,
+      gl_p, inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out);
+  return nb;
+}
+
 template <class T, class Own, class Str, int MODE, class A>
-int64_t run_mma_core(cudaStream_t, Own, Str, int64_t, int64_t, int, const A*, const A*, const int64_t*,
-                     const int64_t*, const A*, const A*, const A*, A, A, int64_t, A*, A*, A*, A*) {
+int64_t run_mma_core(cudaStream_t s, Own own, Str str, int64_t n_own, int64_t n_str, int d, const A* rn_own,
+                     const A* rn_str, const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p,
+                     const A* gl_p, A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out,
+                     A* part_out) {
+  if constexpr (std::is_same<A, float>::value) {
+#define ADASSL_MMA_CALL(DPV)                                                                                  \
+  return launch_mma<T, DPV, MODE>(s, own, str, n_own, n_str, d, rn_own, rn_str, pos, excl, lse_in, scale_p, \
+                                  gl_p, inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
+    if (d <= 32) ADASSL_MMA_CALL(32);
+    if (d <= 64) ADASSL_MMA_CALL(64);
+    ADASSL_MMA_CALL(128);
+#undef ADASSL_MMA_CALL
+  }
   return 0;
 }
+
 }  // namespace adassl

@@ -1,0 +1,183 @@
+"""CUDA C++ backend against the references, on a GPU (skipped where torch sees no CUDA device).
+
+Calls adassl_fast._cuda's entry points directly (docs/backends.md signatures) and compares values and
+gradients with nt_xent_reference / adassl_nt_xent_reference (autograd) in float64 and at low precision,
+at odd sizes that exercise partial tiles and padded feature dims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adassl_fast import _cuda
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+SIZES = [(34, 24), (130, 37), (514, 128), (130, 128), (514, 24)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tol(dtype):
+    # (loss abs tol, relative gradient-norm tol)
+    return {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}.get(dtype, (2e-3, 3e-2))
+
+
+def _rel(a, b):
+    """Relative error norm; fp16 outputs of ~1e-6 are subnormal, so their quantum (6e-8) is discounted."""
+    quantum = 6e-8 if a.dtype == torch.float16 else 0.0
+    a, b = a.double(), b.double()
+    err = ((a - b).norm() - 2 * quantum * a.numel() ** 0.5).clamp_min(0)
+    return float(err / b.norm().clamp_min(1e-30))
+
+
+def _indices(M, device):
+    pos = torch.arange(M, device=device)
+    return pos, (pos + M // 2) % M
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,d", SIZES)
+@pytest.mark.parametrize("lam", [1.3, 3.0])
+def test_cuda_nt_xent_matches_reference(dtype, M, d, lam):
+    from adassl_fast.nt_xent import nt_xent_reference
+
+    dev = "cuda"
+    acc = _acc(dtype)
+    cont = torch.randn(M, d, device=dev, dtype=dtype)
+    targ = (cont.to(acc) + 0.7 * torch.randn(M, d, device=dev, dtype=acc)).to(dtype)
+    scale = torch.tensor(lam, device=dev, dtype=acc)
+    tau, clamp = 0.1, 20.0  # lam = 3 -> |S| up to 30: the clamp bites
+    pos, excl = _indices(M, dev)
+
+    loss, lse = _cuda.nt_xent_forward(cont, targ, pos, excl, scale, 1 / tau, clamp)
+    gl = torch.tensor(1.7, device=dev, dtype=acc)
+    dcont, dtarg, dscale = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, 1 / tau, clamp, True)
+
+    c, t, s = (x.detach().clone().requires_grad_(True) for x in (cont, targ, scale))
+    ref = nt_xent_reference(c, t, temperature=tau, scale=s, clamp=clamp)
+    rc, rt, rs = torch.autograd.grad(ref * gl, (c, t, s))
+
+    ltol, gtol = _tol(dtype)
+    assert loss.dtype == acc and lse.shape == (M,) and lse.dtype == acc
+    assert dcont.dtype == dtype and dtarg.dtype == dtype and dscale.dtype == scale.dtype
+    ref = ref.detach()
+    assert abs(float(loss) - float(ref)) <= ltol * max(1.0, abs(float(ref)))
+    assert _rel(dcont, rc) < gtol, _rel(dcont, rc)
+    assert _rel(dtarg, rt) < gtol, _rel(dtarg, rt)
+    assert abs(float(dscale) - float(rs)) <= gtol * max(1e-3, abs(float(rs))) * 3
+
+
+def test_cuda_nt_xent_backward_is_deterministic():
+    dev = "cuda"
+    M, d = 514, 128
+    cont = torch.randn(M, d, device=dev, dtype=torch.bfloat16)
+    targ = torch.randn(M, d, device=dev, dtype=torch.bfloat16)
+    scale = torch.tensor(1.0, device=dev)
+    pos, excl = _indices(M, dev)
+    _, lse = _cuda.nt_xent_forward(cont, targ, pos, excl, scale, 10.0, 20.0)
+    gl = torch.tensor(1.0, device=dev)
+    a = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, 10.0, 20.0, True)
+    b = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, 10.0, 20.0, True)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_cuda_info_nce_rectangular():
+    """info_nce one way: N != M columns, pos = arange, excl = -1, no clamp."""
+    dev = "cuda"
+    M, N, d = 130, 200, 37
+    cont = torch.randn(M, d, device=dev, dtype=torch.float64)
+    targ = torch.randn(N, d, device=dev, dtype=torch.float64)
+    scale = torch.tensor(1.0, device=dev, dtype=torch.float64)
+    pos = torch.arange(M, device=dev)
+    excl = torch.full((M,), -1, device=dev, dtype=torch.long)
+    loss, lse = _cuda.nt_xent_forward(cont, targ, pos, excl, scale, 5.0, None)
+    c, t = cont.clone().requires_grad_(True), targ.clone().requires_grad_(True)
+    logits = torch.nn.functional.normalize(c, dim=1) @ torch.nn.functional.normalize(t, dim=1).t() * 5.0
+    ref = torch.nn.functional.cross_entropy(logits, pos)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1).detach(), rtol=1e-12, atol=1e-12)
+    gl = torch.tensor(1.0, device=dev, dtype=torch.float64)
+    dc, dt, _ = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, 5.0, None, True)
+    rc, rt = torch.autograd.grad(ref, (c, t))
+    torch.testing.assert_close(dc, rc, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dt, rt, rtol=1e-10, atol=1e-12)
+
+
+def _ada_inputs(B, d, dtype, variant, dev="cuda"):
+    acc = _acc(dtype)
+    emb_x = torch.randn(B, d, device=dev, dtype=dtype)
+    emb_y = (emb_x.to(acc) + 0.5 * torch.randn(B, d, device=dev, dtype=acc)).to(dtype)
+    post_xy = torch.randn(B, 2 * d, device=dev, dtype=dtype)
+    post_yx = torch.randn(B, 2 * d, device=dev, dtype=dtype)
+    if variant == "v":
+        prior_xy = torch.randn(B, 2 * d, device=dev, dtype=dtype)
+        prior_yx = torch.randn(B, 2 * d, device=dev, dtype=dtype)
+        noise_xy = torch.randn(B, d, device=dev, dtype=dtype)
+        noise_yx = torch.randn(B, d, device=dev, dtype=dtype)
+    else:
+        prior_xy = torch.empty(0, device=dev, dtype=dtype)
+        prior_yx = torch.empty(0, device=dev, dtype=dtype)
+        noise_xy = torch.rand(B, d, device=dev, dtype=dtype)
+        noise_yx = torch.rand(B, d, device=dev, dtype=dtype)
+    return emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", ["v", "s"])
+@pytest.mark.parametrize("M,d", [(34, 24), (130, 37), (514, 128)])
+def test_cuda_adassl_matches_reference(dtype, variant, M, d):
+    from adassl_fast.adassl import adassl_nt_xent_reference
+
+    dev = "cuda"
+    acc = _acc(dtype)
+    B = M // 2
+    ins = _ada_inputs(B, d, dtype, variant)
+    scale = torch.tensor(1.2, device=dev, dtype=acc)
+    tau, clamp = 0.1, 20.0
+    l_ssl, l_reg, lse = _cuda.adassl_forward(*ins, scale, 1 / tau, clamp, variant)
+    gs = torch.tensor(1.0, device=dev, dtype=acc)
+    gr = torch.tensor(0.7, device=dev, dtype=acc)
+    grads = _cuda.adassl_backward(gs, gr, *ins, scale, lse, 1 / tau, clamp, variant, True)
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in ins[:4]]
+    if variant == "v":
+        leaves += [x.detach().clone().requires_grad_(True) for x in ins[4:6]]
+        priors = leaves[4:6]
+    else:
+        priors = [None, None]
+    s = scale.clone().requires_grad_(True)
+    r_ssl, r_reg = adassl_nt_xent_reference(
+        *leaves[:4],
+        *priors,
+        variant=variant,
+        temperature=tau,
+        scale=s,
+        clamp=clamp,
+        noise_xy=ins[6],
+        noise_yx=ins[7],
+    )
+    ref_grads = torch.autograd.grad(r_ssl * gs + r_reg * gr, [*leaves, s])
+
+    ltol, gtol = _tol(dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        ltol, gtol = 5e-3, 4e-2  # the edited rows are rounded to the input dtype before the matrix product
+    r_ssl, r_reg = r_ssl.detach(), r_reg.detach()
+    assert abs(float(l_ssl) - float(r_ssl)) <= ltol * max(1.0, abs(float(r_ssl)))
+    assert abs(float(l_reg) - float(r_reg)) <= ltol * max(1.0, abs(float(r_reg)))
+    names = ["emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx"]
+    got = list(grads[:6]) if variant == "v" else list(grads[:4])
+    for name, g, r in zip(names, got, ref_grads[:-1], strict=False):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert _rel(g, r) < gtol, (name, _rel(g, r))
+    if variant == "s":
+        assert grads[4].numel() == 0 and grads[5].numel() == 0
+    assert abs(float(grads[6]) - float(ref_grads[-1])) <= 3 * gtol * max(1e-3, abs(float(ref_grads[-1])))
