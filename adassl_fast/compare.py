@@ -34,6 +34,7 @@ METHODS = {
     "adassl-s": dict(method="adassl-s", editor="modular", beta=0.5, beta_warmup_steps=0),
 }
 METRICS = ("r2", "mcc", "dci_d")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +128,19 @@ def main(argv=None) -> int:
     if args.workers > 1:
         import multiprocessing
 
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_train_one, configs))
+        # One BLAS/OpenMP thread per worker: the ops are tiny and idle threads spinning on a busy core cost
+        # far more than they give. The environment is inherited by the spawned workers before they import.
+        saved = {k: os.environ.get(k) for k in THREAD_VARS}
+        os.environ.update({k: "1" for k in THREAD_VARS})
+        try:
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_train_one, configs))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     else:
         results = [_train_one(c) for c in configs]
     elapsed = time.perf_counter() - t0

@@ -134,8 +134,8 @@ def mcc(z, h) -> dict:
 # DCI with a cross-validated Lasso.
 
 
-def lasso_path(gram: np.ndarray, xty: np.ndarray, n: int, alphas: np.ndarray, iters: int = 3000,
-               tol: float = 1e-9) -> np.ndarray:
+def lasso_path(gram: np.ndarray, xty: np.ndarray, n: int, alphas: np.ndarray, iters: int = 1000,
+               tol: float = 1e-7) -> np.ndarray:
     """Lasso (1/2n)||y - Xw||^2 + alpha ||w||_1 (sklearn's objective) for every target column of `xty` (d, T)
     and every alpha at once, by FISTA on the Gram matrix: -> (A, d, T)."""
     step = n / max(np.linalg.eigvalsh(gram)[-1], 1e-12)

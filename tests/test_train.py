@@ -1,0 +1,119 @@
+"""The trainer end to end: every method learns, resume is exact, checkpoints are safe, torchrun works."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adassl_fast import train
+
+TINY = dict(train.PRESETS["tiny"], eval_samples=256)
+
+
+def _run(tmp_path, name, **kw):
+    values = dict(TINY, out=str(tmp_path / name))
+    values.update(kw)
+    return train.train(train.make_config(**values))
+
+
+def _losses(run_dir):
+    lines = [json.loads(s) for s in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if not r.get("eval")]
+
+
+METHODS = [
+    dict(method="simclr"),
+    dict(method="infonce"),
+    dict(method="byol"),
+    dict(method="adassl-v"),  # additive editor: the one-pass op
+    dict(method="adassl-v", editor="mlp", latent_dim=4, beta_warmup_steps=10),
+    dict(method="adassl-s"),  # modular editor
+    dict(method="adassl-s", objective="byol"),
+]
+
+
+@pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_tiny_training_decreases_the_loss(tmp_path, kw):
+    result = _run(tmp_path, "run", steps=40, log_every=1, lr=3e-3, **kw)
+    losses = [r["loss"] for r in result["losses"]]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, (first, last)
+    assert set(result["eval"]) >= {"r2", "mcc", "dci_d"}
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["method"] == kw["method"] and cfg["steps"] == 40
+
+
+@pytest.mark.parametrize("method", ["adassl-v", "adassl-s", "byol"])
+def test_resume_continues_the_same_trajectory(tmp_path, method):
+    straight = _run(tmp_path, "straight", method=method, steps=12, log_every=1, ckpt_every=4)
+    _run(tmp_path, "resumed", method=method, steps=12, log_every=1, ckpt_every=4, stop_after=5)
+    # Stopped after step 5: the last checkpoint is step 5 (written at the stop), metrics up to 5.
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 5
+    resumed = _run(tmp_path, "resumed", method=method, steps=12, log_every=1, ckpt_every=4, resume=True)
+    assert resumed["eval"] == straight["eval"]
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_corrupted_or_missing_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+    with pytest.raises(train.CheckpointError, match="no checkpoint"):
+        _run(tmp_path, "nothing", resume=True)
+    _run(tmp_path, "run", steps=4, ckpt_every=2)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])  # a truncated write
+    corrupted = ckpt.read_bytes()
+    with pytest.raises(train.CheckpointError, match="corrupted"):
+        _run(tmp_path, "run", steps=8, resume=True)
+    assert ckpt.read_bytes() == corrupted
+    # A fresh run does not silently overwrite an existing run's checkpoint either.
+    with pytest.raises(train.CheckpointError, match="--resume"):
+        _run(tmp_path, "run", steps=8)
+    assert ckpt.read_bytes() == corrupted
+    assert not list((tmp_path / "run").glob("*.tmp*"))
+
+
+def test_resume_rejects_a_changed_config(tmp_path):
+    _run(tmp_path, "run", steps=4)
+    with pytest.raises(train.CheckpointError, match="temperature"):
+        _run(tmp_path, "run", steps=8, resume=True, temperature=0.3)
+
+
+def test_cli_flags_override_preset_and_config_file(tmp_path, capsys):
+    (tmp_path / "cfg.json").write_text(json.dumps({"temperature": 0.2, "steps": 3}))
+    cfg = train.config_from_args(["--preset", "tiny", "--config", str(tmp_path / "cfg.json"), "--steps", "5",
+                                  "--latent-hidden", "8-8", "--learnable-scale"])
+    assert (cfg.steps, cfg.temperature, cfg.latent_hidden, cfg.learnable_scale) == (5, 0.2, (8, 8), True)
+    assert cfg.batch_size == train.PRESETS["tiny"]["batch_size"]
+    rc = train.main(["--preset", "tiny", "--steps", "3", "--eval-samples", "128", "--out", str(tmp_path / "cli")])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert train.main(["--preset", "tiny", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_chunked_backward_matches_full_batch(tmp_path):
+    if train._cached_backward() is None:
+        pytest.skip("adassl_fast.cached_backward is not available in this checkout")
+    a = _run(tmp_path, "full", method="adassl-v", steps=3, log_every=1)
+    b = _run(tmp_path, "chunked", method="adassl-v", steps=3, log_every=1, chunk_size=8)
+    for (_, la), (_, lb) in zip(_losses(tmp_path / "full"), _losses(tmp_path / "chunked"), strict=True):
+        assert la == pytest.approx(lb, rel=1e-4)
+    assert a["eval"]["r2"] == pytest.approx(b["eval"]["r2"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "adassl_fast.train", "--preset", "tiny", "--steps", "4", "--eval-samples", "128",
+           "--method", "adassl-v", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_losses(out)) >= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
