@@ -191,6 +191,20 @@ def build(force: bool = False):
     with _lock:
         if _state["module"] is not None and not force:
             return _state["module"]
+        if not force and not os.environ.get("ADASSL_CUDA_JIT"):
+            # Prebuilt by setup.py (CUDAExtension "adassl_fast._C_cuda") when a CUDA torch was present.
+            try:
+                from adassl_fast import _C_cuda as prebuilt  # type: ignore[attr-defined]
+            except ImportError:
+                prebuilt = None
+            if prebuilt is not None:
+                _state.update(
+                    module=prebuilt,
+                    error=None,
+                    build_dir=os.path.dirname(prebuilt.__file__),
+                    log="prebuilt by setup.py (adassl_fast._C_cuda)",
+                )
+                return prebuilt
         cuda_home = find_cuda_home()
         if cuda_home is None:
             raise RuntimeError("no CUDA toolkit found (set CUDA_HOME; nvcc was not found either)")

@@ -65,13 +65,17 @@ def _short(name: str) -> str:
     n = int(m.group(1))
     base = name[len(m.group(0)) : len(m.group(0)) + n]
     hints = []
-    for key, lab in (("13__nv_bfloat16", "bf16"), ("6__half", "f16"), ("AdaRows", "ada"), ("Li0E", "0")):
+    for key, lab in (("13__nv_bfloat16", "bf16"), ("6__half", "f16"), ("AdaRows", "ada")):
         if key in name:
             hints.append(lab)
     if "IdNS" in name or "IddNS" in name or name.endswith("IdEEvPKT_lS1_PS1_"):
         hints.append("f64")
+    mma = re.search(r"Li(\d+)ELi([012])E", name)
     mode = re.search(r"Li([012])EEEv", name)
-    if mode:
+    if mma:
+        hints.append(f"d{mma.group(1)}")
+        hints.append({"0": "fwd", "1": "row", "2": "col"}[mma.group(2)])
+    elif mode:
         hints.append({"0": "fwd", "1": "row", "2": "col"}[mode.group(1)])
     return f"{base}<{','.join(hints)}>"
 
@@ -99,7 +103,8 @@ def test_cuda_ptxas_no_spills_sm80_sm90a(kernel_logs):
 # ------------------------------------------------------------------------------------------------
 # The binding: links against this torch (the CPU wheel here) and imports.
 # ------------------------------------------------------------------------------------------------
-def test_cuda_binding_builds_and_imports():
+def test_cuda_binding_builds_and_imports(monkeypatch):
+    monkeypatch.setenv("ADASSL_CUDA_JIT", "1")  # the JIT path even where setup.py prebuilt the module
     mod = _cuda.build()
     for name in ("nt_xent_forward", "nt_xent_backward", "adassl_forward", "adassl_backward"):
         assert hasattr(mod, name)
