@@ -46,6 +46,11 @@ timeout expires. Either way they raise `DistributedError` saying which op, sched
 group is unusable afterwards: destroy it and restart the job. On NCCL the timeout on the CPU side needs
 TORCH_NCCL_BLOCKING_WAIT=1; otherwise NCCL's watchdog enforces the group timeout and aborts the process.
 
+Ordering: the ops' backward communicates too, on the group given. Every rank must run the same losses in
+the same order (autograd's order is deterministic for the same graph, so DDP's own all-reduces interleave
+identically on every rank); a dedicated group for the losses (`torch.distributed.new_group()`) keeps
+them apart from DDP's gradient buckets altogether.
+
 impl="reference" runs the torch backend's kernels here (the reference is a single-process oracle).
 """
 
