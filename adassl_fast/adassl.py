@@ -14,14 +14,13 @@ functional form.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from adassl_fast import _checks, latent
 from adassl_fast._dispatch import resolve_impl
+from adassl_fast._library import define_op
 from adassl_fast.nt_xent import _torch_backward, _torch_forward, nt_xent_reference, partner_indices
 
 VARIANTS = ("v", "s")
@@ -171,44 +170,28 @@ def _kernels(impl: str):
 # in one call and a tensor in the next without recompiling, and cannot return None).
 
 
-@torch.library.custom_op("adassl_fast::adassl_forward", mutates_args=())
-def adassl_forward_op(
-    emb_x: Tensor, emb_y: Tensor, post_xy: Tensor, post_yx: Tensor, prior_xy: Tensor, prior_yx: Tensor,
-    noise_xy: Tensor, noise_yx: Tensor, scale: Tensor, inv_temperature: float,
-    clamp: Optional[float],  # noqa: UP045
-    variant: str, impl: str, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype."""
+def _forward_kernel(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
+                    clamp, variant, impl, deterministic):
     forward, _ = _kernels(impl)
-    return forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                   inv_temperature, clamp, variant)
+    return forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
+                   clamp, variant)
 
 
-@adassl_forward_op.register_fake
-def _(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp,
-      variant, impl, deterministic):
+def _forward_fake(emb_x, *args):
     acc = _checks.accumulation_dtype(emb_x.dtype)
     scalar = lambda: emb_x.new_empty((), dtype=acc)
     return scalar(), scalar(), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
 
 
-@torch.library.custom_op("adassl_fast::adassl_backward", mutates_args=())
-def adassl_backward_op(
-    grad_ssl: Tensor, grad_reg: Tensor, emb_x: Tensor, emb_y: Tensor, post_xy: Tensor, post_yx: Tensor,
-    prior_xy: Tensor, prior_yx: Tensor, noise_xy: Tensor, noise_yx: Tensor, scale: Tensor, lse: Tensor,
-    inv_temperature: float,
-    clamp: Optional[float],  # noqa: UP045
-    variant: str, impl: str, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)."""
+def _backward_kernel(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                     scale, lse, inv_temperature, clamp, variant, impl, deterministic):
     _, backward = _kernels(impl)
     return backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
                     scale, lse, inv_temperature, clamp, variant, deterministic)
 
 
-@adassl_backward_op.register_fake
-def _(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, lse,
-      inv_temperature, clamp, variant, impl, deterministic):
+def _backward_fake(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                   scale, *args):
     return tuple(torch.empty_like(t) for t in (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, scale))
 
 
@@ -219,7 +202,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, grad_ssl, grad_reg, _grad_lse):
+def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
     *tensors, lse = ctx.saved_tensors
     grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
     demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
@@ -228,7 +211,25 @@ def _backward(ctx, grad_ssl, grad_reg, _grad_lse):
             dprior_yx if has_prior else None, None, None, dscale, None, None, None, None, None)
 
 
-adassl_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_TENSORS = ("Tensor emb_x, Tensor emb_y, Tensor post_xy, Tensor post_yx, Tensor prior_xy, Tensor prior_yx, "
+            "Tensor noise_xy, Tensor noise_yx, Tensor scale")
+# -> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)
+adassl_backward_op = define_op(
+    f"adassl_backward(Tensor grad_ssl, Tensor grad_reg, {_TENSORS}, Tensor lse, float inv_temperature, "
+    "float? clamp, str variant, str impl, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)",
+    _backward_kernel,
+    _backward_fake,
+)
+# -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype
+adassl_forward_op = define_op(
+    f"adassl_forward({_TENSORS}, float inv_temperature, float? clamp, str variant, str impl, bool deterministic) "
+    "-> (Tensor, Tensor, Tensor)",
+    _forward_kernel,
+    _forward_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ most one excluded column, given as index vectors (docs/backends.md).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._dispatch import resolve_impl
+from adassl_fast._library import define_op
 
 NORM_EPS = 1e-12
 
@@ -182,54 +181,26 @@ def _kernels(impl: str):
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library ops: one registration for every backend, so autograd, torch.compile and opcheck see
-# the same op whatever runs inside.
+# torch.library ops: one registration for every backend (adassl_fast/_library.py), so autograd,
+# torch.compile and opcheck see the same op whatever runs inside.
 
 
-@torch.library.custom_op("adassl_fast::nt_xent_forward", mutates_args=())
-def nt_xent_forward_op(
-    cont: Tensor,
-    targ: Tensor,
-    pos: Tensor,
-    excl: Tensor,
-    scale: Tensor,
-    inv_temperature: float,
-    clamp: Optional[float],  # noqa: UP045 (torch.library parses typing.Optional on every supported version)
-    impl: str,
-    deterministic: bool,
-) -> tuple[Tensor, Tensor]:
-    """-> (loss 0-dim, lse (M,)), both in the accumulation dtype."""
+def _forward_kernel(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
     forward, _ = _kernels(impl)
     return forward(cont, targ, pos, excl, scale, inv_temperature, clamp)
 
 
-@nt_xent_forward_op.register_fake
-def _(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+def _forward_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
     acc = _checks.accumulation_dtype(cont.dtype)
     return cont.new_empty((), dtype=acc), cont.new_empty((cont.shape[0],), dtype=acc)
 
 
-@torch.library.custom_op("adassl_fast::nt_xent_backward", mutates_args=())
-def nt_xent_backward_op(
-    grad_loss: Tensor,
-    cont: Tensor,
-    targ: Tensor,
-    pos: Tensor,
-    excl: Tensor,
-    scale: Tensor,
-    lse: Tensor,
-    inv_temperature: float,
-    clamp: Optional[float],  # noqa: UP045
-    impl: str,
-    deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dcont, dtarg, dscale)."""
+def _backward_kernel(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
     _, backward = _kernels(impl)
     return backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic)
 
 
-@nt_xent_backward_op.register_fake
-def _(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
+def _backward_fake(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
     return torch.empty_like(cont), torch.empty_like(targ), torch.empty_like(scale)
 
 
@@ -240,7 +211,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_loss, _grad_lse):
+def _autograd_backward(ctx, grad_loss, _grad_lse):
     cont, targ, pos, excl, scale, lse = ctx.saved_tensors
     inv_temperature, clamp, impl, deterministic = ctx.options
     dcont, dtarg, dscale = nt_xent_backward_op(
@@ -249,7 +220,21 @@ def _backward(ctx, grad_loss, _grad_lse):
     return dcont, dtarg, None, None, dscale, None, None, None, None
 
 
-nt_xent_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# (loss 0-dim, lse (M,)) in the accumulation dtype; docs/backends.md has the contract.
+nt_xent_backward_op = define_op(
+    "nt_xent_backward(Tensor grad_loss, Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, "
+    "Tensor lse, float inv_temperature, float? clamp, str impl, bool deterministic) -> (Tensor, Tensor, Tensor)",
+    _backward_kernel,
+    _backward_fake,
+)
+nt_xent_forward_op = define_op(
+    "nt_xent_forward(Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
+    "float? clamp, str impl, bool deterministic) -> (Tensor, Tensor)",
+    _forward_kernel,
+    _forward_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
 
 
 def partner_indices(m: int, device) -> tuple[Tensor, Tensor]:
