@@ -11,6 +11,7 @@ from adassl_fast import nn
 from adassl_fast._checks import set_checks
 from adassl_fast._dispatch import BackendUnavailable, info
 from adassl_fast.adassl import adassl_nt_xent
+from adassl_fast.cached import cached_backward
 from adassl_fast.info_nce import info_nce
 from adassl_fast.latent import bernoulli_mask, gaussian_kl, gaussian_sample, l0_penalty
 from adassl_fast.nt_xent import nt_xent
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailable",
     "adassl_nt_xent",
     "bernoulli_mask",
+    "cached_backward",
     "gaussian_kl",
     "gaussian_sample",
     "info",
