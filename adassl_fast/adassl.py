@@ -299,6 +299,8 @@ def adassl_nt_xent(
     impl: str = "auto",
     process_group=None,
     deterministic: bool = True,
+    schedule: str | None = None,
+    timeout: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """AdaSSL with the additive editor, fused: -> (l_ssl, l_reg), both 0-dim.
 
@@ -310,7 +312,7 @@ def adassl_nt_xent(
         variant: "v" (Gaussian KL) or "s" (L0 on a straight-through Bernoulli mask).
         noise_xy, noise_yx: (B, d) standard normal ("v") or uniform ("s") noise; drawn from torch's RNG
             (in float32, float64 for float64 inputs) when None.
-        temperature, scale, clamp, impl, process_group, deterministic: as for `nt_xent`.
+        temperature, scale, clamp, impl, process_group, deterministic, schedule, timeout: as for `nt_xent`.
 
     Returns:
         l_ssl = nt_xent([emb_y + r_yx; emb_x + r_xy], [emb_x; emb_y]) and
@@ -327,7 +329,8 @@ def adassl_nt_xent(
         from adassl_fast import distributed
 
         return distributed.adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                                          lam, temperature, clamp, variant, impl, deterministic, process_group)
+                                          lam, temperature, clamp, variant, impl, deterministic, process_group,
+                                          schedule=schedule, timeout=timeout)
     if impl == "reference":
         none_if_empty = lambda t: t if t.numel() else None
         return adassl_nt_xent_reference(

@@ -41,12 +41,14 @@ def info_nce(
     impl: str = "auto",
     process_group=None,
     deterministic: bool = True,
+    schedule: str | None = None,
+    timeout: float | None = None,
 ) -> Tensor:
     """InfoNCE over the N x N cosine similarities of `query` (N, d) and `key` (N, d).
 
     Row i's positive is key i. `symmetric=True` averages the query->key and key->query cross-entropies.
-    Normalisation, `scale`, `clamp` and `impl` follow `nt_xent`. Returns a 0-dim float32 loss
-    (float64 for float64 inputs).
+    Normalisation, `scale`, `clamp`, `impl`, `process_group`, `schedule` and `timeout` follow `nt_xent`.
+    Returns a 0-dim float32 loss (float64 for float64 inputs).
     """
     query = _checks.matrix("query", query, min_rows=2)
     key = _checks.matrix("key", key)
@@ -60,7 +62,8 @@ def info_nce(
     if process_group is not None:
         from adassl_fast import distributed
 
-        return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group)
+        return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
+                                    schedule=schedule, timeout=timeout)
     if impl == "reference":
         return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp)
     pos = torch.arange(query.shape[0], device=query.device)

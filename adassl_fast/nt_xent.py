@@ -263,6 +263,8 @@ def nt_xent(
     impl: str = "auto",
     process_group=None,
     deterministic: bool = True,
+    schedule: str | None = None,
+    timeout: float | None = None,
 ) -> Tensor:
     """AdaSSL's NT-Xent loss (SPEC 2.1) without materialising the M x M logits.
 
@@ -275,6 +277,9 @@ def nt_xent(
         impl: "auto", "reference", "torch", "triton" or "cuda".
         process_group: a torch.distributed group: negatives are the rows of every rank (API.md).
         deterministic: fused backends use the atomic-free backward (bitwise reproducible) when True.
+        schedule: with `process_group`: "ring" (default; per-rank memory independent of the world size) or
+            "gather" (one all-gather, memory O(global rows x d)); see adassl_fast/distributed.py.
+        timeout: with `process_group`: seconds after which a stuck collective raises DistributedError.
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs): the mean over rows of the cross-entropy of
@@ -292,7 +297,8 @@ def nt_xent(
     if process_group is not None:
         from adassl_fast import distributed
 
-        return distributed.nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group)
+        return distributed.nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group,
+                                   schedule=schedule, timeout=timeout)
     if impl == "reference":
         return nt_xent_reference(cont, targ, temperature=temperature, scale=lam, clamp=clamp)
     pos, excl = partner_indices(cont.shape[0], cont.device)
