@@ -117,3 +117,15 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(_losses(out)) >= 1
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+
+
+def test_image_pairs_train_with_the_small_resnet(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    clip = tmp_path / "frames" / "clip0"
+    clip.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (24, 20), color=(40 * i, 100, 255 - 40 * i)).save(clip / f"{i:02d}.png")
+    result = _run(tmp_path, "img", data="frames", data_path=str(tmp_path / "frames"), frame_gap=2, image_size=16,
+                  augment="weak", batch_size=4, steps=2, method="adassl-s", threads=1)
+    assert result["step"] == 2 and result["eval"] == {}
+    assert "SmallResNet" not in str(train.make_encoder(train.make_config(method="simclr")).__class__)
