@@ -265,19 +265,19 @@ def _check_inputs(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, 
         prior = _checks.matrix(name, prior)
         _checks.same_layout(name, prior, "emb_x", emb_x, shape=(b, 2 * d))
         priors.append(prior)
-    acc = _checks.accumulation_dtype(emb_x.dtype)
     noises = []
     for name, noise in (("noise_xy", noise_xy), ("noise_yx", noise_yx)):
         if noise is None:
+            # Drawn like the reference's randn_like / rand_like: in the embeddings' dtype.
             draw = torch.randn if variant == "v" else torch.rand
-            noise = draw((b, d), dtype=acc, device=emb_x.device)
+            noise = draw((b, d), dtype=emb_x.dtype, device=emb_x.device)
         else:
             noise = _checks.matrix(name, noise)
             if tuple(noise.shape) != (b, d):
                 raise ValueError(f"{name} must have shape {(b, d)}, got {tuple(noise.shape)}")
             if noise.device != emb_x.device:
                 raise ValueError(f"{name} is on {noise.device} but emb_x is on {emb_x.device}")
-            noise = noise.to(acc)
+            noise = noise.to(emb_x.dtype)  # the kernels read every row input in one dtype
         noises.append(noise)
     return emb_x, emb_y, posts, priors, noises
 
@@ -310,8 +310,8 @@ def adassl_nt_xent(
             [mask logits | unmasked r] for "s" (d_r == d, the additive editor).
         prior_xy, prior_yx: (B, 2d) prior outputs [mu | pre-activation] for "v"; None for "s".
         variant: "v" (Gaussian KL) or "s" (L0 on a straight-through Bernoulli mask).
-        noise_xy, noise_yx: (B, d) standard normal ("v") or uniform ("s") noise; drawn from torch's RNG
-            (in float32, float64 for float64 inputs) when None.
+        noise_xy, noise_yx: (B, d) standard normal ("v") or uniform ("s") noise, cast to the embeddings'
+            dtype; drawn from torch's RNG in that dtype when None (reproducible under torch.manual_seed).
         temperature, scale, clamp, impl, process_group, deterministic, schedule, timeout: as for `nt_xent`.
 
     Returns:
