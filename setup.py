@@ -1,5 +1,28 @@
-"""Packaging lives in pyproject.toml; this file exists for tools that still call setup.py."""
+"""Metadata lives in pyproject.toml. This file adds one optional step: when the build environment has a
+CUDA build of torch and a CUDA toolkit (`pip install --no-build-isolation .` on a GPU machine), the CUDA
+C++ backend is compiled ahead of time as adassl_fast._C_cuda. Everywhere else it is skipped, and the
+backend builds itself with ninja on first use instead (adassl_fast/_cuda.py)."""
 
 from setuptools import setup
 
-setup()
+
+def cuda_extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:  # an isolated build environment has no torch
+        return [], {}
+    if not (torch.version.cuda and CUDA_HOME):
+        return [], {}
+    gencodes = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    ext = CUDAExtension(
+        "adassl_fast._C_cuda",
+        ["csrc/binding.cpp", "csrc/nt_xent.cu", "csrc/adassl.cu"],
+        include_dirs=["csrc"],
+        extra_compile_args={"cxx": ["-O2", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencodes]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
