@@ -49,11 +49,22 @@ def unavailable_reason(impl: str) -> str | None:
     raise ValueError(f"impl must be one of {('auto',) + IMPLS}, got {impl!r}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Turn `impl` (possibly "auto") into the backend that runs on tensors living on `device`.
+def _input_reason(impl: str, device: torch.device, dtype: torch.dtype | None, d: int | None) -> str | None:
+    """Why an available backend still cannot take these inputs (Triton ships vetted GPU configs only for
+    some dtypes and widths), or None."""
+    if impl != "triton" or dtype is None or d is None:
+        return None
+    from adassl_fast.kernels.configs import unsupported_reason
 
-    "auto" honours ADASSL_FAST_IMPL; otherwise CUDA tensors get triton, else cuda, else torch, and CPU
-    tensors get torch. An explicit backend that cannot run raises BackendUnavailable.
+    return unsupported_reason(device, dtype, d)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None, d: int | None = None) -> str:
+    """Turn `impl` (possibly "auto") into the backend that runs on (rows, d) inputs of `dtype` on `device`.
+
+    "auto" honours ADASSL_FAST_IMPL; otherwise CUDA tensors get triton, else cuda, else torch (each only
+    where it takes these inputs), and CPU tensors get torch. An explicit backend that cannot run raises
+    BackendUnavailable with the reason.
     """
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a string, got {type(impl).__name__}")
@@ -62,10 +73,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if impl == "auto":
             if device.type == "cuda":
                 for candidate in ("triton", "cuda"):
-                    if unavailable_reason(candidate) is None:
+                    if unavailable_reason(candidate) is None and _input_reason(candidate, device, dtype, d) is None:
                         return candidate
             return "torch"
-    reason = unavailable_reason(impl)
+    reason = unavailable_reason(impl) or _input_reason(impl, device, dtype, d)
     if reason is not None:
         raise BackendUnavailable(f'impl="{impl}" cannot run: {reason}')
     if impl == "cuda" and device.type != "cuda":

@@ -324,7 +324,7 @@ def adassl_nt_xent(
     temperature = _checks.positive_float("temperature", temperature)
     clamp = _checks.optional_clamp(clamp)
     lam = _checks.scale_tensor(scale, emb_x)
-    impl = resolve_impl(impl, emb_x.device)
+    impl = resolve_impl(impl, emb_x.device, emb_x.dtype, emb_x.shape[1])
     if process_group is not None:
         from adassl_fast import distributed
 

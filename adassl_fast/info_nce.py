@@ -58,7 +58,7 @@ def info_nce(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     lam = _checks.scale_tensor(scale, query)
-    impl = resolve_impl(impl, query.device)
+    impl = resolve_impl(impl, query.device, query.dtype, query.shape[1])
     if process_group is not None:
         from adassl_fast import distributed
 

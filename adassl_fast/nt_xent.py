@@ -293,7 +293,7 @@ def nt_xent(
     temperature = _checks.positive_float("temperature", temperature)
     clamp = _checks.optional_clamp(clamp)
     lam = _checks.scale_tensor(scale, cont)
-    impl = resolve_impl(impl, cont.device)
+    impl = resolve_impl(impl, cont.device, cont.dtype, cont.shape[1])
     if process_group is not None:
         from adassl_fast import distributed
 

@@ -125,3 +125,13 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda" and not interpreting():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, d: int) -> str | None:
+    """None when a shipped configuration covers inputs of `dtype` and width `d` on `device`, else why not."""
+    try:
+        for kind in KINDS:
+            pick_config(kind, device, dtype, d)
+    except (ValueError, KeyError) as exc:
+        return str(exc)
+    return None
