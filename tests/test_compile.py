@@ -51,15 +51,21 @@ COMPILE_IMPLS = [pytest.param(i, marks=pytest.mark.gpu) for i in ("triton", "cud
 def test_compiled_training_step_fullgraph(impl):
     torch._dynamo.reset()
     encoder = torch.nn.Linear(8, 6, device=DEVICE)
-    heads = torch.nn.Linear(6, 24, device=DEVICE)  # posterior and prior outputs of both directions: 4 x (B, 2d), d = 3
+    # posterior and prior outputs of both directions: 4 x (B, 2d), d = 3
+    heads = torch.nn.Linear(6, 24, device=DEVICE)
     lam = torch.nn.Parameter(torch.tensor(0.5413, device=DEVICE))
     params = list(encoder.parameters()) + list(heads.parameters()) + [lam]
 
+    # The GPU backends ship bf16 / fp16 configurations: the embeddings come out of a bf16 autocast there.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=impl != "torch")
+
     def step(x, y, noise_xy, noise_yx):
-        ex, ey = encoder(x), encoder(y)
+        with autocast:
+            ex, ey = encoder(x), encoder(y)
         l_nt = adassl_fast.nt_xent(torch.cat([ey, ex]), torch.cat([ex, ey]), scale=torch.nn.functional.softplus(lam),
                                    impl=impl)
-        h = heads(torch.cat([ex, ey], 1)[:, :6])
+        with autocast:
+            h = heads(torch.cat([ex, ey], 1)[:, :6])
         post_xy, post_yx, prior_xy, prior_yx = h[:, :12].split(6, 1) + h[:, 12:].split(6, 1)
         l_ssl, l_reg = adassl_fast.adassl_nt_xent(ex[:, :3], ey[:, :3], post_xy, post_yx, prior_xy, prior_yx,
                                                   noise_xy=noise_xy, noise_yx=noise_yx, impl=impl)
@@ -76,6 +82,7 @@ def test_compiled_training_step_fullgraph(impl):
     # AOTAutograd's compiled backward running the ops' registered backward.
     compiled = torch.compile(step, fullgraph=True)(x, y, n1, n2)
     compiled.backward()
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if impl == "torch" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(compiled, eager, **tol)
     for p, g in zip(params, eager_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, g, **tol)
