@@ -12,7 +12,8 @@
 #
 # Environment: PYTHON (default python3: on the H200 the system one that holds torch), BUDGET_S (total seconds,
 # default 420), OUT (output folder), ADASSL_FAST_COMMIT (the commit, where the tree arrives without .git:
-# e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1.
+# e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1, TEST_MARKERS (pytest -m
+# expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
 # non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels only in an install),
@@ -149,8 +150,8 @@ if [ "${SKIP_TESTS:-0}" = 1 ]; then
 elif [ "$DRY" = 1 ]; then
     step tests 60 bash -c "set -o pipefail; cd '$SITE' && '$PY' -m pytest -q -p no:cacheprovider --collect-only -m 'gpu or triton or cuda' tests | tail -3"
 else
-    step tests "$(clip 150 "$RESERVE")" bash -c "cd '$SITE' && '$PY' -m pytest -x -q -p no:cacheprovider -m 'gpu or triton or cuda' \
-        --durations=5 tests"
+    step tests "$(clip 150 "$RESERVE")" bash -c "cd '$SITE' && '$PY' -m pytest -q -p no:cacheprovider -rs \
+        -m '${TEST_MARKERS:-gpu or triton or cuda}' --durations=5 tests"
 fi
 
 # --- the benchmark sweep the PERF.md targets need -----------------------------------------------------------
@@ -158,6 +159,8 @@ if [ "$DRY" = 1 ]; then
     BENCH=(--device cpu --op nt_xent,adassl --impl triton,cuda,torch,reference --M 128,256 --d 32 --dtype fp32
            --phase full --err-max-m 256 --budget-s 0.2 --min-reps 2 --interpret-max-m 128 --isolate run)
     export TRITON_INTERPRET=1  # the Triton rows run in the interpreter, at the smallest size only
+elif [ -n "${BENCH_ARGS:-}" ]; then
+    read -r -a BENCH <<< "$BENCH_ARGS"
 else
     BENCH=(--op nt_xent,adassl --impl triton,cuda,torch,reference,compile --M 8192,32768,65536,262144,2097152,1048576
            --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
