@@ -59,9 +59,10 @@ def test_triton_without_a_vetted_gpu_config_is_unavailable_or_skipped_by_auto(mo
 
     monkeypatch.delenv("ADASSL_FAST_IMPL", raising=False)
     monkeypatch.setattr(configs, "_arch_of", lambda device: "sm90")  # as on an H200
-    assert resolve_impl("triton", torch.device("cpu"), torch.bfloat16, 128) == "triton"
+    here = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter runs Triton
+    assert resolve_impl("triton", here, torch.bfloat16, 128) == "triton"
     with pytest.raises(adassl_fast.BackendUnavailable, match='impl="triton" cannot run: no vetted Triton config'):
-        resolve_impl("triton", torch.device("cpu"), torch.float32, 128)
+        resolve_impl("triton", here, torch.float32, 128)
     if not torch.cuda.is_available():  # auto moves on to cuda, then torch
         assert resolve_impl("auto", torch.device("cuda"), torch.float32, 128) == "torch"
         assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 512) == "torch"
