@@ -356,6 +356,41 @@ def test_ddp_two_ranks_gloo(tmp_path):
             assert res[kind]["calls"] == res[kind]["ddps"], (kind, res[kind]["calls"])
 
 
+def _global_loss(za, zb):
+    """The distributed NT-Xent of adassl_fast.distributed: negatives from every rank's rows."""
+    return nt_xent(torch.cat([zb, za]), torch.cat([za, zb]), temperature=0.5, process_group=dist.group.WORLD)
+
+
+def _ddp_global_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        models, xa, xb = _ddp_setup("shared")
+        ddp = nn.parallel.DistributedDataParallel(models[0])
+        rows = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        loss = cached_backward([ddp, ddp], [xa[rows], xb[rows]], _global_loss, chunk_size=DDP_CHUNK)
+        torch.save({"grads": grads(unique_params(*models)), "loss": loss}, os.path.join(out_dir, f"g{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_the_distributed_loss_equals_the_global_batch(tmp_path):
+    # cached_backward + DDP + process_group= loss: every rank's loss is the global-batch loss and, after
+    # DDP's averaging, the gradients are the single process's on the global batch.
+    mp.spawn(_ddp_global_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    models, xa, xb = _ddp_setup("shared")
+    za, zb = models[0](xa), models[0](xb)
+    half = N // WORLD
+    # The global problem pairs rank by rank: [zb of every rank; za of every rank] against [za; zb].
+    full = nt_xent(torch.cat([zb[:half], zb[half:], za[:half], za[half:]]),
+                   torch.cat([za[:half], za[half:], zb[:half], zb[half:]]), temperature=0.5)
+    full.backward()
+    want = grads(unique_params(*models))
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"g{r}.pt")
+        assert err(res["loss"], full) <= TOL
+        assert max_err(res["grads"], want) <= TOL, r
+
+
 # ----------------------------------------------------------------------------------------------------
 # Peak memory: CPU RSS of a fresh process, full-batch backward vs cached_backward.
 
