@@ -17,10 +17,6 @@ def set_checks(enabled: bool) -> None:
     _checks_enabled = bool(enabled)
 
 
-def checks_enabled() -> bool:
-    return _checks_enabled
-
-
 def matrix(name: str, t, *, min_rows: int = 1) -> torch.Tensor:
     """A 2-D floating tensor with at least `min_rows` rows and one column, returned contiguous."""
     if not isinstance(t, torch.Tensor):

@@ -64,21 +64,14 @@ def _plain_pytorch(impl: str) -> None:
         raise ValueError(f'impl must be "auto", "reference", "torch", "triton" or "cuda", got {impl!r}')
 
 
-def _draw(kind: str, like: Tensor) -> Tensor:
-    """Noise from torch's RNG in the accumulation dtype (reproducible under torch.manual_seed)."""
-    acc = _checks.accumulation_dtype(like.dtype)
-    draw = torch.randn if kind == "normal" else torch.rand
-    return draw(like.shape, dtype=acc, device=like.device)
-
-
 def _noise(noise, like: Tensor, name: str, kind: str) -> Tensor:
+    """The given noise, checked against `like`, or noise drawn like the reference's randn_like / rand_like
+    (same dtype and device; reproducible under torch.manual_seed)."""
     if noise is None:
-        return _draw(kind, like)
+        draw = torch.randn if kind == "normal" else torch.rand
+        return draw(like.shape, dtype=like.dtype, device=like.device)
     noise = _checks.matrix(name, noise)
-    if tuple(noise.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(noise.shape)}")
-    if noise.device != like.device:
-        raise ValueError(f"{name} is on {noise.device} but the latent inputs are on {like.device}")
+    _checks.same_layout(name, noise, "the latent inputs", like)
     return noise
 
 

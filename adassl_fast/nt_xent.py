@@ -129,7 +129,7 @@ def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
         slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
         # (the row-max path floors the shift so a row whose only column is excluded gives -inf, not NaN)
         shift = slab.amax(1, keepdim=True).clamp_min_(-1e30) if fixed_shift is None else fixed_shift
-        lse[r0:r1] = slab.sub_(shift).exp_().sum(1).log_().add_(shift if fixed_shift else shift.squeeze(1))
+        lse[r0:r1] = slab.sub_(shift).exp_().sum(1).log_().add_(shift if fixed_shift is not None else shift.squeeze(1))
     return (lse - positive).mean(), lse
 
 

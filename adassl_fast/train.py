@@ -37,6 +37,7 @@ from torch import nn
 
 from adassl_fast import data as data_mod
 from adassl_fast import metrics as metrics_mod
+from adassl_fast.cached import cached_backward
 from adassl_fast.nn import AdaSSL, InfoNCELoss, NTXentLoss, build_mlp, byol_tau, ema_update
 
 METHODS = ("simclr", "infonce", "byol", "adassl-v", "adassl-s")
@@ -352,17 +353,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def _cached_backward():
-    try:
-        from adassl_fast import cached_backward
-    except ImportError:
-        try:
-            from adassl_fast.cached import cached_backward
-        except ImportError:
-            return None
-    return cached_backward
-
-
 @torch.no_grad()
 def embed(encoder: nn.Module, x: torch.Tensor, device, batch: int = 4096) -> torch.Tensor:
     was = encoder.training
@@ -425,9 +415,6 @@ def train(cfg: Config) -> dict:
     if world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    cached_backward = _cached_backward() if cfg.chunk_size > 0 else None
-    if cfg.chunk_size > 0 and cached_backward is None:
-        raise RuntimeError("--chunk-size needs adassl_fast.cached_backward, which this install does not have")
     if cfg.chunk_size > 0 and world_size > 1:
         raise RuntimeError("--chunk-size under torchrun is not supported by this trainer yet; run one process")
 
@@ -448,11 +435,11 @@ def train(cfg: Config) -> dict:
             with torch.no_grad(), autocast:
                 t_x, t_y = target(x).float(), target(y).float()
         with autocast:
-            if cached_backward is not None:
-                out_step = _chunked_step(cached_backward, model, x, y, t_x, t_y, cfg.chunk_size)
+            if cfg.chunk_size > 0:
+                out_step = _chunked_step(model, x, y, t_x, t_y, cfg.chunk_size)
             else:
                 out_step = ddp(x, y, t_x, t_y)
-        if cached_backward is None:
+        if cfg.chunk_size <= 0:
             out_step["loss"].backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -506,7 +493,7 @@ def train(cfg: Config) -> dict:
     return result
 
 
-def _chunked_step(cached_backward, model: SSLModel, x, y, t_x, t_y, chunk_size: int) -> dict:
+def _chunked_step(model: SSLModel, x, y, t_x, t_y, chunk_size: int) -> dict:
     """GradCache step: the encoder runs chunk by chunk, the loss head on the whole batch (exact gradients;
     BatchNorm layers of an image encoder then normalise per chunk)."""
     parts: dict = {}

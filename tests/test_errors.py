@@ -129,3 +129,5 @@ def test_latent_ops_check_their_inputs():
         adassl_fast.gaussian_sample(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"noise must have shape \(3, 4\)"):
         adassl_fast.bernoulli_mask(torch.randn(3, 4), torch.rand(4, 3))
+    with pytest.raises(TypeError, match="noise has dtype torch.float64 but the latent inputs has torch.float32"):
+        adassl_fast.gaussian_sample(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))

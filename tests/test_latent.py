@@ -62,3 +62,10 @@ def test_drawn_noise_is_reproducible_under_manual_seed():
 def test_fused_backends_have_no_standalone_latent_kernels():
     with pytest.raises(adassl_fast.BackendUnavailable, match="fused into adassl_nt_xent"):
         adassl_fast.l0_penalty(torch.randn(2, 3), impl="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_drawn_noise_keeps_the_input_dtype(dtype):
+    mu, pre = torch.randn(3, 4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
+    assert adassl_fast.gaussian_sample(mu, pre).dtype == dtype
+    assert adassl_fast.bernoulli_mask(mu).dtype == dtype

@@ -133,8 +133,21 @@ def test_python_float_scale_equals_tensor_scale():
     assert a.item() == b.item()
 
 
-def test_deterministic_backward_is_bitwise_reproducible():
+def test_torch_backward_is_bitwise_reproducible():
     cont, targ, lam = _inputs(130, 16, scale=1.0)
     grads = [_value_and_grads(adassl_fast.nt_xent, cont, targ, lam, impl="torch")[1] for _ in range(2)]
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("scale", [0.0, -2.0, 250.0])
+def test_zero_negative_and_huge_scales(impl, scale):
+    # scale 0: every logit is 0 (the fixed-shift path with a zero bound); negative: the bound uses |s|;
+    # 250 / 0.1 with no clamp: logits far beyond exp's range take the row-max path.
+    cont, targ, lam = _inputs(34, 7, scale=scale)
+    ref, ref_grads = _value_and_grads(nt_xent_reference, cont, targ, lam, temperature=0.1, clamp=None)
+    got, got_grads = _value_and_grads(adassl_fast.nt_xent, cont, targ, lam, temperature=0.1, clamp=None, impl=impl)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

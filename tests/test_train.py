@@ -96,8 +96,6 @@ def test_cli_flags_override_preset_and_config_file(tmp_path, capsys):
 
 
 def test_chunked_backward_matches_full_batch(tmp_path):
-    if train._cached_backward() is None:
-        pytest.skip("adassl_fast.cached_backward is not available in this checkout")
     a = _run(tmp_path, "full", method="adassl-v", steps=3, log_every=1)
     b = _run(tmp_path, "chunked", method="adassl-v", steps=3, log_every=1, chunk_size=8)
     for (_, la), (_, lb) in zip(_losses(tmp_path / "full"), _losses(tmp_path / "chunked"), strict=True):
