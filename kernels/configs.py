@@ -52,11 +52,14 @@ _D128_16 = {
 }
 _TABLE = {
     # The AdaSSL column kernel rebuilds the edited rows of every streamed row tile (they are never stored):
-    # with 64-row tiles the Gaussian prologue in its loop spilled (168 bytes on sm_90, 144 on sm_80); 32-row
-    # tiles compile without spills. Chosen by the cross-compile table, not yet timed on a GPU.
-    ("sm90", "16", 128): dict(_D128_16, bwd_col_latent=(64, 32, 8, 2)),
+    # with 64-row tiles its prologue spilled on both archs, and the sparse variant still did with 32-row
+    # tiles and two stages; 32-row tiles in one stage compile without spills and keep wgmma. On sm_80 the
+    # AdaSSL row kernel spilled with 64-row blocks (the atomic and sparse variants). Chosen from the
+    # cross-compile table (tests/test_cross_compile.py), not yet timed on a GPU.
+    ("sm90", "16", 128): dict(_D128_16, bwd_col_latent=(64, 32, 8, 1)),
     # sm80 has 163 KB of shared memory: one stage for the AdaSSL column kernel's many prologue loads
-    ("sm80", "16", 128): dict(_D128_16, fwd=(128, 64, 8, 3), bwd_col_latent=(64, 32, 8, 1)),
+    ("sm80", "16", 128): dict(_D128_16, fwd=(128, 64, 8, 3), bwd_row_latent=(32, 64, 8, 2),
+                              bwd_col_latent=(64, 32, 8, 1)),
 }
 # Not shipped yet (tried, see the commit message and report): d = 256 and fp32 (3xTF32) entries spill in
 # the backward kernels with the shapes tried; pick_config raises for them so dispatch can fall back.

@@ -60,12 +60,18 @@ def jobs():
                 ("_bwd_row_kernel", "nt_xent_atomic", dict(PROLOGUE=0, TARG_TWO_PART=False, ATOMIC=True, FUSED=False)),
             ]
         elif kind == "bwd_row_latent":
-            flags = dict(PROLOGUE=1, TARG_TWO_PART=True, ATOMIC=False, FUSED=False)
-            variants = [("_bwd_row_kernel", "adassl_v_det", flags)]
+            variants = [
+                ("_bwd_row_kernel", f"adassl_{v}_{'atomic' if atomic else 'det'}",
+                 dict(PROLOGUE=p, TARG_TWO_PART=True, ATOMIC=atomic, FUSED=False))
+                for v, p in (("v", 1), ("s", 2)) for atomic in (False, True)
+            ]
         elif kind == "bwd_col":
             variants = [("_bwd_col_kernel", "nt_xent", dict(PROLOGUE=0, TARG_TWO_PART=False, FUSED=True))]
         else:  # bwd_col_latent
-            variants = [("_bwd_col_kernel", "adassl_v", dict(PROLOGUE=1, TARG_TWO_PART=True, FUSED=True))]
+            variants = [
+                ("_bwd_col_kernel", f"adassl_{v}", dict(PROLOGUE=p, TARG_TWO_PART=True, FUSED=True))
+                for v, p in (("v", 1), ("s", 2))
+            ]
         for kernel, label, extra in variants:
             if kernel == "_bwd_col_kernel":  # owns cfg.block_m targ rows, streams cfg.block_n cont rows
                 blocks = dict(BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m)
@@ -77,7 +83,8 @@ def jobs():
     # the O(M d) helpers at the widest shipped d (BLOCK_D 128), for both archs
     for arch in ARCH_CC:
         small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
-        for prologue, label, block, fblock in ((0, "nt_xent", 64, 64), (1, "adassl_v", 16, 8)):  # launchers' blocks
+        helpers = ((0, "nt_xent", 64, 64), (1, "adassl_v", 16, 8), (2, "adassl_s", 16, 8))  # launchers' blocks
+        for prologue, label, block, fblock in helpers:
             out.append(dict(small, kernel="_row_stats_kernel", variant=label, config=f"m{block}_d128",
                             constexprs=dict(BLOCK_M=block, BLOCK_D=128, PROLOGUE=prologue)))
             out.append(dict(small, kernel="_finish_kernel", variant=label, config=f"m{fblock}_d128",
