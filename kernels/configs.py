@@ -91,12 +91,9 @@ def _arch_of(device: torch.device) -> str:
 
 def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
     """Nearest table entry: same arch and dtype class, smallest BLOCK_D >= bd."""
-    dts = [dt] if dt != "64" else ["32"]
-    for dtc in dts:
-        cands = sorted(k[2] for k in _TABLE if k[0] == arch and k[1] == dtc)
-        for cbd in cands:
-            if cbd >= bd:
-                return _TABLE[(arch, dtc, cbd)], dtc, cbd
+    for cbd in sorted(k[2] for k in _TABLE if k[0] == arch and k[1] == dt):
+        if cbd >= bd:
+            return _TABLE[(arch, dt, cbd)], dt, cbd
     raise ValueError(
         f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 "
         "with d <= 128 (the kernels themselves take any d <= 512 in the interpreter); use impl='torch'"
