@@ -7,13 +7,14 @@
 #   bash bench/device_check.sh --dry-run   # the same path on CPU with tiny sizes; files in a temp dir (CI runs it)
 #
 # Every step has its own timeout and the benchmark a deadline, so one hang cannot eat the lease; a step
-# that fails is recorded and the next one runs. At most 8 files are written: device_check.log, rows.json,
-# rows.csv and 4 PNGs.
+# that fails is recorded and the next one runs. At most 8 files are written: device_check.log, tune.json,
+# rows.json, rows.csv and 3 PNGs.
 #
 # Environment: PYTHON (default python3: on the H200 the system one that holds torch), BUDGET_S (total seconds,
 # default 420), OUT (output folder), ADASSL_FAST_COMMIT (the commit, where the tree arrives without .git:
 # e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1, TEST_MARKERS (pytest -m
-# expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun).
+# expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun),
+# SKIP_TUNE=1, TUNE_ARGS / TUNE_S (bench/tune_triton.py's arguments and time; its table then feeds the benchmark).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
 # non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels only in an install),
@@ -154,6 +155,16 @@ else
         -m '${TEST_MARKERS:-gpu or triton or cuda}' --durations=5 tests"
 fi
 
+# --- block configurations measured here (bench/tune_triton.py); the benchmark below runs with them ----------
+if [ "$DRY" = 1 ] || [ "${SKIP_TUNE:-0}" = 1 ]; then
+    say "tune: skipped (${SKIP_TUNE:+SKIP_TUNE=1}${SKIP_TUNE:-dry run})"
+else
+    read -r -a TUNE <<< "${TUNE_ARGS:---M 8192,65536 --d 128 --dtype bf16}"
+    TUNE_S=$(clip "${TUNE_S:-200}" "$RESERVE")
+    step tune "$TUNE_S" "$PY" "$REPO/bench/tune_triton.py" "${TUNE[@]}" --budget-s $((TUNE_S - 40)) --out "$OUT"
+    if [ -f "$OUT/tune.json" ]; then export ADASSL_FAST_TRITON_CONFIGS="$OUT/tune.json"; say "bench uses $OUT/tune.json"; fi
+fi
+
 # --- the benchmark sweep the PERF.md targets need -----------------------------------------------------------
 if [ "$DRY" = 1 ]; then
     BENCH=(--device cpu --op nt_xent,adassl --impl triton,cuda,torch,reference --M 128,256 --d 32 --dtype fp32
@@ -173,7 +184,9 @@ step bench "$BENCH_S" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$DE
 
 # --- plots and the summary ----------------------------------------------------------------------------------
 if [ -f "$OUT/rows.json" ]; then
-    step plot 60 "$PY" "$REPO/bench/plot.py" "$OUT/rows.json" --out "$OUT"
+    # three plots: with tune.json that makes the 8 files the device tool returns (time.png has the floor line,
+    # so the TFLOP/s plot would repeat it; `bench/plot.py rows.json` draws it later)
+    step plot 60 "$PY" "$REPO/bench/plot.py" "$OUT/rows.json" --out "$OUT" --only time,memory,speedup
 fi
 echo "" >> "$LOG"
 {

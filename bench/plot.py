@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="+", help="rows.json files")
     p.add_argument("--out", default=".", help="folder for the PNGs")
+    p.add_argument("--only", default="time,tflops,memory,speedup",
+                   help="comma-separated plots to write (default: all four)")
     args = p.parse_args(argv)
     try:
         import matplotlib
@@ -102,7 +104,10 @@ def main(argv=None) -> int:
         ("memory.png", "peak extra memory vs M", "bytes", lambda r: r.get("extra_bytes"), False, True),
         ("speedup.png", "speed-up over the eager reference", "x eager", speedups(rows), False, True),
     ]
+    wanted = {f"{w.strip()}.png" for w in args.only.split(",")}
     for name, title, ylabel, value, floor, loglog in specs:
+        if name not in wanted:
+            continue
         fig = figure(plt, groups, title, ylabel, value, floor=floor, loglog=loglog)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)

@@ -1,15 +1,18 @@
 """The one-pass AdaSSL op in Triton (docs/backends.md "The one-pass AdaSSL op", SPEC 2.4, 2.6, 3.3-3.6).
 
-No kernel of its own: the nt_xent kernels (kernels/nt_xent.py) run with PROLOGUE = 1 ("v") or 2 ("s").
-Their row programs load emb / post / prior / noise for their rows and build the edited rows
-`cont = [emb_y + r_yx; emb_x + r_xy]` in registers (kernels/latent.py); `targ = [emb_x; emb_y]` is read
-in place through a two-part row source. Neither `cont` nor any M x M matrix is written to memory:
-- forward: the inverse-norm pre-pass forms the edited rows once (and sums the KL / L0 regulariser),
-  the row programs form them again in their prologue and stream the columns;
-- backward: the column-owned kernel rebuilds the edited rows of every streamed row tile, and the row
-  epilogue turns dcont into d emb (additive editor: d emb_ctx += dcont), d post, d prior, adding the
-  regulariser's gradient times grad_reg. emb_x / emb_y are both rows and columns, so the second
-  kernel to touch d emb adds to what the first wrote.
+No matmul kernel of its own: the nt_xent kernels (kernels/nt_xent.py) run on the edited rows
+`cont = [emb_y + r_yx; emb_x + r_xy]` against `targ = [emb_x; emb_y]`, both read through two-part row
+sources (no concatenation of the inputs):
+- the normalising pre-kernel forms the edited rows from emb / post / prior / noise in registers
+  (PROLOGUE 1 = "v", 2 = "s"; kernels/latent.py), sums the KL / L0 regulariser, and writes the
+  *normalised* edited rows u (M x d, input dtype) that the matmul kernels stream. That O(M d) buffer is
+  the one departure from "the edited rows never reach HBM" (DESIGN.md): without it the column-owned
+  backward kernel re-formed every streamed row tile (softplus, exp, log per element: ~8x the exp work
+  of its own tile at d = 128, 128-row blocks), which made AdaSSL 2.4x slower than nt_xent on an H200.
+  No M x M matrix is ever written.
+- backward: the finishing kernel of the row side turns dcont into d emb (additive editor:
+  d emb_ctx += dcont), d post, d prior, adding the regulariser's gradient times grad_reg. emb_x / emb_y
+  are both rows and columns, so the side finished second adds to what the first wrote.
 """
 
 from __future__ import annotations

@@ -18,13 +18,14 @@ tests/test_cross_compile.py checks exactly that for every entry below.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-# "_latent": the same kernels with the AdaSSL prologue (PROLOGUE 1 / 2), which holds more live tiles.
-KINDS = ("fwd", "bwd_row", "bwd_col", "fwd_latent", "bwd_row_latent", "bwd_col_latent")
+KINDS = ("fwd", "bwd_row", "bwd_col")
 
 @dataclass(frozen=True)
 class Config:
@@ -42,24 +43,10 @@ def _c(kind, arch, dt, bd, bm, bn, w, s):
 # (arch, dtype class, BLOCK_D) -> {kind: (block_m, block_n, num_warps, num_stages)}
 # Every entry below compiles for its arch without spills (tests/test_cross_compile.py). Smaller d uses
 # the entry of the next larger BLOCK_D.
-_D128_16 = {
-    "fwd": (128, 128, 8, 3),
-    "bwd_row": (64, 64, 8, 2),
-    "bwd_col": (64, 64, 8, 2),
-    "fwd_latent": (64, 64, 8, 2),
-    "bwd_row_latent": (64, 64, 8, 2),
-    "bwd_col_latent": (64, 64, 8, 2),
-}
 _TABLE = {
-    # The AdaSSL column kernel rebuilds the edited rows of every streamed row tile (they are never stored):
-    # with 64-row tiles its prologue spilled on both archs, and the sparse variant still did with 32-row
-    # tiles and two stages; 32-row tiles in one stage compile without spills and keep wgmma. On sm_80 the
-    # AdaSSL row kernel spilled with 64-row blocks (the atomic and sparse variants). Chosen from the
-    # cross-compile table (tests/test_cross_compile.py), not yet timed on a GPU.
-    ("sm90", "16", 128): dict(_D128_16, bwd_col_latent=(64, 32, 8, 1)),
-    # sm80 has 163 KB of shared memory: one stage for the AdaSSL column kernel's many prologue loads
-    ("sm80", "16", 128): dict(_D128_16, fwd=(128, 64, 8, 3), bwd_row_latent=(32, 64, 8, 2),
-                              bwd_col_latent=(64, 32, 8, 1)),
+    ("sm90", "16", 128): {"fwd": (128, 128, 8, 3), "bwd_row": (128, 64, 8, 2), "bwd_col": (128, 64, 8, 2)},
+    # sm80: 163 KB of shared memory
+    ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 4, 2)},
 }
 # Not shipped yet (tried, see the commit message and report): d = 256 and fp32 (3xTF32) entries spill in
 # the backward kernels with the shapes tried; pick_config raises for them so dispatch can fall back.
@@ -100,12 +87,30 @@ def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
     )
 
 
+# A table measured on the user's own GPU (bench/tune_triton.py writes one) replaces matching entries:
+# ADASSL_FAST_TRITON_CONFIGS=path/to/tune.json. Its "table" maps "arch/dtype class/BLOCK_D" to
+# {kind: [block_m, block_n, num_warps, num_stages]}; configurations from it are named "tuned_...".
+TUNED_ENV = "ADASSL_FAST_TRITON_CONFIGS"
+
+
+@functools.cache
+def _tuned_table(path: str) -> dict:
+    with open(path) as f:
+        table = json.load(f)["table"]
+    return {tuple(k.split("/")[:2]) + (int(k.split("/")[2]),): v for k, v in table.items()}
+
+
 def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> Config:
     """The configuration a launcher uses for `kind` on `device` for inputs of `dtype` and width d."""
     bd = block_d(d)
     arch = _arch_of(device)
     if arch == "interp":
         return _c(kind, "interp", dtype_class(dtype), bd, *_INTERP[kind])
+    tuned = os.environ.get(TUNED_ENV)
+    if tuned:
+        entry = _tuned_table(tuned).get((arch, dtype_class(dtype), bd), {})
+        if kind in entry:
+            return _c(f"tuned_{kind}", arch, dtype_class(dtype), bd, *entry[kind])
     entry, dtc, cbd = _lookup(arch, dtype_class(dtype), bd)
     return _c(kind, arch, dtc, cbd, *entry[kind])
 

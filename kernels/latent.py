@@ -16,6 +16,22 @@ because libdevice does not exist in the interpreter.
 import triton
 import triton.language as tl
 
+from .configs import interpreting
+
+# The interpreter converts fp32 -> bf16 by truncation (a GPU rounds to nearest even): round_to
+# rounds explicitly there, so interpreter tests see the rounding the GPU kernels do.
+_TRUNCATING_BF16 = tl.constexpr(interpreting())
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """x rounded to `dtype` to nearest even, on a GPU and in the interpreter alike."""
+    if _TRUNCATING_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
 
 @triton.jit
 def load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART: tl.constexpr):
@@ -44,7 +60,7 @@ def store_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, val, TWO_
         # The other side's kernel already wrote its share of this gradient (emb_x / emb_y appear both
         # as rows and as columns); add in fp32 and round once more.
         val += load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART).to(val.dtype)
-    val = val.to(a_ptr.dtype.element_ty)
+    val = round_to(val, a_ptr.dtype.element_ty)
     if TWO_PART:
         top = (rows < half)[:, None]
         tl.store(a_ptr + (r64 * stride)[:, None] + cols[None, :], val, mask=mask & top)
@@ -123,7 +139,7 @@ def build_rows(rows, cols, half, n_rows, d,
             keep = (first + logistic(noise)) > 0.0
             x = emb + tl.where(keep, second, 0.0)
             reg = tl.sum(tl.where(valid, sigmoid(first), 0.0), 1)
-        x = x.to(emb_a.dtype.element_ty)
+        x = round_to(x, emb_a.dtype.element_ty)
     return x, reg
 
 

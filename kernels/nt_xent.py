@@ -6,20 +6,25 @@ loss = mean_i (lse_i - S^_{i,pos_i}). Backward: G = grad / M * (P - onehot(pos))
 dU = s G V, dV = s G^T U, dscale = 1/tau sum G * C, then the normalisation backward.
 
 Design (flash-attention style; see DESIGN.md "The kernels"):
-- A tiny pre-kernel computes the inverse row norms of both sides (O(M d) reads). The matmul kernels
-  feed the *raw* rows to tl.dot and multiply the fp32 products by rinv_i * cinv_j, so normalised rows
-  are never written and the operands are not rounded a second time.
-- Logits are kept in log2 units (log2(e) folded into the scale) so the online softmax uses exp2.
+- A pre-kernel writes the normalised rows u = x / max(|x|, eps) of both sides in the input dtype
+  (O(M d) bytes; for AdaSSL it forms the edited rows first, see kernels/adassl.py) and their inverse
+  norms. The matmul kernels stream only u and v, so one lean set of kernels serves nt_xent, info_nce
+  and AdaSSL, and S = scale / tau * <u_i, v_j> is one multiply per element.
+- Logits are kept in log2 units (log2(e) folded into the scale) so the softmax uses exp2.
+- A tile that holds no positive column, no excluded column and (forward) no padding column skips
+  every mask: with 128-row blocks that is all but ~2 tiles per block row. Rows past the end need no
+  mask in the backward (their LSE is +inf, so P = 0), and columns past the end add zero rows.
 - Forward: program (row block, column split) streams its column tiles with an online max / sum and
   writes a partial (max, sum, positive logit); a merge kernel combines the splits. Column splitting
   lets small M fill all SMs; at large M there is one split and the merge is O(M).
-- Backward, deterministic: a row-owned kernel (dU, dscale) and a column-owned kernel (dV), both
-  recomputing S from the saved LSE, no atomics. Non-deterministic: the row-owned kernel also adds
-  G^T U into an fp32 (N, d) buffer with atomics (6 instead of 8 M^2 d FLOPs).
-- With one split the normalisation backward runs in the matmul kernel's epilogue; with several the
-  splits write fp32 partials that a finishing kernel sums in a fixed order (still deterministic).
-- Every matmul kernel has a PROLOGUE constexpr: 0 reads `cont`; 1 / 2 build the AdaSSL edited rows in
-  registers (kernels/latent.py, used by kernels/adassl.py). One set of kernels serves both ops.
+- Backward, deterministic: a row-owned kernel (sum_j G_ij v_j) and a column-owned kernel (sum_i G_ij u_i,
+  from the transposed tile V U^T, so nothing is transposed on chip), both recomputing S from the
+  saved LSE, no atomics. Non-deterministic: the row-owned kernel also adds G^T U into an fp32 (N, d)
+  buffer with atomics (6 instead of 8 M^2 d FLOPs). dscale needs no per-element work:
+  sum_ij G_ij C_ij = sum_i <u_i, sum_j G_ij v_j>.
+- The matmul kernels write fp32 (split, row, d) partials; a finishing kernel per side sums the
+  splits in a fixed order (deterministic) and applies grad_loss / M, scale / tau, the normalisation
+  backward and, for AdaSSL, the latent backward (all O(M d)).
 - UPCAST (constexpr) turns loaded bf16 / fp16 tiles into fp32: the interpreter computes 16-bit
   floats wrongly, so it is set only under TRITON_INTERPRET.
 """
@@ -46,7 +51,8 @@ EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
-def _row_stats_kernel(
+def _normalize_kernel(
+    out_ptr,  # (n_rows, d) out, input dtype: u_i = x_i / max(|x_i|, eps), the matrix kernels' operand
     inv_ptr,  # (n_rows,) ACC out: 1 / max(|x_i|, eps)
     reg_ptr,  # (grid,) ACC out: per-program regulariser sum (PROLOGUE != 0)
     half, n_rows, d,
@@ -59,11 +65,12 @@ def _row_stats_kernel(
     cols = tl.arange(0, BLOCK_D)
     x, reg = build_rows(rows, cols, half, n_rows, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                         noise_a, noise_b, ACC, PROLOGUE)
-    # The norm of the values that enter tl.dot (for AdaSSL: the edited rows rounded to the input dtype).
+    # The norm of the rows as the input dtype holds them (for AdaSSL: the edited rows rounded once).
     x = x.to(ACC)
     # EPS as an ACC tensor: tl.maximum rounds a bare constant to fp32
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), tl.zeros([], ACC) + EPS)
     tl.store(inv_ptr + rows, inv, mask=rows < n_rows)
+    store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, d, d, x * inv[:, None], False, False)
     if PROLOGUE != 0:
         tl.store(reg_ptr + pid, tl.sum(reg, 0))
 
@@ -77,18 +84,44 @@ def _operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _index_range(idx):
+    """(min, max) of the entries >= 0 of an index vector (-1 means none); (big, -1) when there are none."""
+    lo = tl.min(tl.where(idx >= 0, idx, 2147483647), 0)
+    return lo, tl.max(idx, 0)
+
+
+@triton.jit
+def _overlaps(lo, hi, start, stop):
+    return (lo < stop) & (hi >= start)
+
+
+@triton.jit
+def _grad_tile(s2, lse2, col, pos, excl, clamp2, CLAMP: tl.constexpr, special):
+    """(P - onehot(pos)) * [|S| <= clamp] for one tile of S in log2 units, in either orientation.
+
+    lse2, pos, excl broadcast along S's rows and `col` is S's column index (the caller arranges the
+    shapes). `special`: the tile holds a positive or an excluded column; elsewhere the masks are
+    skipped. Rows past the end need no mask: their LSE is +inf, so P is exactly 0 there. Columns past
+    the end need none either: their operand rows are 0, so they add nothing to a product.
+    """
+    # No clamped copy of S: where the gradient survives (|S| <= clamp) the clamp is the identity.
+    p = tl.exp2(s2 - lse2)
+    if special:
+        p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, 1.0, 0.0)
+    if CLAMP:
+        p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
+    return p
+
+
+@triton.jit
 def _fwd_kernel(
     part_ptr,  # (3, nsplit, M) ACC out: running max and sum (log2 units), positive logit (log2 units)
-    rinv_ptr, cinv_ptr,  # (M,), (N,) ACC inverse norms
+    u_ptr, v_ptr,  # (M, d), (N, d) normalised rows (input dtype)
     pos_ptr, excl_ptr,  # (M,) int64
     scale_ptr,  # () ACC
-    half_r, M, d,
-    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,  # cont rows (see latent.py)
-    targ_a, targ_b, half_c, N,  # targ rows, two-part
-    inv_t, clamp2, cols_per_split, nsplit,
+    M, N, d, inv_t, clamp2, cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PROLOGUE: tl.constexpr, TARG_TWO_PART: tl.constexpr, CLAMP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     # as a tensor: tl.minimum / tl.maximum would round a bare float argument to fp32 (interpreter, fp64)
@@ -99,13 +132,13 @@ def _fwd_kernel(
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < M
 
-    # The row tile is formed once and stays on chip for the whole column loop (K = d in one tl.dot).
-    x, _ = build_rows(rows, dd, half_r, M, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
-                      noise_a, noise_b, ACC, PROLOGUE)
-    x = _operand(x, UPCAST)
-    rk = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0) * (tl.load(scale_ptr) * inv_t * LOG2E)
+    # The row tile stays on chip for the whole column loop (K = d in one tl.dot).
+    x = _operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
+    sk2 = tl.load(scale_ptr) * inv_t * LOG2E
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    pos_lo, pos_hi = _index_range(pos)
+    excl_lo, excl_hi = _index_range(excl)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, ACC)
@@ -115,17 +148,17 @@ def _fwd_kernel(
     col_end = tl.minimum(col_start + cols_per_split, N)
     for start in range(col_start, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < col_end
-        t = _operand(load_rows(targ_a, targ_b, cols, dd, half_c, N, d, d, TARG_TWO_PART), UPCAST)
-        cinv = tl.load(cinv_ptr + cols, mask=col_ok, other=0.0)
-        acc = tl.dot(x, tl.trans(t), input_precision=PREC)
-        s2 = acc.to(ACC) * rk[:, None] * cinv[None, :]
+        t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
+        s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
         if CLAMP:
             s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
-        # The positive logit comes from the same tile as the LSE (same operands, same rounding).
-        p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s2, 0.0), 1)
-        keep = col_ok[None, :] & (cols[None, :] != excl[:, None])
-        s2 = tl.where(keep, s2, float("-inf"))
+        stop = start + BLOCK_N
+        # Most tiles hold no positive, no excluded and no padding column: they skip every mask.
+        if (stop > col_end) | _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop):
+            # The positive logit comes from the same tile as the LSE (same operands, same rounding).
+            p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s2, 0.0), 1)
+            keep = (cols[None, :] < col_end) & (cols[None, :] != excl[:, None])
+            s2 = tl.where(keep, s2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), 1)
         m_i = m_new
@@ -165,20 +198,93 @@ def _fwd_merge_kernel(
 
 
 @triton.jit
-def _grad_tile(acc, rows, cols, M, N, rinv, cinv, pos, excl, lse2, sk2, clamp2, gscale,
-               CLAMP: tl.constexpr):
-    """G (ACC, zero outside the valid / non-excluded / unclamped set) and C = cos for one tile."""
-    c = acc * rinv[:, None] * cinv[None, :]
-    s2 = c * sk2
-    if CLAMP:
-        inside = tl.abs(s2) <= clamp2  # inclusive: an entry exactly at the clamp keeps its gradient
-        s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
-    keep = (rows < M)[:, None] & (cols < N)[None, :] & (cols[None, :] != excl[:, None])
-    p = tl.where(keep, tl.exp2(s2 - lse2[:, None]), 0.0)
-    g = (p - tl.where(cols[None, :] == pos[:, None], 1.0, 0.0)) * gscale
-    if CLAMP:
-        g = tl.where(inside, g, 0.0)
-    return g, c
+def _bwd_row_kernel(
+    part_ptr,  # (nsplit, M, d) ACC out: sum_j G^_ij v_j of each column split (G^ = G / grad_scale)
+    dv_ptr,  # ATOMIC: (N, d) ACC, zeroed: sum_i G^_ij u_i added with atomics; else unused
+    u_ptr, v_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr,
+    M, N, d, inv_t, clamp2, cols_per_split, nsplit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    # Row-owned: dU and (by the bilinear identity sum_j G_ij C_ij = <u_i, sum_j G_ij v_j>) dscale,
+    # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
+    # scale are applied there too, so this loop holds only exp2 and the two products.
+    ACC: tl.constexpr = scale_ptr.dtype.element_ty
+    clamp2 = tl.zeros([], ACC) + clamp2
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+
+    x = _operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    pos_lo, pos_hi = _index_range(pos)
+    excl_lo, excl_hi = _index_range(excl)
+    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
+    sk2 = tl.load(scale_ptr) * inv_t * LOG2E
+
+    du = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    for start in range(col_start, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
+        s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
+        stop = start + BLOCK_N
+        special = _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop)
+        g = _grad_tile(s2, lse2[:, None], cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP, special)
+        du = tl.dot(g.to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
+        if ATOMIC:
+            dv = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC, out_dtype=ACC)
+            dv_ptrs = dv_ptr + cols.to(tl.int64)[:, None] * d + dd[None, :]
+            tl.atomic_add(dv_ptrs, dv, mask=(cols < col_end)[:, None] & (dd[None, :] < d))
+
+    out = part_ptr + (pid_s * M + rows.to(tl.int64))[:, None] * d + dd[None, :]
+    tl.store(out, du, mask=row_ok[:, None] & (dd[None, :] < d))
+
+
+@triton.jit
+def _bwd_col_kernel(
+    part_ptr,  # (nsplit, N, d) ACC out: sum_i G^_ij u_i of each row split
+    u_ptr, v_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr,
+    M, N, d, inv_t, clamp2, rows_per_split, nsplit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # Column-owned: this program owns BLOCK_N rows of v and streams BLOCK_M rows of u. It forms the
+    # transposed tile S^T = V U^T directly, so G^T is the register operand of the second product and
+    # nothing is transposed on chip.
+    ACC: tl.constexpr = scale_ptr.dtype.element_ty
+    clamp2 = tl.zeros([], ACC) + clamp2
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    col_stop = pid_n * BLOCK_N + BLOCK_N
+
+    t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
+    sk2 = tl.load(scale_ptr) * inv_t * LOG2E
+
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        x = _operand(load_rows(u_ptr, u_ptr, rows, dd, row_end, M, d, d, False), UPCAST)
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
+        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+        s2 = tl.dot(t, tl.trans(x), input_precision=PREC).to(ACC) * sk2
+        mine = ((pos >= pid_n * BLOCK_N) & (pos < col_stop)) | ((excl >= pid_n * BLOCK_N) & (excl < col_stop))
+        special = tl.max(mine.to(tl.int32), 0) > 0
+        g = _grad_tile(s2, lse2[None, :], cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP, special)
+        dv = tl.dot(g.to(x.dtype), x, dv, input_precision=PREC, out_dtype=ACC)
+
+    out = part_ptr + (pid_s * N + cols.to(tl.int64))[:, None] * d + dd[None, :]
+    tl.store(out, dv, mask=(cols < N)[:, None] & (dd[None, :] < d))
 
 
 @triton.jit
@@ -192,155 +298,20 @@ def _normalize_backward(g, x, inv, ACC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_row_kernel(
-    part_ptr,  # FUSED: unused; else (nsplit, M, d) ACC out: unscaled dU partial of each split
-    dsc_ptr,  # (grid,) ACC out: per-program sum of G * C
-    dv_ptr,  # ATOMIC: (N, d) ACC, += G^T U (unscaled, pre-normalisation)
-    rinv_ptr, cinv_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr, grad_ptr, greg_ptr,
-    half_r, M, d,
-    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
-    targ_a, targ_b, half_c, N,
-    dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,  # FUSED epilogue outputs (rows)
-    inv_t, clamp2, cols_per_split, nsplit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PROLOGUE: tl.constexpr, TARG_TWO_PART: tl.constexpr, CLAMP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC: tl.constexpr, FUSED: tl.constexpr, ACCUM: tl.constexpr,
-):
-    ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    # as a tensor: tl.minimum / tl.maximum would round a bare float argument to fp32 (interpreter, fp64)
-    clamp2 = tl.zeros([], ACC) + clamp2
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = rows < M
-
-    x, _ = build_rows(rows, dd, half_r, M, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
-                      noise_a, noise_b, ACC, PROLOGUE)
-    xo = _operand(x, UPCAST)
-    rinv = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-    scale = tl.load(scale_ptr)
-    sk2 = scale * inv_t * LOG2E
-    gscale = tl.load(grad_ptr).to(ACC) / M
-
-    du = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    dsc = tl.zeros([BLOCK_M], ACC)
-    col_start = pid_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, N)
-    for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < col_end
-        t = _operand(load_rows(targ_a, targ_b, cols, dd, half_c, N, d, d, TARG_TWO_PART), UPCAST)
-        cinv = tl.load(cinv_ptr + cols, mask=col_ok, other=0.0)
-        acc = tl.dot(xo, tl.trans(t), input_precision=PREC).to(ACC)
-        g, c = _grad_tile(acc, rows, cols, M, col_end, rinv, cinv, pos, excl, lse2, sk2,
-                          clamp2, gscale, CLAMP)
-        dsc += tl.sum(g * c, 1)
-        # Fold the column norms into G so the raw targ rows are the second operand.
-        du = tl.dot((g * cinv[None, :]).to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
-        if ATOMIC:
-            dv = tl.dot(tl.trans((g * rinv[:, None]).to(xo.dtype)), xo, input_precision=PREC,
-                        out_dtype=ACC)
-            dv_ptrs = dv_ptr + cols.to(tl.int64)[:, None] * d + dd[None, :]
-            tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None] & (dd[None, :] < d))
-
-    tl.store(dsc_ptr + pid_m * nsplit + pid_s, tl.sum(dsc, 0))
-    if FUSED:
-        du = du * (scale * inv_t)
-        # Rebuild the row tile instead of keeping it live across the loop: the loop only needs it as a
-        # dot operand in shared memory, and holding a register copy for the epilogue causes spills.
-        x, _ = build_rows(rows, dd, half_r, M, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
-                          noise_a, noise_b, ACC, PROLOGUE)
-        dc = _normalize_backward(du, x, rinv, ACC)
-        if PROLOGUE == 0:
-            store_rows(dst_a, dst_b, rows, dd, half_r, M, d, d, dc, True, ACCUM)
-        else:
-            reg_grad = tl.load(greg_ptr).to(ACC) / M
-            latent_epilogue(dc, rows, dd, half_r, M, d, emb_a, emb_b, post_a, post_b, prior_a,
-                            prior_b, noise_a, noise_b, dst_a, dst_b, dpost_a, dpost_b, dprior_a,
-                            dprior_b, reg_grad, ACC, PROLOGUE, ACCUM)
-    else:
-        out = part_ptr + (pid_s * M + rows.to(tl.int64))[:, None] * d + dd[None, :]
-        tl.store(out, du, mask=row_ok[:, None] & (dd[None, :] < d))
-
-
-@triton.jit
-def _bwd_col_kernel(
-    part_ptr,  # FUSED: unused; else (nsplit, N, d) ACC out: unscaled dV partial of each row split
-    rinv_ptr, cinv_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr, grad_ptr,
-    half_r, M, d,
-    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
-    targ_a, targ_b, half_c, N,
-    dst_a, dst_b,  # FUSED epilogue output (targ rows, two-part)
-    inv_t, clamp2, rows_per_split, nsplit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PROLOGUE: tl.constexpr, TARG_TWO_PART: tl.constexpr, CLAMP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr, ACCUM: tl.constexpr,
-):
-    # Column-owned: this program owns BLOCK_N targ rows and streams BLOCK_M cont rows. For AdaSSL
-    # the streamed cont rows are rebuilt from emb / post / noise in every step (never stored).
-    ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    # as a tensor: tl.minimum / tl.maximum would round a bare float argument to fp32 (interpreter, fp64)
-    clamp2 = tl.zeros([], ACC) + clamp2
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    col_ok = cols < N
-
-    t = load_rows(targ_a, targ_b, cols, dd, half_c, N, d, d, TARG_TWO_PART)
-    to = _operand(t, UPCAST)
-    cinv = tl.load(cinv_ptr + cols, mask=col_ok, other=0.0)
-    scale = tl.load(scale_ptr)
-    sk2 = scale * inv_t * LOG2E
-    gscale = tl.load(grad_ptr).to(ACC) / M
-
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    row_start = pid_s * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, M)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        x, _ = build_rows(rows, dd, half_r, row_end, d, emb_a, emb_b, post_a, post_b, prior_a,
-                          prior_b, noise_a, noise_b, ACC, PROLOGUE)
-        xo = _operand(x, UPCAST)
-        rinv = tl.load(rinv_ptr + rows, mask=row_ok, other=0.0)
-        pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-        acc = tl.dot(xo, tl.trans(to), input_precision=PREC).to(ACC)
-        g, _ = _grad_tile(acc, rows, cols, row_end, N, rinv, cinv, pos, excl, lse2, sk2,
-                          clamp2, gscale, CLAMP)
-        dv = tl.dot(tl.trans((g * rinv[:, None]).to(xo.dtype)), xo, dv, input_precision=PREC,
-                    out_dtype=ACC)
-
-    if FUSED:
-        dv = dv * (scale * inv_t)
-        t = load_rows(targ_a, targ_b, cols, dd, half_c, N, d, d, TARG_TWO_PART)  # reloaded: see the row kernel
-        dt = _normalize_backward(dv, t, cinv, ACC)
-        store_rows(dst_a, dst_b, cols, dd, half_c, N, d, d, dt, TARG_TWO_PART, ACCUM)
-    else:
-        out = part_ptr + (pid_s * N + cols.to(tl.int64))[:, None] * d + dd[None, :]
-        tl.store(out, dv, mask=col_ok[:, None] & (dd[None, :] < d))
-
-
-@triton.jit
 def _finish_kernel(
-    part_ptr,  # (nsplit, R, d) ACC: unscaled gradient partials w.r.t. the normalised rows
-    rinv_ptr, scale_ptr, greg_ptr,
-    half, R, d, nsplit,
+    part_ptr,  # (nsplit, R, d) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
+    dsc_ptr,  # DSCALE: (grid,) ACC out, this program's share of sum_ij G_ij C_ij; else unused
+    u_ptr,  # DSCALE: (R, d) the normalised rows the matmul kernels used; else unused
+    rinv_ptr, scale_ptr, grad_ptr, greg_ptr,
+    half, R, d, nsplit, n_loss,
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
     dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
     inv_t,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr,
+    PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
 ):
-    # The epilogue of a split (or atomic) schedule: sum the splits in a fixed order, then the
-    # normalisation backward and (AdaSSL) the latent backward, exactly as the fused epilogue does.
+    # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
+    # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -350,7 +321,11 @@ def _finish_kernel(
     for s in range(nsplit):
         g += tl.load(part_ptr + (s * R + rows.to(tl.int64))[:, None] * d + dd[None, :], mask=ok,
                      other=0.0)
-    g = g * (tl.load(scale_ptr) * inv_t)
+    gscale = tl.load(grad_ptr).to(ACC) / n_loss
+    if DSCALE:
+        u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, d, False).to(ACC)
+        tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale)
+    g = g * (gscale * tl.load(scale_ptr) * inv_t)
     x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                       noise_a, noise_b, ACC, PROLOGUE)
     inv = tl.load(rinv_ptr + rows, mask=rows < R, other=0.0)
@@ -445,34 +420,41 @@ def _splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:
     return triton.cdiv(n_loop_blocks, num_splits)
 
 
-def row_inv_norms(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
-    """(inverse norms (n_rows,), per-program regulariser sums) of the rows a RowSource describes."""
-    inv = _empty(n_rows, stat, src.emb_a.device)
+def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
+    """(u (n_rows, d) input dtype, inverse norms (n_rows,), regulariser sum ()) of a RowSource's rows.
+
+    u is what the matrix kernels stream: O(n_rows d) bytes, written once per call, so the column
+    kernel never re-forms AdaSSL's edited rows per tile (that multiplied its exp / log work by ~8).
+    """
+    dev = src.emb_a.device
+    u = _empty((n_rows, d), src.emb_a.dtype, dev)
+    inv = _empty(n_rows, stat, dev)
     # the latent prologue keeps ~10 (rows x BLOCK_D) fp32 temporaries live: few rows per program
     block = 16 if src.prologue else (64 if d <= 128 else 32)
     grid = triton.cdiv(n_rows, block)
-    reg = _empty(grid, stat, inv.device)
-    _row_stats_kernel[(grid,)](inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
+    reg = _empty(grid, stat, dev)
+    _normalize_kernel[(grid,)](u, inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
                                BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
-    return inv, reg
+    return u, inv, reg.sum()
 
 
-def _targ_args(targ_a, targ_b, half_c, N):
-    return (targ_a, targ_b, half_c, N)
+def _column_source(targ_a, targ_b, half_c: int) -> RowSource:
+    return RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0)
 
 
 def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d: int, pos, excl,
                  scale, inv_temperature: float, clamp, *, num_splits=None, config=None):
     """Shared forward of nt_xent and AdaSSL: (loss (), lse (M,), regulariser sum ()).
 
-    The regulariser sum is over all rows and latent dims (0 for PROLOGUE 0).
+    cont rows come from `src` (M of them), targ rows from the two-part source (targ_a, targ_b, half_c),
+    N of them. The regulariser sum is over all rows and latent dims (0 for PROLOGUE 0).
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
     upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
-    cfg = config or pick_config("fwd_latent" if src.prologue else "fwd", device, dtype, d)
-    rinv, reg = row_inv_norms(src, M, d, stat)
-    cinv, _ = row_inv_norms(RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0), N, d, stat)
+    cfg = config or pick_config("fwd", device, dtype, d)
+    u, _, reg = normalize_rows(src, M, d, stat)
+    v, _, _ = normalize_rows(_column_source(targ_a, targ_b, half_c), N, d, stat)
 
     n_rb = triton.cdiv(M, cfg.block_m)
     n_cb = triton.cdiv(N, cfg.block_n)
@@ -480,18 +462,15 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     nsplit = triton.cdiv(n_cb, per)
     part = _empty((3, nsplit, M), stat, device)
     _fwd_kernel[(n_rb, nsplit)](
-        part, rinv, cinv, pos, excl, scale, src.half, M, d, *src.args(),
-        *_targ_args(targ_a, targ_b, half_c, N),
-        float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(d), PROLOGUE=src.prologue,
-        TARG_TWO_PART=half_c < N, CLAMP=has_clamp, UPCAST=upcast, PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        part, u, v, pos, excl, scale, M, N, d, float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(d), CLAMP=has_clamp, UPCAST=upcast,
+        PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     lse = _empty(M, stat, device)
     mblock = 128
     loss_part = _empty(triton.cdiv(M, mblock), stat, device)
     _fwd_merge_kernel[(loss_part.numel(),)](part, lse, loss_part, M, nsplit, BLOCK=mblock,
                                            num_warps=4)
-    return loss_part.sum() / M, lse, reg.sum()
+    return loss_part.sum() / M, lse, reg
 
 
 def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int,
@@ -500,80 +479,68 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
                   accumulate: bool = False, num_splits=None, configs=None):
     """Shared backward: writes the row / column gradients into the sinks, returns dscale.
 
-    accumulate: the two sinks alias (AdaSSL: emb_x / emb_y are both rows and columns); the kernel
-    that runs second adds to what the first wrote.
+    accumulate: the two sinks alias (AdaSSL: emb_x / emb_y are both rows and columns); the side
+    finished second adds to what the first wrote.
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
     upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
     configs = configs or {}
-    sfx = "_latent" if src.prologue else ""
-    cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + sfx, device, dtype, d)
-    cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + sfx, device, dtype, d)
+    cfg_r = configs.get("bwd_row") or pick_config("bwd_row", device, dtype, d)
+    cfg_c = configs.get("bwd_col") or pick_config("bwd_col", device, dtype, d)
     bd = block_d(d)
     inv_t = float(inv_temperature)
-    two_part = half_c < N  # AdaSSL: targ = [emb_x; emb_y]
-    targ_src = RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0)
-    rinv, _ = row_inv_norms(src, M, d, stat)
-    cinv, _ = row_inv_norms(targ_src, N, d, stat)
+    targ_src = _column_source(targ_a, targ_b, half_c)
+    u, rinv, _ = normalize_rows(src, M, d, stat)
+    v, cinv, _ = normalize_rows(targ_src, N, d, stat)
     if grad_reg is None:
         grad_reg = scale
-    common = dict(BLOCK_D=bd, PROLOGUE=src.prologue, TARG_TWO_PART=two_part, CLAMP=has_clamp,
-                  UPCAST=upcast, PREC=prec)
+    common = dict(BLOCK_D=bd, CLAMP=has_clamp, UPCAST=upcast, PREC=prec)
 
-    def finish(part, nsplit, inv, half, R, s: RowSource, sink: RowSink, prologue, tp, accum):
-        block = 8 if prologue else (32 if d > 128 else 64)  # the latent backward is register-hungry
-        _finish_kernel[(triton.cdiv(R, block),)](
-            part, inv, scale, grad_reg, half, R, d, nsplit, *s.args(), sink.a, sink.b,
-            sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
-            BLOCK_M=block, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=tp, ACCUM=accum, num_warps=4)
+    def finish(part, nsplit, inv, R, s: RowSource, sink: RowSink, two_part, accum, dscale=None):
+        block = 8 if s.prologue else (32 if d > 128 else 64)  # the latent backward is register-hungry
+        grid = triton.cdiv(R, block)
+        dsc = _empty(grid, stat, device) if dscale else inv
+        _finish_kernel[(grid,)](
+            part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, M, *s.args(),
+            sink.a, sink.b, sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
+            BLOCK_M=block, BLOCK_D=bd, PROLOGUE=s.prologue, TWO_PART=two_part, ACCUM=accum,
+            DSCALE=bool(dscale), num_warps=4)
+        return dsc
 
     def row_pass(atomic: bool, accum: bool):
         n_rb = triton.cdiv(M, cfg_r.block_m)
         n_cb = triton.cdiv(N, cfg_r.block_n)
         per = _splits(n_rb, n_cb, device, num_splits)
         nsplit = triton.cdiv(n_cb, per)
-        # The epilogue runs in the matmul kernel only for plain nt_xent's deterministic pass: with the
-        # atomic dV or the AdaSSL latent backward in the same kernel it spills, so those write fp32 rows
-        # and the small-block finishing kernel does the epilogue (O(M d) extra traffic).
-        fused = nsplit == 1 and not atomic and src.prologue == 0
-        part = rinv if fused else _empty((nsplit, M, d), stat, device)
-        dsc = _empty(n_rb * nsplit, stat, device)
-        dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else rinv
+        part = _empty((nsplit, M, d), stat, device)
+        dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else part
         _bwd_row_kernel[(n_rb, nsplit)](
-            part, dsc, dv, rinv, cinv, pos, excl, lse, scale, grad_loss, grad_reg,
-            src.half, M, d, *src.args(), *_targ_args(targ_a, targ_b, half_c, N),
-            row_sink.a, row_sink.b, row_sink.dpost_a, row_sink.dpost_b, row_sink.dprior_a,
-            row_sink.dprior_b, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
-            BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic, FUSED=fused, ACCUM=accum,
+            part, dv, u, v, pos, excl, lse, scale, M, N, d, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
+            BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic,
             num_warps=cfg_r.num_warps, num_stages=cfg_r.num_stages, **common)
-        if not fused:
-            finish(part, nsplit, rinv, src.half, M, src, row_sink, src.prologue, True, accum)
+        dsc = finish(part, nsplit, rinv, M, src, row_sink, True, accum, dscale=True)
         return dsc, dv
 
     def col_pass(accum: bool):
-        # the column kernel owns cfg.block_m targ rows and streams cfg.block_n cont rows
+        # the column kernel owns cfg.block_m rows of v and streams cfg.block_n rows of u
         n_own = triton.cdiv(N, cfg_c.block_m)
         n_loop = triton.cdiv(M, cfg_c.block_n)
         per = _splits(n_own, n_loop, device, num_splits)
         nsplit = triton.cdiv(n_loop, per)
-        fused = nsplit == 1
-        part = cinv if fused else _empty((nsplit, N, d), stat, device)
+        part = _empty((nsplit, N, d), stat, device)
         _bwd_col_kernel[(n_own, nsplit)](
-            part, rinv, cinv, pos, excl, lse, scale, grad_loss, src.half, M, d, *src.args(),
-            *_targ_args(targ_a, targ_b, half_c, N), col_sink.a, col_sink.b,
-            inv_t, clamp_v, per * cfg_c.block_n, nsplit,
-            BLOCK_M=cfg_c.block_n, BLOCK_N=cfg_c.block_m, FUSED=fused, ACCUM=accum,
+            part, u, v, pos, excl, lse, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
+            BLOCK_M=cfg_c.block_n, BLOCK_N=cfg_c.block_m,
             num_warps=cfg_c.num_warps, num_stages=cfg_c.num_stages, **common)
-        if not fused:
-            finish(part, nsplit, cinv, half_c, N, targ_src, col_sink, 0, two_part, accum)
+        finish(part, nsplit, cinv, N, targ_src, col_sink, half_c < N, accum)
 
     if deterministic:
         col_pass(False)
         dsc, _ = row_pass(False, accumulate)
     else:
         dsc, dv = row_pass(True, False)
-        finish(dv, 1, cinv, half_c, N, targ_src, col_sink, 0, two_part, accumulate)
+        finish(dv, 1, cinv, N, targ_src, col_sink, half_c < N, accumulate)
     return (dsc.sum() * inv_t).to(scale.dtype)
 
 

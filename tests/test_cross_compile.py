@@ -30,8 +30,8 @@ _PTRS = {
     "scale_ptr": "S", "grad_ptr": "S", "greg_ptr": "S", "inv_ptr": "S", "reg_ptr": "S", "loss_ptr": "S",
     "pos_ptr": "i64", "excl_ptr": "i64",
 }
-_X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "targ_a", "targ_b",
-      "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b"}
+_X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "u_ptr", "v_ptr",
+      "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b"}
 _FLOATS = {"inv_t", "clamp2"}
 _ALIGNED_INTS = {"d"}  # a launch with d % 16 == 0 specialises d like this (vectorised row loads)
 
@@ -44,51 +44,37 @@ def jobs():
     for arch, dt, bd, cfg in shipped_configs():
         kind = cfg.name.split(f"_{arch}")[0]
         prec = "tf32" if dt == "16" else "tf32x3"
-        common = dict(BLOCK_D=bd, CLAMP=True, UPCAST=False, PREC=prec)
         base = dict(arch=arch, dtype=DTYPES[dt], config=cfg.name, matmul=True,
                     options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        # what the launchers run with this config (kernels/nt_xent.py backward_core)
+        # what the launchers run with this config (kernels/nt_xent.py forward_core / backward_core);
+        # nt_xent and AdaSSL share these kernels (both stream normalised rows)
         if kind == "fwd":
-            variants = [("_fwd_kernel", "nt_xent", dict(PROLOGUE=0, TARG_TWO_PART=False))]
-        elif kind == "fwd_latent":
-            variants = [
-                ("_fwd_kernel", f"adassl_{v}", dict(PROLOGUE=p, TARG_TWO_PART=True)) for v, p in (("v", 1), ("s", 2))
-            ]
+            variants = [("_fwd_kernel", "-", {})]
         elif kind == "bwd_row":
-            variants = [
-                ("_bwd_row_kernel", "nt_xent_det", dict(PROLOGUE=0, TARG_TWO_PART=False, ATOMIC=False, FUSED=True)),
-                ("_bwd_row_kernel", "nt_xent_atomic", dict(PROLOGUE=0, TARG_TWO_PART=False, ATOMIC=True, FUSED=False)),
-            ]
-        elif kind == "bwd_row_latent":
-            variants = [
-                ("_bwd_row_kernel", f"adassl_{v}_{'atomic' if atomic else 'det'}",
-                 dict(PROLOGUE=p, TARG_TWO_PART=True, ATOMIC=atomic, FUSED=False))
-                for v, p in (("v", 1), ("s", 2)) for atomic in (False, True)
-            ]
-        elif kind == "bwd_col":
-            variants = [("_bwd_col_kernel", "nt_xent", dict(PROLOGUE=0, TARG_TWO_PART=False, FUSED=True))]
-        else:  # bwd_col_latent
-            variants = [
-                ("_bwd_col_kernel", f"adassl_{v}", dict(PROLOGUE=p, TARG_TWO_PART=True, FUSED=True))
-                for v, p in (("v", 1), ("s", 2))
-            ]
+            variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False)),
+                        ("_bwd_row_kernel", "atomic", dict(ATOMIC=True))]
+        else:
+            variants = [("_bwd_col_kernel", "-", {})]
         for kernel, label, extra in variants:
-            if kernel == "_bwd_col_kernel":  # owns cfg.block_m targ rows, streams cfg.block_n cont rows
+            if kernel == "_bwd_col_kernel":  # owns cfg.block_m rows of v, streams cfg.block_n rows of u
                 blocks = dict(BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m)
             else:
                 blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            if kernel != "_fwd_kernel":
-                extra = dict(extra, ACCUM=extra["PROLOGUE"] != 0)
-            out.append(dict(base, kernel=kernel, variant=label, constexprs=dict(common, **blocks, **extra)))
-    # the O(M d) helpers at the widest shipped d (BLOCK_D 128), for both archs
+            for clamp in (False, True):
+                consts = dict(BLOCK_D=bd, CLAMP=clamp, UPCAST=False, PREC=prec, **blocks, **extra)
+                out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
+    # the O(M d) helpers at the widest shipped d (BLOCK_D 128), for both archs, with the launchers' blocks
     for arch in ARCH_CC:
         small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
-        helpers = ((0, "nt_xent", 64, 64), (1, "adassl_v", 16, 8), (2, "adassl_s", 16, 8))  # launchers' blocks
+        helpers = ((0, "nt_xent", 64, 64), (1, "adassl_v", 16, 8), (2, "adassl_s", 16, 8))
         for prologue, label, block, fblock in helpers:
-            out.append(dict(small, kernel="_row_stats_kernel", variant=label, config=f"m{block}_d128",
+            out.append(dict(small, kernel="_normalize_kernel", variant=label, config=f"m{block}_d128",
                             constexprs=dict(BLOCK_M=block, BLOCK_D=128, PROLOGUE=prologue)))
-            out.append(dict(small, kernel="_finish_kernel", variant=label, config=f"m{fblock}_d128",
-                            constexprs=dict(BLOCK_M=fblock, BLOCK_D=128, PROLOGUE=prologue, TWO_PART=True, ACCUM=True)))
+            for dscale in (False, True):
+                out.append(dict(small, kernel="_finish_kernel", variant=f"{label}{'-dscale' if dscale else ''}",
+                                config=f"m{fblock}_d128",
+                                constexprs=dict(BLOCK_M=fblock, BLOCK_D=128, PROLOGUE=prologue, TWO_PART=True,
+                                                ACCUM=True, DSCALE=dscale)))
         out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
     for j in out:
         j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"

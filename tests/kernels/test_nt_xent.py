@@ -59,6 +59,10 @@ CASES = [  # (M, d, clamp, deterministic, num_splits)
     (130, 37, 3.0, True, 1),
     (130, 24, 3.0, False, None),
     (130, 5, None, True, 2),
+    # M = 300 with the interpreter's 64-blocks: tiles without a positive or excluded column take the
+    # kernels' unmasked fast path (an active clamp there too)
+    (300, 24, 3.0, True, 1),
+    (300, 17, None, False, None),
 ]
 
 
@@ -149,9 +153,11 @@ def test_half_precision_through_upcast(dtype):
     r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, 0.1, 20.0)  # float64 on the same values
     _close(loss, r_loss, 1e-4, 1e-5, what="loss")
     _close(ds, r_ds, 1e-4, 1e-3, what="dscale")
+    # The normalised rows and G enter the matrix units rounded to the input dtype (8 bits for bf16), and
+    # the row gradients are sums with heavy cancellation (sum_j G_ij ~ 0): a few bf16 ulps of the largest.
     scale_g = r_dc.abs().max().item()
-    _close(dc, r_dc, 1e-2 * scale_g, what="dcont")
-    _close(dt, r_dt, 1e-2 * scale_g, what="dtarg")
+    _close(dc, r_dc, 2e-2 * scale_g, what="dcont")
+    _close(dt, r_dt, 2e-2 * scale_g, what="dtarg")
 
 
 def test_deterministic_schedule_is_bitwise_reproducible():
