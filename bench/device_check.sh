@@ -110,6 +110,8 @@ say "commit: $ADASSL_FAST_COMMIT"
 # --- install: the package with adassl_fast.kernels, from this tree, offline ------------------------------
 SITE=$(mktemp -d /tmp/adassl_site.XXXXXX)
 export SITE
+# SKIP_BUILD=1: no CUDA extension at all, not even the one setup.py builds ahead of time during the install
+if [ "${SKIP_BUILD:-0}" = 1 ]; then export ADASSL_FAST_SKIP_CUDA_BUILD=1; fi
 install_pkg() {
     if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target "$SITE" "$REPO"; then
         echo "installed: pip install --no-deps --no-build-isolation --no-index --target $SITE (non-editable)"
