@@ -1,7 +1,8 @@
 // Plain-FMA kernels for every dtype and every d (the float32 / float64 paths, and the fallback for
 // shapes the tensor-core kernels do not cover), plus the O(M d) helper kernels shared by all paths:
-// inverse norms (+ the AdaSSL regulariser per row), the deterministic reductions, and the
-// normalisation backward / AdaSSL chain rule.
+// the prologue that materialises the normalised rows u / v (+ the AdaSSL regulariser per row), the
+// deterministic reductions, and the normalisation backward / AdaSSL chain rule (which read the fp32
+// gradients w.r.t. u / v that the core kernels write).
 #pragma once
 
 #include <cstdint>
@@ -17,39 +18,52 @@ constexpr int kGT = 32;        // owned rows and streamed rows per tile
 constexpr int kGK = 32;        // k chunk staged in shared memory
 constexpr int kGThreads = 256;  // 32 owned rows x 8 threads, each 4 streamed rows
 
-// Inverse norm 1 / max(||x_i||, 1e-12) of every row, and (optionally) the per-row regulariser sum.
-// One warp per row.
-template <class A, class Src>
-__global__ void __launch_bounds__(256) row_norm_kernel(Src src, int64_t rows, int d, A* rn, A* rowreg) {
-  int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  int lane = threadIdx.x & 31;
+// Row width of the normalised scratch buffers u / v: d rounded up to 8 elements, so every row starts on
+// a 16-byte boundary for 2-byte types and the tensor-core loaders can copy whole 16-byte chunks.
+inline int pad_cols(int d) { return (d + 7) / 8 * 8; }
+
+// Prologue (O(M d)): materialise the normalised rows once. For every row i of src (the AdaSSL edited
+// rows are formed here, rounded to T, exactly as the source defines them) computes
+// inv = 1 / max(||x_i||, 1e-12) in A and writes u_i = x_i * inv, rounded to T, to the contiguous
+// (rows, ldu) buffer `out` (pad columns [d, ldu) are zero); optionally the per-row regulariser sum.
+// One warp per row. x_i is parked in `out` on the first pass (exact: it is already a T value) and read
+// back by the same lane on the second, so the latent transcendental work runs once per element.
+template <class T, class A, class Src>
+__global__ void __launch_bounds__(256)
+    prep_rows_kernel(Src src, int64_t rows, int d, int ldu, T* out, A* rowreg) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
   if (i >= rows) return;
-  A ss = 0, rg = 0;
+  T* o = out + i * ldu;
+  A ss = 0;
   for (int k = lane; k < d; k += 32) {
-    A v = src.template get<A>(i, k);
+    const A v = src.template get<A>(i, k);
     ss += v * v;
-    if (rowreg) rg += src.template reg<A>(i, k);
+    o[k] = Cvt<T>::from_f(v);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    rg += __shfl_xor_sync(0xffffffffu, rg, o);
-  }
-  if (lane == 0) {
-    rn[i] = A(1) / fmax(sqrt(ss), A(1e-12));
-    if (rowreg) rowreg[i] = rg;
+  for (int o2 = 16; o2 > 0; o2 >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o2);
+  const A inv = A(1) / fmax(sqrt(ss), A(1e-12));
+  for (int k = lane; k < ldu; k += 32) o[k] = Cvt<T>::from_f(k < d ? ld<T, A>(o + k) * inv : A(0));
+  if (rowreg) {
+    // A separate loop: fused with the first one, the float64 AdaSSL-V instance spills on sm_90a.
+    A rg = 0;
+    for (int k = lane; k < d; k += 32) rg += src.template reg<A>(i, k);
+    for (int o2 = 16; o2 > 0; o2 >>= 1) rg += __shfl_xor_sync(0xffffffffu, rg, o2);
+    if (lane == 0) rowreg[i] = rg;
   }
 }
 
-// The core, scalar version. MODE kFwd: owned = cont rows, streamed = targ rows -> lse, row loss.
-// kRow: owned = cont, streamed = targ -> g_out = dL/du (rows x d, accumulated in place) and
-// per-block partials of sum G * C. kCol: owned = targ, streamed = cont -> g_out = dL/dv.
-// Every output element is owned by one thread and updated in a fixed order: deterministic.
-template <class A, class OwnSrc, class StrSrc, int MODE>
+// The core, scalar version, on the normalised rows (S_ij = scale / tau * <u_i, v_j>). MODE kFwd:
+// owned = u, streamed = v -> lse, row loss. kRow: owned = u, streamed = v -> g_out = dL/du (n_own x d,
+// accumulated in place: zero it first) and per-block partials of sum G * C. kCol: owned = v, streamed = u
+// -> g_out = dL/dv. own / str are contiguous with row stride ldu. Every output element is owned by one
+// thread and updated in a fixed order: deterministic.
+template <class T, class A, int MODE>
 __global__ void
-    generic_core_kernel(OwnSrc own, StrSrc str, int64_t n_own, int64_t n_str, int d, const A* rn_own,
-                        const A* rn_str, const int64_t* pos, const int64_t* excl, const A* lse_in,
-                        const A* scale_p, const A* gl_p, A inv_temp, A clampv, A inv_m, A* out_lse,
-                        A* out_rowloss, A* g_out, A* part_out) {
+    generic_core_kernel(const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
+                        const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p,
+                        const A* gl_p, A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out,
+                        A* part_out) {
   __shared__ A Os[kGT][kGK + 1];
   __shared__ A Ss[kGT][kGK + 1];
   __shared__ A Gs[kGT][kGT + 1];
@@ -59,7 +73,6 @@ __global__ void
   const int64_t oi = o0 + tr;
   const bool ovalid = oi < n_own;
   const A alpha = *scale_p * inv_temp;
-  const A rno = ovalid ? rn_own[oi] : A(0);
   const A gfac = (MODE == kFwd) ? A(0) : *gl_p * inv_m;  // host-side 1/M: no division slow path
   int64_t opos = -2, oexc = -2;
   A olse = 0;
@@ -77,8 +90,8 @@ __global__ void
       for (int e = tid; e < kGT * kGK; e += kGThreads) {
         int r = e / kGK, k = e % kGK;
         bool kv = k0 + k < d;
-        Os[r][k] = (o0 + r < n_own && kv) ? own.template get<A>(o0 + r, k0 + k) : A(0);
-        Ss[r][k] = (s0 + r < n_str && kv) ? str.template get<A>(s0 + r, k0 + k) : A(0);
+        Os[r][k] = (o0 + r < n_own && kv) ? ld<T, A>(own + (o0 + r) * ldu + k0 + k) : A(0);
+        Ss[r][k] = (s0 + r < n_str && kv) ? ld<T, A>(str + (s0 + r) * ldu + k0 + k) : A(0);
       }
       __syncthreads();
 #pragma unroll 4
@@ -98,7 +111,7 @@ __global__ void
       const bool valid = ovalid && sj < n_str;
       A gv = 0;
       if (valid) {
-        const A cosv = Gs[tr][tc + 8 * q] * rno * rn_str[sj];
+        const A cosv = Gs[tr][tc + 8 * q];
         const A S = alpha * cosv;
         const A Sc = clamp_logit(S, clampv);
         const int64_t j = (MODE == kCol) ? oi : sj;  // targ column
@@ -121,12 +134,11 @@ __global__ void
       Gs[tr][tc + 8 * q] = gv;
     }
     if (MODE != kFwd) {
-      // g_out[o][k] += alpha * sum_s G[o][s] * rn_s * x_s[k]
+      // g_out[o][k] += alpha * sum_s G[o][s] * x_s[k]  (x = the streamed normalised rows)
       for (int k0 = 0; k0 < d; k0 += kGK) {
         for (int e = tid; e < kGT * kGK; e += kGThreads) {
           int r = e / kGK, k = e % kGK;
-          Ss[r][k] = (s0 + r < n_str && k0 + k < d) ? str.template get<A>(s0 + r, k0 + k) * rn_str[s0 + r]
-                                                    : A(0);
+          Ss[r][k] = (s0 + r < n_str && k0 + k < d) ? ld<T, A>(str + (s0 + r) * ldu + k0 + k) : A(0);
         }
         __syncthreads();
 #pragma unroll

@@ -1,6 +1,7 @@
 // Host-side launch sequences shared by nt_xent.cu and adassl.cu. Each op is a short fixed sequence of
-// kernels on one stream: inverse norms (O(M d)), the core (O(M N d)), deterministic reductions and
-// the O(M d) backward epilogue. Workspace is one byte buffer the binding allocates (size from
+// kernels on one stream: the prologue that writes the normalised rows u / v (O(M d); AdaSSL's edited
+// rows and regulariser are formed only here), the core passes on u / v (O(M N d), the same kernels for
+// nt_xent and AdaSSL), deterministic reductions and the O(M d) backward epilogue. Workspace is one byte buffer the binding allocates (size from
 // adassl_cuda_workspace_bytes).
 #pragma once
 
@@ -17,36 +18,39 @@ enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 
 inline int64_t align_up(int64_t x) { return (x + 255) / 256 * 256; }
 
-// Workspace layout: rn (M), rm (N), rowloss (M), rowreg (M), partials (M / 16 + 2), gU (M d), gV (N d).
+// Workspace layout: rowloss (M), rowreg (M), partials (M / 16 + 2), [gU (M d), gV (N d)] in the
+// accumulation type A (esize bytes), then the normalised rows u (M x ldu) and v (N x ldu) in the input
+// type T (tsize bytes), ldu = pad_cols(d). Every piece starts on a 256-byte boundary.
 struct Ws {
-  void* rn;
-  void* rm;
   void* rowloss;
   void* rowreg;
   void* part;
   void* gU;
   void* gV;
+  void* u;
+  void* v;
   int64_t bytes;
 };
 
-inline Ws carve(void* base, int64_t M, int64_t N, int d, int esize, bool backward) {
+inline Ws carve(void* base, int64_t M, int64_t N, int d, int esize, int tsize, bool backward) {
   Ws w{};
   char* p = static_cast<char*>(base);
   int64_t off = 0;
-  auto take = [&](int64_t n) {
+  auto take = [&](int64_t n, int size) {
     void* r = p ? p + off : nullptr;
-    off += align_up(n * esize);
+    off += align_up(n * size);
     return r;
   };
-  w.rn = take(M);
-  w.rm = take(N);
-  w.rowloss = take(M);
-  w.rowreg = take(M);
-  w.part = take(M / 16 + 2);
+  const int64_t ldu = pad_cols(d);
+  w.rowloss = take(M, esize);
+  w.rowreg = take(M, esize);
+  w.part = take(M / 16 + 2, esize);
   if (backward) {
-    w.gU = take(M * d);
-    w.gV = take(N * d);
+    w.gU = take(M * d, esize);
+    w.gV = take(N * d, esize);
   }
+  w.u = take(M * ldu, tsize);
+  w.v = take(N * ldu, tsize);
   w.bytes = off;
   return w;
 }
@@ -55,47 +59,49 @@ inline unsigned blocks_for(int64_t work, int per_block) {
   return static_cast<unsigned>((work + per_block - 1) / per_block);
 }
 
-// Runs one core pass (MODE) with the best kernel available for (T, d); returns the number of blocks
-// that wrote partials (kRow).
-template <class T, class A, class Own, class Str, int MODE>
-int64_t run_core(cudaStream_t s, Own own, Str str, int64_t n_own, int64_t n_str, int d, const A* rn_own,
-                 const A* rn_str, const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p,
-                 const A* gl_p, A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out,
-                 A* part_out) {
+// Runs one core pass (MODE) over the normalised rows with the best kernel available for (T, d); returns
+// the number of blocks that wrote partials (kRow). The tensor-core kernels overwrite g_out, the generic
+// kernel accumulates into it (zeroed here).
+template <class T, class A, int MODE>
+int64_t run_core(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d,
+                 const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p, const A* gl_p,
+                 A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out, A* part_out) {
+  const int ldu = pad_cols(d);
   if constexpr (MmaTraits<T>::kOk) {
     if (d <= 128) {
-      return run_mma_core<T, Own, Str, MODE>(s, own, str, n_own, n_str, d, rn_own, rn_str, pos, excl, lse_in,
-                                             scale_p, gl_p, inv_temp, clampv, inv_m, out_lse, out_rowloss,
-                                             g_out, part_out);
+      return run_mma_core<T, MODE>(s, own, str, n_own, n_str, d, ldu, pos, excl, lse_in, scale_p, gl_p, inv_temp,
+                                   clampv, inv_m, out_lse, out_rowloss, g_out, part_out);
     }
   }
+  if (MODE != kFwd && n_own > 0) cudaMemsetAsync(g_out, 0, sizeof(A) * n_own * d, s);
   unsigned nb = blocks_for(n_own, kGT);
-  generic_core_kernel<A, Own, Str, MODE><<<nb, kGThreads, 0, s>>>(
-      own, str, n_own, n_str, d, rn_own, rn_str, pos, excl, lse_in, scale_p, gl_p, inv_temp, clampv, inv_m,
-      out_lse, out_rowloss, g_out, part_out);
+  if (nb == 0) return 0;
+  generic_core_kernel<T, A, MODE><<<nb, kGThreads, 0, s>>>(own, str, n_own, n_str, d, ldu, pos, excl, lse_in,
+                                                           scale_p, gl_p, inv_temp, clampv, inv_m, out_lse,
+                                                           out_rowloss, g_out, part_out);
   return nb;
 }
 
-template <class A, class Src>
-void launch_norms(cudaStream_t s, Src src, int64_t rows, int d, A* rn, A* rowreg) {
+// The prologue: normalised rows of src into the contiguous buffer out (+ the regulariser per row).
+template <class T, class A, class Src>
+void launch_prep(cudaStream_t s, Src src, int64_t rows, int d, T* out, A* rowreg) {
   if (rows == 0) return;
-  row_norm_kernel<A, Src><<<blocks_for(rows, 8), 256, 0, s>>>(src, rows, d, rn, rowreg);
+  prep_rows_kernel<T, A, Src><<<blocks_for(rows, 8), 256, 0, s>>>(src, rows, d, pad_cols(d), out, rowreg);
 }
 
 template <class T, class A>
 int nt_xent_forward_t(const void* cont, const void* targ, int64_t M, int64_t N, int d, const int64_t* pos,
                       const int64_t* excl, const void* scale, double inv_temp, double clamp, void* loss,
                       void* lse, void* ws, cudaStream_t s) {
-  Ws w = carve(ws, M, N, d, sizeof(A), false);
+  Ws w = carve(ws, M, N, d, sizeof(A), sizeof(T), false);
   PlainRows<T> C{static_cast<const T*>(cont), static_cast<const T*>(cont), M, d};
   PlainRows<T> Tg{static_cast<const T*>(targ), static_cast<const T*>(targ), N, d};
-  A* rn = static_cast<A*>(w.rn);
-  A* rm = static_cast<A*>(w.rm);
-  launch_norms<A>(s, C, M, d, rn, nullptr);
-  launch_norms<A>(s, Tg, N, d, rm, nullptr);
-  run_core<T, A, PlainRows<T>, PlainRows<T>, kFwd>(
-      s, C, Tg, M, N, d, rn, rm, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
-      A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
+  T* U = static_cast<T*>(w.u);
+  T* V = static_cast<T*>(w.v);
+  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
+  launch_prep<T, A>(s, Tg, N, d, V, static_cast<A*>(nullptr));
+  run_core<T, A, kFwd>(s, U, V, M, N, d, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
+                       A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
   sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowloss), M, A(1) / A(M), static_cast<A*>(loss));
   return static_cast<int>(cudaGetLastError());
 }
@@ -105,26 +111,23 @@ int nt_xent_backward_t(const void* grad_loss, const void* cont, const void* targ
                        const int64_t* pos, const int64_t* excl, const void* scale, const void* lse,
                        double inv_temp, double clamp, void* dcont, void* dtarg, void* dscale, void* ws,
                        cudaStream_t s) {
-  Ws w = carve(ws, M, N, d, sizeof(A), true);
+  Ws w = carve(ws, M, N, d, sizeof(A), sizeof(T), true);
   PlainRows<T> C{static_cast<const T*>(cont), static_cast<const T*>(cont), M, d};
   PlainRows<T> Tg{static_cast<const T*>(targ), static_cast<const T*>(targ), N, d};
-  A* rn = static_cast<A*>(w.rn);
-  A* rm = static_cast<A*>(w.rm);
+  T* U = static_cast<T*>(w.u);
+  T* V = static_cast<T*>(w.v);
   A* gU = static_cast<A*>(w.gU);
   A* gV = static_cast<A*>(w.gV);
   A* part = static_cast<A*>(w.part);
-  launch_norms<A>(s, C, M, d, rn, nullptr);
-  launch_norms<A>(s, Tg, N, d, rm, nullptr);
-  cudaMemsetAsync(gU, 0, sizeof(A) * M * d, s);
-  cudaMemsetAsync(gV, 0, sizeof(A) * N * d, s);
+  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
+  launch_prep<T, A>(s, Tg, N, d, V, static_cast<A*>(nullptr));
   const A* sc = static_cast<const A*>(scale);
   const A* gl = static_cast<const A*>(grad_loss);
   const A* lse_a = static_cast<const A*>(lse);
-  int64_t nb = run_core<T, A, PlainRows<T>, PlainRows<T>, kRow>(s, C, Tg, M, N, d, rn, rm, pos, excl, lse_a,
-                                                                sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
-                                                                nullptr, gU, part);
-  run_core<T, A, PlainRows<T>, PlainRows<T>, kCol>(s, Tg, C, N, M, d, rm, rn, pos, excl, lse_a, sc, gl,
-                                                   A(inv_temp), A(clamp), A(1) / A(M), nullptr, nullptr, gV, nullptr);
+  int64_t nb = run_core<T, A, kRow>(s, U, V, M, N, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M),
+                                    nullptr, nullptr, gU, part);
+  run_core<T, A, kCol>(s, V, U, N, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
+                       nullptr, gV, nullptr);
   sum_kernel<A><<<1, 1024, 0, s>>>(part, nb, A(inv_temp), static_cast<A*>(dscale));
   if (M > 0) {
     norm_backward_kernel<T, A, PlainRows<T>>
@@ -163,16 +166,15 @@ int adassl_forward_t(const AdaPtrs& p, int64_t B, int d, const int64_t* pos, con
                      const void* scale, double inv_temp, double clamp, void* l_ssl, void* l_reg, void* lse,
                      void* ws, cudaStream_t s) {
   const int64_t M = 2 * B;
-  Ws w = carve(ws, M, M, d, sizeof(A), false);
+  Ws w = carve(ws, M, M, d, sizeof(A), sizeof(T), false);
   AdaRows<T, VAR> C = make_ada<T, VAR>(p, B, d);
   PlainRows<T> Tg{static_cast<const T*>(p.emb_x), static_cast<const T*>(p.emb_y), B, d};
-  A* rn = static_cast<A*>(w.rn);
-  A* rm = static_cast<A*>(w.rm);
-  launch_norms<A>(s, C, M, d, rn, static_cast<A*>(w.rowreg));
-  launch_norms<A>(s, Tg, M, d, rm, nullptr);
-  run_core<T, A, AdaRows<T, VAR>, PlainRows<T>, kFwd>(
-      s, C, Tg, M, M, d, rn, rm, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
-      A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
+  T* U = static_cast<T*>(w.u);
+  T* V = static_cast<T*>(w.v);
+  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(w.rowreg));
+  launch_prep<T, A>(s, Tg, M, d, V, static_cast<A*>(nullptr));
+  run_core<T, A, kFwd>(s, U, V, M, M, d, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
+                       A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
   sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowloss), M, A(1) / A(M), static_cast<A*>(l_ssl));
   sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowreg), M, A(1) / A(M), static_cast<A*>(l_reg));
   return static_cast<int>(cudaGetLastError());
@@ -185,27 +187,23 @@ int adassl_backward_t(const void* grad_ssl, const void* grad_reg, const AdaPtrs&
                       void* dpost_yx, void* dprior_xy, void* dprior_yx, void* dscale, void* ws,
                       cudaStream_t s) {
   const int64_t M = 2 * B;
-  Ws w = carve(ws, M, M, d, sizeof(A), true);
+  Ws w = carve(ws, M, M, d, sizeof(A), sizeof(T), true);
   AdaRows<T, VAR> C = make_ada<T, VAR>(p, B, d);
   PlainRows<T> Tg{static_cast<const T*>(p.emb_x), static_cast<const T*>(p.emb_y), B, d};
-  A* rn = static_cast<A*>(w.rn);
-  A* rm = static_cast<A*>(w.rm);
+  T* U = static_cast<T*>(w.u);
+  T* V = static_cast<T*>(w.v);
   A* gU = static_cast<A*>(w.gU);
   A* gV = static_cast<A*>(w.gV);
   A* part = static_cast<A*>(w.part);
-  launch_norms<A>(s, C, M, d, rn, nullptr);
-  launch_norms<A>(s, Tg, M, d, rm, nullptr);
-  cudaMemsetAsync(gU, 0, sizeof(A) * M * d, s);
-  cudaMemsetAsync(gV, 0, sizeof(A) * M * d, s);
+  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
+  launch_prep<T, A>(s, Tg, M, d, V, static_cast<A*>(nullptr));
   const A* sc = static_cast<const A*>(scale);
   const A* gl = static_cast<const A*>(grad_ssl);
   const A* lse_a = static_cast<const A*>(lse);
-  int64_t nb = run_core<T, A, AdaRows<T, VAR>, PlainRows<T>, kRow>(
-      s, C, Tg, M, M, d, rn, rm, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr, nullptr, gU,
-      part);
-  run_core<T, A, PlainRows<T>, AdaRows<T, VAR>, kCol>(s, Tg, C, M, M, d, rm, rn, pos, excl, lse_a, sc, gl,
-                                                      A(inv_temp), A(clamp), A(1) / A(M), nullptr, nullptr, gV,
-                                                      nullptr);
+  int64_t nb = run_core<T, A, kRow>(s, U, V, M, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M),
+                                    nullptr, nullptr, gU, part);
+  run_core<T, A, kCol>(s, V, U, M, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
+                       nullptr, gV, nullptr);
   sum_kernel<A><<<1, 1024, 0, s>>>(part, nb, A(inv_temp), static_cast<A*>(dscale));
   if (B > 0) {
     ada_backward_kernel<T, A, VAR><<<blocks_for(B, 8), 256, 0, s>>>(

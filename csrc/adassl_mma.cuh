@@ -1,13 +1,18 @@
 // Tensor-core kernels for bf16 / fp16 (mma.sync.m16n8k16, fp32 accumulation), d <= 128.
 //
 // One kernel template covers the three passes (MODE): the forward row LSE, the row-owned dU pass and
-// the column-owned dV pass. A CTA of 4 warps owns 64 rows (16 per warp) whose operand fragments stay
-// in registers for the whole run; it streams 64-row tiles of the other side through shared memory
-// (double-buffered, cp.async when the source is a plain aligned tensor; formed in the loader for
-// AdaSSL's edited rows, which therefore never touch global memory). Norms are applied to the fp32
-// accumulator (S = <c_i, t_j> * rn_i * rn_j * scale / tau), so the operands are the inputs' own bits.
-// exp2 with log2(e) folded in. Every gradient element is produced by one thread in a fixed order:
-// no atomics, bitwise reproducible.
+// the column-owned dV pass. They read only the normalised rows u / v that the prologue
+// (prep_rows_kernel) materialised in contiguous scratch buffers, so nt_xent and AdaSSL share these
+// kernels and no tile does any per-row latent work: S = (scale / tau) * <u_i, v_j>. A CTA of 4 warps
+// owns 64 rows (16 per warp) whose operand fragments stay in registers for the whole run; it streams
+// 64-row tiles of the other side through shared memory (double-buffered, cp.async). exp2 with log2(e)
+// folded in. Every gradient element is produced by one thread in a fixed order: no atomics, bitwise
+// reproducible.
+//
+// Tile shape: 8 warps / 128 owned rows would need the same registers per thread (each warp still owns
+// 16 rows) and halve the streamed-tile traffic per row, but the kernels are bound by the per-warp
+// ldmatrix + mma work, which a larger CTA does not reduce; at ~240 registers (d = 128, kRow) both shapes
+// run 8 warps per SM. 4 warps are kept (smaller barrier groups, finer tail).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -18,7 +23,6 @@
 #include <type_traits>
 
 #include "adassl_generic.cuh"
-#include "adassl_sources.cuh"
 
 namespace adassl {
 
@@ -101,96 +105,105 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Stage rows [r0, r0 + 64) x [0, DP) of src into buf (row stride DP + 8 elements: the 16-byte pad
-// keeps the 8 row addresses of every ldmatrix on distinct banks). Rows past nrows and columns past d
-// are zero, so they add nothing to any product.
-template <class T, int DP, class Src>
-__device__ __forceinline__ void load_tile(const Src& src, int64_t r0, int64_t nrows, int d, bool vec, T* buf) {
-  constexpr int LDS = DP + 8;
-  const int tid = threadIdx.x;
-  if constexpr (Src::kPlain) {
-    if (vec) {
-      constexpr int CPR = DP / 8;
-      for (int e = tid; e < kMCols * CPR; e += kMThreads) {
-        const int r = e / CPR, c = e % CPR;
-        const int64_t row = r0 + r;
-        T* dst = buf + r * LDS + c * 8;
-        if (row < nrows && c * 8 < d) {
-          cp_async16(dst, src.row_ptr(row) + c * 8);
-        } else {
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-      return;
-    }
-  }
-  for (int e = tid; e < kMCols * DP; e += kMThreads) {
-    const int r = e / DP, k = e % DP;
-    const int64_t row = r0 + r;
-    const float v = (row < nrows && k < d) ? src.template get<float>(row, k) : 0.f;
-    buf[r * LDS + k] = Cvt<T>::from_f(v);
+template <class T>
+__device__ __forceinline__ float2 unpack2(uint32_t w) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&w));
+  } else {
+    return __half22float2(*reinterpret_cast<__half2*>(&w));
   }
 }
 
-template <class T, int DP, int MODE, class Own, class Str>
+// Stage rows [r0, r0 + ROWS) x [0, DP) of the contiguous (nrows, ldu) buffer src into buf (row stride
+// DP + 8 elements: the 16-byte pad keeps the 8 row addresses of every ldmatrix on distinct banks) with
+// cp.async. ldu is a multiple of 8 and the buffer's pad columns are zero; rows past nrows and chunks past
+// ldu are zero-filled, so they add nothing to any product.
+template <class T, int DP, int ROWS>
+__device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t r0, int64_t nrows, int ldu, T* buf) {
+  constexpr int LDS = DP + 8;
+  constexpr int CPR = DP / 8;
+  for (int e = threadIdx.x; e < ROWS * CPR; e += kMThreads) {
+    const int r = e / CPR, c = e % CPR;
+    const int64_t row = r0 + r;
+    T* dst = buf + r * LDS + c * 8;
+    if (row < nrows && c * 8 < ldu) {
+      cp_async16(dst, src + row * ldu + c * 8);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// MODE kFwd: owned = u (cont rows), streamed = v -> lse, row loss. kRow: owned = u, streamed = v ->
+// g_out = dL/du and one partial of sum G * C per CTA. kCol: owned = v (targ rows), streamed = u ->
+// g_out = dL/dv. Tiles with no positive / excluded entry and no row past the end ("plain" tiles, all but
+// O(1) per owned block for nt_xent) skip the index tests; the decision is warp-uniform (kFwd, kRow: a
+// vote over the warp's 16 rows) or CTA-uniform (kCol: flags the loader computes with the metadata).
+template <class T, int DP, int MODE>
 __global__ void __launch_bounds__(kMThreads)
-    mma_core_kernel(Own own, Str str, int64_t n_own, int64_t n_str, int d, bool vec_own, bool vec_str,
-                    const float* rn_own, const float* rn_str, const int64_t* pos, const int64_t* excl,
-                    const float* lse_in, const float* scale_p, const float* gl_p, float inv_temp, float clampv,
-                    float inv_m, float* out_lse, float* out_rowloss, float* g_out, float* part_out) {
+    mma_core_kernel(const T* __restrict__ own, const T* __restrict__ str, int64_t n_own, int64_t n_str, int d,
+                    int ldu, const int64_t* __restrict__ pos, const int64_t* __restrict__ excl,
+                    const float* __restrict__ lse_in, const float* scale_p, const float* gl_p, float inv_temp,
+                    float clampv, float inv_m, float* out_lse, float* out_rowloss, float* g_out,
+                    float* part_out) {
   constexpr int LDS = DP + 8;
   constexpr int KS = DP / 16;      // k-steps of the S product
   constexpr int NT = kMCols / 8;   // n-tiles of S per warp
   constexpr int NF = DP / 8;       // feature n-tiles of the gradient product
+  constexpr int MW = kMCols / 32;  // loader warps of the kCol metadata
+  static_assert(kMRows <= 2 * kMCols, "the owned tile is staged through the two stream buffers");
+  static_assert(kMCols % 32 == 0 && kMCols <= kMThreads, "kCol metadata: whole warps, one row per thread");
   __shared__ __align__(16) T sbuf[2][kMCols * LDS];
-  __shared__ float s_rn[2][kMCols];
-  __shared__ float s_lse[2][kMCols];  // kCol: lse * log2(e) of the streamed cont rows
+  __shared__ float s_lse[2][kMCols];  // kCol: lse * log2(e) of the streamed u rows
   __shared__ int64_t s_pos[2][kMCols];
   __shared__ int64_t s_exc[2][kMCols];
+  __shared__ int s_flag[2][MW];       // kCol: the tile holds a special entry (per loader warp)
   __shared__ float s_red[kMW];
 
-  // fp16 has 5 exponent bits: lift the gradient operand (|P - 1| * rn <= rn) away from the subnormal
-  // range; overflow would need a row norm below ~1e-3. bf16 has float32's range and needs no lift.
+  // fp16 has 5 exponent bits: lift the gradient operand (|P - 1| <= 1) away from the subnormal range.
+  // bf16 has float32's range and needs no lift.
   constexpr float kAScale = std::is_same<T, __half>::value ? 64.f : 1.f;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kMRows;
+  const bool own_tail = o0 + kMRows > n_own;
   const float alpha = *scale_p * inv_temp;
   const float gfac = (MODE == kFwd) ? 0.f : *gl_p * inv_m;
 
-  // Owned-row metadata: this thread's rows are warp*16 + g and + 8.
+  // Owned-row metadata: this thread's rows are warp*16 + g and + 8. ptile / etile: the streamed tile
+  // that holds the positive / excluded column (-1: none).
   int64_t orow[2];
-  float orn[2], olse2[2] = {0.f, 0.f};
+  float olse2[2] = {0.f, 0.f};
   int64_t opos[2] = {-2, -2}, oexc[2] = {-2, -2};
+  int ptile[2] = {-1, -1}, etile[2] = {-1, -1};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     orow[h] = o0 + warp * 16 + g + 8 * h;
-    const bool v = orow[h] < n_own;
-    orn[h] = v ? rn_own[orow[h]] : 0.f;
-    if (MODE != kCol && v) {
+    if (MODE != kCol && orow[h] < n_own) {
       opos[h] = pos[orow[h]];
       oexc[h] = excl[orow[h]];
+      if (opos[h] >= 0) ptile[h] = static_cast<int>(opos[h] / kMCols);
+      if (oexc[h] >= 0) etile[h] = static_cast<int>(oexc[h] / kMCols);
       if (MODE == kRow) olse2[h] = lse_in[orow[h]] * kLog2e;
     }
   }
 
   auto load_meta = [&](int64_t s0, int buf) {
-    if (tid < kMCols) {
+    if (MODE == kCol && tid < kMCols) {
       const int64_t i = s0 + tid;
       const bool v = i < n_str;
-      s_rn[buf][tid] = v ? rn_str[i] : 0.f;
-      if (MODE == kCol) {
-        s_lse[buf][tid] = v ? lse_in[i] * kLog2e : 0.f;
-        s_pos[buf][tid] = v ? pos[i] : -2;
-        s_exc[buf][tid] = v ? excl[i] : -2;
-      }
+      const int64_t p = v ? pos[i] : -2, e = v ? excl[i] : -2;
+      s_lse[buf][tid] = v ? lse_in[i] * kLog2e : 0.f;
+      s_pos[buf][tid] = p;
+      s_exc[buf][tid] = e;
+      const bool hit = !v || (p >= o0 && p < o0 + kMRows) || (e >= o0 && e < o0 + kMRows);
+      const unsigned b = __ballot_sync(0xffffffffu, hit);
+      if (lane == 0) s_flag[buf][warp] = b != 0u;
     }
   };
 
-  // Prologue: owned tile -> buffer 1 -> registers; streamed tile 0 -> buffer 0.
-  load_tile<T, DP>(own, o0, n_own, d, vec_own, sbuf[1]);
-  load_tile<T, DP>(str, 0, n_str, d, vec_str, sbuf[0]);
-  load_meta(0, 0);
+  // Prologue: owned tile -> the stream buffers (contiguous) -> registers.
+  load_tile<T, DP, kMRows>(own, o0, n_own, ldu, sbuf[0]);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -200,22 +213,27 @@ __global__ void __launch_bounds__(kMThreads)
     const int q = lane >> 3;
     const int r = warp * 16 + (lane & 7) + (q & 1) * 8;
     const int c = kk * 16 + (q >> 1) * 8;
-    ldsm_x4(qa[kk], smem_u32(&sbuf[1][r * LDS + c]));
+    ldsm_x4(qa[kk], smem_u32(&sbuf[0][r * LDS + c]));
   }
   __syncthreads();
+
+  const int ntiles = static_cast<int>((n_str + kMCols - 1) / kMCols);
+  if (ntiles > 0) {
+    load_tile<T, DP, kMCols>(str, 0, n_str, ldu, sbuf[0]);
+    load_meta(0, 0);
+    cp_async_commit();
+  }
 
   float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.f, 0.f}, spos[2] = {0.f, 0.f};
   float dacc[NF][4];
 #pragma unroll
   for (int f = 0; f < NF; ++f) dacc[f][0] = dacc[f][1] = dacc[f][2] = dacc[f][3] = 0.f;
-  float dpart = 0.f;
 
-  const int64_t ntiles = (n_str + kMCols - 1) / kMCols;
-  for (int64_t it = 0; it < ntiles; ++it) {
-    const int cur = static_cast<int>(it & 1);
+  for (int it = 0; it < ntiles; ++it) {
+    const int cur = it & 1;
     if (it + 1 < ntiles) {
-      load_tile<T, DP>(str, (it + 1) * kMCols, n_str, d, vec_str, sbuf[cur ^ 1]);
-      load_meta((it + 1) * kMCols, cur ^ 1);
+      load_tile<T, DP, kMCols>(str, static_cast<int64_t>(it + 1) * kMCols, n_str, ldu, sbuf[cur ^ 1]);
+      load_meta(static_cast<int64_t>(it + 1) * kMCols, cur ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -223,7 +241,18 @@ __global__ void __launch_bounds__(kMThreads)
     }
     __syncthreads();
     const T* sb = sbuf[cur];
-    const int64_t s0 = it * kMCols;
+    const int64_t s0 = static_cast<int64_t>(it) * kMCols;
+
+    bool special;
+    if (MODE == kCol) {
+      special = own_tail;
+#pragma unroll
+      for (int w = 0; w < MW; ++w) special = special || s_flag[cur][w] != 0;
+    } else {
+      const bool hit = own_tail || s0 + kMCols > n_str || ptile[0] == it || ptile[1] == it || etile[0] == it ||
+                       etile[1] == it;
+      special = __any_sync(0xffffffffu, hit);
+    }
 
     float acc[NT][4];
 #pragma unroll
@@ -244,18 +273,29 @@ __global__ void __launch_bounds__(kMThreads)
 
     if (MODE == kFwd) {
       float tmax[2] = {-INFINITY, -INFINITY};
+      if (!special) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int c = n * 8 + 2 * t + (e & 1);
-          const int64_t j = s0 + c;
-          const float x = clamp_logit(acc[n][e] * orn[h] * s_rn[cur][c] * alpha, clampv);
-          if (j == opos[h]) spos[h] = x;
-          const float v = (j < n_str && j != oexc[h]) ? x * kLog2e : -INFINITY;
-          acc[n][e] = v;
-          tmax[h] = fmaxf(tmax[h], v);
+          for (int e = 0; e < 4; ++e) {
+            const float v = clamp_logit(acc[n][e] * alpha, clampv) * kLog2e;
+            acc[n][e] = v;
+            tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            const int64_t j = s0 + n * 8 + 2 * t + (e & 1);
+            const float x = clamp_logit(acc[n][e] * alpha, clampv);
+            if (j == opos[h]) spos[h] = x;
+            const float v = (j < n_str && j != oexc[h]) ? x * kLog2e : -INFINITY;
+            acc[n][e] = v;
+            tmax[h] = fmaxf(tmax[h], v);
+          }
         }
       }
 #pragma unroll
@@ -269,40 +309,51 @@ __global__ void __launch_bounds__(kMThreads)
         m2[h] = mn;
       }
     } else {
+      // grad_loss / M is applied in the epilogue, not here: the operand below is rounded to T, and for
+      // fp16 a 1/M factor would push it into the subnormal range (kAScale lifts it further).
+      if (!special) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e >> 1;
-          const int c = n * 8 + 2 * t + (e & 1);
-          const int64_t sidx = s0 + c;
-          const float cosv = acc[n][e] * orn[h] * s_rn[cur][c];
-          const float S = cosv * alpha;
-          const float x = clamp_logit(S, clampv);
-          int64_t j, pi, ei;
-          float l2i;
-          if (MODE == kRow) {
-            j = sidx;
-            pi = opos[h];
-            ei = oexc[h];
-            l2i = olse2[h];
-          } else {
-            j = orow[h];
-            pi = s_pos[cur][c];
-            ei = s_exc[cur][c];
-            l2i = s_lse[cur][c];
+          for (int e = 0; e < 4; ++e) {
+            const float S = acc[n][e] * alpha;
+            const float l2i = (MODE == kRow) ? olse2[e >> 1] : s_lse[cur][n * 8 + 2 * t + (e & 1)];
+            const float P = fast_exp2(clamp_logit(S, clampv) * kLog2e - l2i);
+            acc[n][e] = P * clamp_pass(S, clampv) * kAScale;
           }
-          const bool valid = sidx < n_str && orow[h] < n_own;
-          const float P = (j == ei) ? 0.f : fast_exp2(x * kLog2e - l2i);
-          // grad_loss / M is applied in the epilogue, not here: the operand below is rounded to T, and
-          // for fp16 a 1/M factor would push it into the subnormal range (kAScale lifts it further).
-          const float G = valid ? (P - (j == pi ? 1.f : 0.f)) * clamp_pass(S, clampv) : 0.f;
-          if (MODE == kRow) dpart += G * cosv;
-          acc[n][e] = G * s_rn[cur][c] * kAScale;  // the streamed row enters normalised
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1;
+            const int c = n * 8 + 2 * t + (e & 1);
+            const int64_t sidx = s0 + c;
+            const float S = acc[n][e] * alpha;
+            const float x = clamp_logit(S, clampv);
+            int64_t j, pi, ei;
+            float l2i;
+            if (MODE == kRow) {
+              j = sidx;
+              pi = opos[h];
+              ei = oexc[h];
+              l2i = olse2[h];
+            } else {
+              j = orow[h];
+              pi = s_pos[cur][c];
+              ei = s_exc[cur][c];
+              l2i = s_lse[cur][c];
+            }
+            const bool valid = sidx < n_str && orow[h] < n_own;
+            const float P = (j == ei) ? 0.f : fast_exp2(x * kLog2e - l2i);
+            const float G = valid ? (P - (j == pi ? 1.f : 0.f)) * clamp_pass(S, clampv) : 0.f;
+            acc[n][e] = G * kAScale;
+          }
         }
       }
       // dacc[16 x DP] += G[16 x 64] * X[64 x DP]: G from registers (accumulator layout == A layout),
-      // X through ldmatrix.trans.
+      // X (the streamed normalised rows) through ldmatrix.trans.
 #pragma unroll
       for (int kk = 0; kk < kMCols / 16; ++kk) {
         uint32_t a[4];
@@ -348,60 +399,69 @@ __global__ void __launch_bounds__(kMThreads)
     }
   } else {
     const float gscale = alpha * gfac / kAScale;
+    const bool pairs = (d & 1) == 0;  // k even: (k, k + 1) are one aligned float2 of the row
 #pragma unroll
     for (int f = 0; f < NF; ++f) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1;
-        const int k = f * 8 + 2 * t + (e & 1);
-        if (orow[h] < n_own && k < d) g_out[orow[h] * d + k] = gscale * dacc[f][e];
+      for (int h = 0; h < 2; ++h) {
+        const int k = f * 8 + 2 * t;
+        if (orow[h] >= n_own || k >= d) continue;
+        float* dst = g_out + orow[h] * d + k;
+        if (pairs) {
+          *reinterpret_cast<float2*>(dst) = make_float2(gscale * dacc[f][2 * h], gscale * dacc[f][2 * h + 1]);
+        } else {
+          dst[0] = gscale * dacc[f][2 * h];
+          if (k + 1 < d) dst[1] = gscale * dacc[f][2 * h + 1];
+        }
       }
     }
     if (MODE == kRow) {
+      // dscale partial by the bilinear identity sum_ij G_ij C_ij = sum_i <u_i, (G V)_i>: dacc holds
+      // (G V) for this thread's rows and features, and qa holds the same elements of u (the A-fragment
+      // and accumulator layouts coincide), so no per-element product is needed in the tile loop.
+      float dpart = 0.f;
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 uu = unpack2<T>(qa[f >> 1][(f & 1) * 2 + h]);
+          dpart += dacc[f][2 * h] * uu.x + dacc[f][2 * h + 1] * uu.y;
+        }
+      }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) dpart += __shfl_xor_sync(0xffffffffu, dpart, o);
-      if (lane == 0) s_red[warp] = dpart * gfac;
+      if (lane == 0) s_red[warp] = dpart;
       __syncthreads();
       if (tid == 0) {
         float s = 0.f;
         for (int w = 0; w < kMW; ++w) s += s_red[w];
-        part_out[blockIdx.x] = s;
+        part_out[blockIdx.x] = s * gfac / kAScale;
       }
     }
   }
 }
 
-template <class Src>
-bool vec_ok(const Src& s, int d) {
-  if constexpr (Src::kPlain) {
-    auto al = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
-    return d % 8 == 0 && al(s.p0) && al(s.p1);
-  }
-  return false;
-}
-
-template <class T, int DP, int MODE, class Own, class Str>
-int64_t launch_mma(cudaStream_t s, Own own, Str str, int64_t n_own, int64_t n_str, int d, const float* rn_own,
-                   const float* rn_str, const int64_t* pos, const int64_t* excl, const float* lse_in,
-                   const float* scale_p, const float* gl_p, float inv_temp, float clampv, float inv_m,
-                   float* out_lse, float* out_rowloss, float* g_out, float* part_out) {
+template <class T, int DP, int MODE>
+int64_t launch_mma(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
+                   const int64_t* pos, const int64_t* excl, const float* lse_in, const float* scale_p,
+                   const float* gl_p, float inv_temp, float clampv, float inv_m, float* out_lse,
+                   float* out_rowloss, float* g_out, float* part_out) {
   const unsigned nb = static_cast<unsigned>((n_own + kMRows - 1) / kMRows);
   if (nb == 0) return 0;
-  mma_core_kernel<T, DP, MODE, Own, Str><<<nb, kMThreads, 0, s>>>(
-      own, str, n_own, n_str, d, vec_ok(own, d), vec_ok(str, d), rn_own, rn_str, pos, excl, lse_in, scale_p,
-      gl_p, inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out);
+  mma_core_kernel<T, DP, MODE><<<nb, kMThreads, 0, s>>>(own, str, n_own, n_str, d, ldu, pos, excl, lse_in,
+                                                        scale_p, gl_p, inv_temp, clampv, inv_m, out_lse,
+                                                        out_rowloss, g_out, part_out);
   return nb;
 }
 
-template <class T, class Own, class Str, int MODE, class A>
-int64_t run_mma_core(cudaStream_t s, Own own, Str str, int64_t n_own, int64_t n_str, int d, const A* rn_own,
-                     const A* rn_str, const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p,
-                     const A* gl_p, A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out,
-                     A* part_out) {
+template <class T, int MODE, class A>
+int64_t run_mma_core(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
+                     const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p, const A* gl_p,
+                     A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out, A* part_out) {
   if constexpr (std::is_same<A, float>::value) {
-#define ADASSL_MMA_CALL(DPV)                                                                                  \
-  return launch_mma<T, DPV, MODE>(s, own, str, n_own, n_str, d, rn_own, rn_str, pos, excl, lse_in, scale_p, \
-                                  gl_p, inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
+#define ADASSL_MMA_CALL(DPV)                                                                                   \
+  return launch_mma<T, DPV, MODE>(s, own, str, n_own, n_str, d, ldu, pos, excl, lse_in, scale_p, gl_p, inv_temp, \
+                                  clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
     if (d <= 32) ADASSL_MMA_CALL(32);
     if (d <= 64) ADASSL_MMA_CALL(64);
     ADASSL_MMA_CALL(128);

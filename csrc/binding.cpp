@@ -10,7 +10,7 @@
 
 extern "C" {
 const char* adassl_cuda_error_string(int err);
-int64_t adassl_cuda_workspace_bytes(int64_t M, int64_t N, int d, int esize, int backward);
+int64_t adassl_cuda_workspace_bytes(int64_t M, int64_t N, int d, int esize, int tsize, int backward);
 int adassl_cuda_nt_xent_forward(int dtype, const void* cont, const void* targ, int64_t M, int64_t N, int d,
                                 const int64_t* pos, const int64_t* excl, const void* scale, double inv_temp,
                                 double clamp, void* loss, void* lse, void* ws, int64_t stream);
@@ -81,8 +81,9 @@ double clamp_value(c10::optional<double> clamp) {
 }
 
 torch::Tensor workspace(const torch::Tensor& like, int64_t M, int64_t N, int64_t d, bool backward) {
-  int esize = like.scalar_type() == at::kDouble ? 8 : 4;
-  int64_t bytes = adassl_cuda_workspace_bytes(M, N, static_cast<int>(d), esize, backward ? 1 : 0);
+  const int esize = like.scalar_type() == at::kDouble ? 8 : 4;
+  const int tsize = static_cast<int>(like.element_size());
+  int64_t bytes = adassl_cuda_workspace_bytes(M, N, static_cast<int>(d), esize, tsize, backward ? 1 : 0);
   return torch::empty({bytes}, like.options().dtype(at::kByte));
 }
 

@@ -7,8 +7,9 @@ extern "C" {
 
 const char* adassl_cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
 
-int64_t adassl_cuda_workspace_bytes(int64_t M, int64_t N, int d, int esize, int backward) {
-  return carve(nullptr, M, N, d, esize, backward != 0).bytes;
+// esize: bytes of the accumulation type (4 or 8); tsize: bytes of the input type (the u / v scratch).
+int64_t adassl_cuda_workspace_bytes(int64_t M, int64_t N, int d, int esize, int tsize, int backward) {
+  return carve(nullptr, M, N, d, esize, tsize, backward != 0).bytes;
 }
 
 int adassl_cuda_nt_xent_forward(int dtype, const void* cont, const void* targ, int64_t M, int64_t N, int d,

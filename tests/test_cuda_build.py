@@ -68,7 +68,7 @@ def _short(name: str) -> str:
     for key, lab in (("13__nv_bfloat16", "bf16"), ("6__half", "f16"), ("AdaRows", "ada")):
         if key in name:
             hints.append(lab)
-    if "IdNS" in name or "IddNS" in name or name.endswith("IdEEvPKT_lS1_PS1_"):
+    if "IdNS" in name or "Idd" in name or name.endswith("IdEEvPKT_lS1_PS1_"):
         hints.append("f64")
     mma = re.search(r"Li(\d+)ELi([012])E", name)
     mode = re.search(r"Li([012])EEEv", name)

@@ -112,6 +112,79 @@ def test_cuda_info_nce_rectangular():
     torch.testing.assert_close(dt, rt, rtol=1e-10, atol=1e-12)
 
 
+def _core_reference(cont, targ, pos, excl, scale, inv_t, clamp, grad_loss):
+    """float64 autograd reference of the nt_xent core (docs/backends.md) for arbitrary pos / excl (-1 = none).
+
+    -> (loss, lse, dcont, dtarg, dscale)."""
+    c, t, s = (x.detach().double().requires_grad_(True) for x in (cont, targ, scale))
+    u = torch.nn.functional.normalize(c, dim=1, eps=1e-12)
+    v = torch.nn.functional.normalize(t, dim=1, eps=1e-12)
+    S = s * inv_t * (u @ v.t())
+    Sc = S.clamp(-clamp, clamp) if clamp is not None else S
+    M = c.shape[0]
+    rows = torch.arange(M, device=c.device)
+    mask = torch.zeros_like(S, dtype=torch.bool)
+    has_e = excl >= 0
+    mask[rows[has_e], excl[has_e]] = True
+    lse = torch.logsumexp(Sc.masked_fill(mask, -torch.inf), 1)
+    spos = torch.where(pos >= 0, Sc.gather(1, pos.clamp_min(0)[:, None])[:, 0], torch.zeros_like(lse))
+    loss = (lse - spos).mean()
+    dc, dt, ds = torch.autograd.grad(loss * float(grad_loss), (c, t, s))
+    return loss.detach(), lse.detach(), dc, dt, ds
+
+
+def _pattern(kind, M, N, dev, g):
+    """pos / excl index patterns. "none": every tile of the core kernels is a plain tile; "diag": positives
+    on the diagonal only; "mixed": random columns, about a third of the rows without a positive (-1) and a
+    third without an excluded column, excl != pos."""
+    ar = torch.arange(M)
+    if kind == "none":
+        pos = torch.full((M,), -1)
+        excl = torch.full((M,), -1)
+    elif kind == "diag":
+        pos = ar % N
+        excl = torch.full((M,), -1)
+    else:
+        pos = torch.randint(0, N, (M,), generator=g)
+        excl = (pos + 1 + torch.randint(0, N - 1, (M,), generator=g)) % N
+        pos[torch.rand(M, generator=g) < 1 / 3] = -1
+        excl[torch.rand(M, generator=g) < 1 / 3] = -1
+    return pos.to(dev), excl.to(dev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "M,N,d,kind,clamp",
+    [
+        (300, 260, 48, "mixed", 20.0),  # ragged rows and columns, specials anywhere, pos = -1 rows
+        (200, 330, 24, "mixed", None),
+        (256, 192, 128, "none", 20.0),  # multiples of 64, no positive / excluded entry: plain tiles only
+        (128, 128, 64, "diag", 20.0),  # multiples of 64: specials on the diagonal tiles only
+        (65, 63, 40, "diag", 20.0),  # one row / column past a tile
+    ],
+)
+def test_cuda_core_arbitrary_indices(dtype, M, N, d, kind, clamp):
+    dev = "cuda"
+    acc = _acc(dtype)
+    g = torch.Generator().manual_seed(M * 1000 + N)
+    cont = torch.randn(M, d, generator=g).to(dev, dtype)
+    targ = torch.randn(N, d, generator=g).to(dev, dtype)
+    pos, excl = _pattern(kind, M, N, dev, g)
+    scale = torch.tensor(3.0, device=dev, dtype=acc)  # scale / tau = 30: the clamp (20) bites
+    inv_t = 10.0
+    gl = torch.tensor(1.3, device=dev, dtype=acc)
+    loss, lse = _cuda.nt_xent_forward(cont, targ, pos, excl, scale, inv_t, clamp)
+    dcont, dtarg, dscale = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, inv_t, clamp, True)
+    r_loss, r_lse, rc, rt, rs = _core_reference(cont, targ, pos, excl, scale, inv_t, clamp, gl)
+
+    ltol, gtol = _tol(dtype)
+    assert abs(float(loss) - float(r_loss)) <= ltol * max(1.0, abs(float(r_loss)))
+    assert float((lse.double() - r_lse).abs().max()) <= 5 * ltol * max(1.0, float(r_lse.abs().max()))
+    assert _rel(dcont, rc) < gtol, _rel(dcont, rc)
+    assert _rel(dtarg, rt) < gtol, _rel(dtarg, rt)
+    assert abs(float(dscale) - float(rs)) <= gtol * max(1e-3, abs(float(rs))) * 3
+
+
 def _ada_inputs(B, d, dtype, variant, dev="cuda"):
     acc = _acc(dtype)
     emb_x = torch.randn(B, d, device=dev, dtype=dtype)
@@ -131,7 +204,7 @@ def _ada_inputs(B, d, dtype, variant, dev="cuda"):
     return emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", ["v", "s"])
 @pytest.mark.parametrize("M,d", [(34, 24), (130, 37), (514, 128)])
 def test_cuda_adassl_matches_reference(dtype, variant, M, d):
@@ -181,3 +254,17 @@ def test_cuda_adassl_matches_reference(dtype, variant, M, d):
     if variant == "s":
         assert grads[4].numel() == 0 and grads[5].numel() == 0
     assert abs(float(grads[6]) - float(ref_grads[-1])) <= 3 * gtol * max(1e-3, abs(float(ref_grads[-1])))
+
+
+@pytest.mark.parametrize("variant", ["v", "s"])
+def test_cuda_adassl_backward_is_deterministic(variant):
+    B, d = 257, 128  # M = 514: ragged last tile
+    ins = _ada_inputs(B, d, torch.bfloat16, variant)
+    scale = torch.tensor(1.2, device="cuda")
+    _, _, lse = _cuda.adassl_forward(*ins, scale, 10.0, 20.0, variant)
+    gs = torch.tensor(1.0, device="cuda")
+    gr = torch.tensor(0.5, device="cuda")
+    a = _cuda.adassl_backward(gs, gr, *ins, scale, lse, 10.0, 20.0, variant, True)
+    b = _cuda.adassl_backward(gs, gr, *ins, scale, lse, 10.0, 20.0, variant, True)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
