@@ -139,6 +139,7 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t r0,
 // g_out = dL/dv. Tiles with no positive / excluded entry and no row past the end ("plain" tiles, all but
 // O(1) per owned block for nt_xent) skip the index tests; the decision is warp-uniform (kFwd, kRow: a
 // vote over the warp's 16 rows) or CTA-uniform (kCol: flags the loader computes with the metadata).
+// Plain tiles also skip the clamp when no logit can reach it (clamp_live below, uniform per launch).
 template <class T, int DP, int MODE>
 __global__ void __launch_bounds__(kMThreads)
     mma_core_kernel(const T* __restrict__ own, const T* __restrict__ str, int64_t n_own, int64_t n_str, int d,
@@ -168,7 +169,12 @@ __global__ void __launch_bounds__(kMThreads)
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kMRows;
   const bool own_tail = o0 + kMRows > n_own;
   const float alpha = *scale_p * inv_temp;
+  const float alpha2 = alpha * kLog2e;
   const float gfac = (MODE == kFwd) ? 0.f : *gl_p * inv_m;
+  // |<u_i, v_j>| <= (1 + 2^-8)^2 (1 + 1e-5) < 1.01 for rows rounded to bf16 / fp16 (unit roundoff <= 2^-8,
+  // fp32 norms and accumulation), so with |alpha| * 1.02 < clamp no logit can reach the clamp: plain tiles
+  // then skip the clamp and its gradient indicator (the usual tau = 0.1, lambda < 1.9 regime).
+  const bool clamp_live = fabsf(alpha) * 1.02f >= clampv;
 
   // Owned-row metadata: this thread's rows are warp*16 + g and + 8. ptile / etile: the streamed tile
   // that holds the positive / excluded column (-1: none).
@@ -273,7 +279,17 @@ __global__ void __launch_bounds__(kMThreads)
 
     if (MODE == kFwd) {
       float tmax[2] = {-INFINITY, -INFINITY};
-      if (!special) {
+      if (!special && !clamp_live) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float v = acc[n][e] * alpha2;
+            acc[n][e] = v;
+            tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
+          }
+        }
+      } else if (!special) {
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -311,7 +327,16 @@ __global__ void __launch_bounds__(kMThreads)
     } else {
       // grad_loss / M is applied in the epilogue, not here: the operand below is rounded to T, and for
       // fp16 a 1/M factor would push it into the subnormal range (kAScale lifts it further).
-      if (!special) {
+      if (!special && !clamp_live) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float l2i = (MODE == kRow) ? olse2[e >> 1] : s_lse[cur][n * 8 + 2 * t + (e & 1)];
+            acc[n][e] = fast_exp2(fmaf(acc[n][e], alpha2, -l2i)) * kAScale;
+          }
+        }
+      } else if (!special) {
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
 #pragma unroll

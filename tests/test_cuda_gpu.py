@@ -159,6 +159,7 @@ def _pattern(kind, M, N, dev, g):
         (300, 260, 48, "mixed", 20.0),  # ragged rows and columns, specials anywhere, pos = -1 rows
         (200, 330, 24, "mixed", None),
         (256, 192, 128, "none", 20.0),  # multiples of 64, no positive / excluded entry: plain tiles only
+        (256, 192, 128, "none", None),  # the same without a clamp (the clamp-free plain-tile path)
         (128, 128, 64, "diag", 20.0),  # multiples of 64: specials on the diagonal tiles only
         (65, 63, 40, "diag", 20.0),  # one row / column past a tile
     ],
@@ -183,6 +184,30 @@ def test_cuda_core_arbitrary_indices(dtype, M, N, d, kind, clamp):
     assert _rel(dcont, rc) < gtol, _rel(dcont, rc)
     assert _rel(dtarg, rt) < gtol, _rel(dtarg, rt)
     assert abs(float(dscale) - float(rs)) <= gtol * max(1e-3, abs(float(rs))) * 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_entries_exactly_at_the_clamp_pass_their_gradient(dtype):
+    # d = 1 and powers of two: every normalised row is exactly +-1 in every dtype and scale / tau = 20, so
+    # every logit sits exactly on the clamp; the inclusive indicator gives d loss / d scale = sum G C / tau.
+    dev = "cuda"
+    acc = _acc(dtype)
+    cont = torch.tensor([[1.0], [-2.0], [4.0], [0.5], [-0.25], [8.0]], device=dev, dtype=dtype)
+    targ = torch.tensor([[2.0], [1.0], [-1.0], [4.0], [1.0], [-0.5]], device=dev, dtype=dtype)
+    m = cont.shape[0]
+    pos, excl = _indices(m, dev)
+    scale = torch.tensor(2.0, device=dev, dtype=acc)
+    _, lse = _cuda.nt_xent_forward(cont, targ, pos, excl, scale, 10.0, 20.0)
+    gl = torch.tensor(1.0, device=dev, dtype=acc)
+    _, _, dscale = _cuda.nt_xent_backward(gl, cont, targ, pos, excl, scale, lse, 10.0, 20.0, True)
+    cos = torch.sign(cont.double()) @ torch.sign(targ.double()).t()
+    logits = 20.0 * cos
+    logits[pos, excl] = float("-inf")
+    g = (torch.softmax(logits, 1) - torch.eye(m, dtype=torch.float64, device=dev)) / m
+    expected = float((g * cos).sum() / 0.1)
+    assert abs(expected) > 1.0
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    assert float(dscale) == pytest.approx(expected, rel=rtol)
 
 
 def _ada_inputs(B, d, dtype, variant, dev="cuda"):
