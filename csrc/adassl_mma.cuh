@@ -9,10 +9,10 @@
 // folded in. Every gradient element is produced by one thread in a fixed order: no atomics, bitwise
 // reproducible.
 //
-// Tile shape: 8 warps / 128 owned rows would need the same registers per thread (each warp still owns
-// 16 rows) and halve the streamed-tile traffic per row, but the kernels are bound by the per-warp
-// ldmatrix + mma work, which a larger CTA does not reduce; at ~240 registers (d = 128, kRow) both shapes
-// run 8 warps per SM. 4 warps are kept (smaller barrier groups, finer tail).
+// Tile shape: kMW = 8 (128 owned rows) also builds without spills for sm_80 / sm_90a (the registers per
+// thread are the same: each warp still owns 16 rows) and halves the streamed-tile traffic per owned row;
+// the per-warp ldmatrix + mma work is unchanged, and at ~210 registers (d = 128, kRow) both shapes run
+// 8 warps per SM. Not measured on a GPU yet: 4 warps are kept (smaller barrier groups, finer tail).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -208,8 +208,9 @@ __global__ void __launch_bounds__(kMThreads)
     }
   };
 
-  // Prologue: owned tile -> the stream buffers (contiguous) -> registers.
-  load_tile<T, DP, kMRows>(own, o0, n_own, ldu, sbuf[0]);
+  // Prologue: owned tile -> the stream buffers (one contiguous span) -> registers.
+  T* const sflat = &sbuf[0][0];
+  load_tile<T, DP, kMRows>(own, o0, n_own, ldu, sflat);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -219,7 +220,7 @@ __global__ void __launch_bounds__(kMThreads)
     const int q = lane >> 3;
     const int r = warp * 16 + (lane & 7) + (q & 1) * 8;
     const int c = kk * 16 + (q >> 1) * 8;
-    ldsm_x4(qa[kk], smem_u32(&sbuf[0][r * LDS + c]));
+    ldsm_x4(qa[kk], smem_u32(sflat + r * LDS + c));
   }
   __syncthreads();
 

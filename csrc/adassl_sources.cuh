@@ -1,12 +1,14 @@
-// Row sources: where a kernel gets row `i`, element `k` of the matrices it contrasts.
+// Row sources: where the O(M d) kernels (the prologue that writes the normalised rows, the
+// normalisation / AdaSSL backward) get row `i`, element `k` of the matrices the op contrasts.
 //
 // PlainRows: rows of one or two stacked (rows, d) tensors (nt_xent cont / targ; AdaSSL's
 // targ = [emb_x; emb_y] without a copy).
 // AdaRows: AdaSSL's edited rows cont = [emb_y + r_yx; emb_x + r_xy], formed on the fly from the
-// embeddings, the posterior (and prior) outputs and the noise. Nothing of cont is ever stored.
+// embeddings, the posterior (and prior) outputs and the noise. cont itself is never stored; only its
+// normalised rows u (the prologue's scratch buffer, in T) reach the matrix kernels.
 //
 // get() returns the value rounded to the storage type T and widened to the compute type A, so the
-// norms, the matrix products and the normalisation backward all see the same operands.
+// prologue's norms and the normalisation backward see the same operands.
 #pragma once
 
 #include <cuda_bf16.h>
