@@ -96,7 +96,15 @@ def _overlaps(lo, hi, start, stop):
 
 
 @triton.jit
-def _grad_tile(s2, lse2, col, pos, excl, clamp2, CLAMP: tl.constexpr, special):
+def _clamp_binds(sk2, clamp2):
+    """False when no logit can reach the clamp: |S| <= |scale / tau| |cos| and |cos| <= 1, with 1 % to
+    spare for operands rounded to bf16. Then the clamp is the identity and every tile skips it (clamp 20
+    at tau 0.1, the benchmark's setting, while |scale| < 1.98)."""
+    return tl.abs(sk2) * 1.01 >= clamp2
+
+
+@triton.jit
+def _grad_tile(s2, lse2, col, pos, excl, clamp2, CLAMP: tl.constexpr, binds, special):
     """(P - onehot(pos)) * [|S| <= clamp] for one tile of S in log2 units, in either orientation.
 
     lse2, pos, excl broadcast along S's rows and `col` is S's column index (the caller arranges the
@@ -109,7 +117,8 @@ def _grad_tile(s2, lse2, col, pos, excl, clamp2, CLAMP: tl.constexpr, special):
     if special:
         p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, 1.0, 0.0)
     if CLAMP:
-        p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
+        if binds:
+            p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
     return p
 
 
@@ -139,6 +148,7 @@ def _fwd_kernel(
     excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
     pos_lo, pos_hi = _index_range(pos)
     excl_lo, excl_hi = _index_range(excl)
+    binds = _clamp_binds(sk2, clamp2)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, ACC)
@@ -151,7 +161,8 @@ def _fwd_kernel(
         t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
         s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
         if CLAMP:
-            s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
+            if binds:
+                s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
         stop = start + BLOCK_N
         # Most tiles hold no positive, no excluded and no padding column: they skip every mask.
         if (stop > col_end) | _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop):
@@ -224,6 +235,7 @@ def _bwd_row_kernel(
     excl_lo, excl_hi = _index_range(excl)
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
+    binds = _clamp_binds(sk2, clamp2)
 
     du = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     col_start = pid_s * cols_per_split
@@ -234,7 +246,8 @@ def _bwd_row_kernel(
         s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
         stop = start + BLOCK_N
         special = _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop)
-        g = _grad_tile(s2, lse2[:, None], cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP, special)
+        g = _grad_tile(s2, lse2[:, None], cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP, binds,
+                       special)
         du = tl.dot(g.to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
         if ATOMIC:
             dv = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC, out_dtype=ACC)
@@ -266,6 +279,7 @@ def _bwd_col_kernel(
 
     t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
+    binds = _clamp_binds(sk2, clamp2)
 
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     row_start = pid_s * rows_per_split
@@ -280,7 +294,8 @@ def _bwd_col_kernel(
         s2 = tl.dot(t, tl.trans(x), input_precision=PREC).to(ACC) * sk2
         mine = ((pos >= pid_n * BLOCK_N) & (pos < col_stop)) | ((excl >= pid_n * BLOCK_N) & (excl < col_stop))
         special = tl.max(mine.to(tl.int32), 0) > 0
-        g = _grad_tile(s2, lse2[None, :], cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP, special)
+        g = _grad_tile(s2, lse2[None, :], cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP, binds,
+                       special)
         dv = tl.dot(g.to(x.dtype), x, dv, input_precision=PREC, out_dtype=ACC)
 
     out = part_ptr + (pid_s * N + cols.to(tl.int64))[:, None] * d + dd[None, :]
