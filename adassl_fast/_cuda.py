@@ -188,10 +188,12 @@ def compile_kernels(
 
 def build(force: bool = False):
     """Build (or load the cached build of) the extension module; raises RuntimeError on failure."""
+    jit = bool(os.environ.get("ADASSL_CUDA_JIT"))
     with _lock:
-        if _state["module"] is not None and not force:
+        # ADASSL_CUDA_JIT asks for the ninja build even when the prebuilt module was loaded first
+        if _state["module"] is not None and not force and (not jit or _state.get("jit")):
             return _state["module"]
-        if not force and not os.environ.get("ADASSL_CUDA_JIT"):
+        if not force and not jit:
             # Prebuilt by setup.py (CUDAExtension "adassl_fast._C_cuda") when a CUDA torch was present.
             try:
                 from adassl_fast import _C_cuda as prebuilt  # type: ignore[attr-defined]
@@ -203,6 +205,7 @@ def build(force: bool = False):
                     error=None,
                     build_dir=os.path.dirname(prebuilt.__file__),
                     log="prebuilt by setup.py (adassl_fast._C_cuda)",
+                    jit=False,
                 )
                 return prebuilt
         cuda_home = find_cuda_home()
@@ -239,6 +242,7 @@ def build(force: bool = False):
             log="\n".join(logs.values()) + "\n" + buf.getvalue(),
             cuda_home=cuda_home,
             gencodes=gencodes,
+            jit=True,
         )
         return mod
 
