@@ -91,8 +91,19 @@ def _index_range(idx):
 
 
 @triton.jit
-def _overlaps(lo, hi, start, stop):
-    return (lo < stop) & (hi >= start)
+def _row_indices(pos_ptr, excl_ptr, rows, row_ok):
+    """pos, excl of a row program's rows and the ranges they span, for _holds_special."""
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+    pos_lo, pos_hi = _index_range(pos)
+    excl_lo, excl_hi = _index_range(excl)
+    return pos, excl, pos_lo, pos_hi, excl_lo, excl_hi
+
+
+@triton.jit
+def _holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop):
+    """Whether columns [start, stop) may hold a row's positive or excluded column (conservative)."""
+    return ((pos_lo < stop) & (pos_hi >= start)) | ((excl_lo < stop) & (excl_hi >= start))
 
 
 @triton.jit
@@ -144,10 +155,7 @@ def _fwd_kernel(
     # The row tile stays on chip for the whole column loop (K = d in one tl.dot).
     x = _operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-    pos_lo, pos_hi = _index_range(pos)
-    excl_lo, excl_hi = _index_range(excl)
+    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = _row_indices(pos_ptr, excl_ptr, rows, row_ok)
     binds = _clamp_binds(sk2, clamp2)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
@@ -165,7 +173,7 @@ def _fwd_kernel(
                 s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
         stop = start + BLOCK_N
         # Most tiles hold no positive, no excluded and no padding column: they skip every mask.
-        if (stop > col_end) | _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop):
+        if (stop > col_end) | _holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop):
             # The positive logit comes from the same tile as the LSE (same operands, same rounding).
             p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s2, 0.0), 1)
             keep = (cols[None, :] < col_end) & (cols[None, :] != excl[:, None])
@@ -229,10 +237,7 @@ def _bwd_row_kernel(
     row_ok = rows < M
 
     x = _operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-    pos_lo, pos_hi = _index_range(pos)
-    excl_lo, excl_hi = _index_range(excl)
+    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = _row_indices(pos_ptr, excl_ptr, rows, row_ok)
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
     binds = _clamp_binds(sk2, clamp2)
@@ -245,7 +250,7 @@ def _bwd_row_kernel(
         t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
         s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
         stop = start + BLOCK_N
-        special = _overlaps(pos_lo, pos_hi, start, stop) | _overlaps(excl_lo, excl_hi, start, stop)
+        special = _holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop)
         g = _grad_tile(s2, lse2[:, None], cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP, binds,
                        special)
         du = tl.dot(g.to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
