@@ -78,7 +78,8 @@ def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return torch.tensor(float(scale), dtype=acc, device=like.device)
+    # a fill kernel: torch.tensor(...) on a GPU would copy from the host and wait for the stream
+    return torch.full((), float(scale), dtype=acc, device=like.device)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

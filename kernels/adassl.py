@@ -60,10 +60,10 @@ def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     src, B, d = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     M = 2 * B
     pos, excl = _nt_indices(M, emb_x.device)
-    l_ssl, lse, reg_sum = forward_core(src, M, emb_x, emb_y, B, M, d, pos, excl, scale, inv_temperature,
+    l_ssl, lse, reg_sums = forward_core(src, M, emb_x, emb_y, B, M, d, pos, excl, scale, inv_temperature,
                                        clamp, num_splits=num_splits, config=config)
     # l_reg = (R_xy + R_yx) / 2 with R a mean over B rows: the sum over all 2B rows / 2B
-    return l_ssl, reg_sum / M, lse
+    return l_ssl, reg_sums.sum() / M, lse
 
 
 def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,

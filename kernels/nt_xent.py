@@ -192,7 +192,7 @@ def _fwd_kernel(
 def _fwd_merge_kernel(
     part_ptr,  # (3, nsplit, M) ACC from _fwd_kernel
     lse_ptr,  # (M,) ACC out, natural log
-    loss_ptr,  # (grid,) ACC out: per-program sum of lse_i - S^_{i,pos_i}
+    loss_ptr,  # (grid,) ACC out: per-program sum of (lse_i - S^_{i,pos_i}) / M (the loss is their sum)
     M, nsplit,
     BLOCK: tl.constexpr,
 ):
@@ -213,7 +213,7 @@ def _fwd_merge_kernel(
     lse2 = m + tl.log2(tl.where(ok, l_sum, 1.0))
     LN2: tl.constexpr = 0.6931471805599453
     tl.store(lse_ptr + rows, lse2 * LN2, mask=ok)
-    tl.store(loss_ptr + pid, tl.sum(tl.where(ok, (lse2 - p) * LN2, 0.0), 0))
+    tl.store(loss_ptr + pid, tl.sum(tl.where(ok, (lse2 - p) * LN2, 0.0), 0) / M)
 
 
 @triton.jit
@@ -320,7 +320,7 @@ def _normalize_backward(g, x, inv, ACC: tl.constexpr):
 @triton.jit
 def _finish_kernel(
     part_ptr,  # (nsplit, R, d) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
-    dsc_ptr,  # DSCALE: (grid,) ACC out, this program's share of sum_ij G_ij C_ij; else unused
+    dsc_ptr,  # DSCALE: (grid,) ACC out, this program's share of dscale = inv_t sum_ij G_ij C_ij; else unused
     u_ptr,  # DSCALE: (R, d) the normalised rows the matmul kernels used; else unused
     rinv_ptr, scale_ptr, grad_ptr, greg_ptr,
     half, R, d, nsplit, n_loss,
@@ -344,7 +344,7 @@ def _finish_kernel(
     gscale = tl.load(grad_ptr).to(ACC) / n_loss
     if DSCALE:
         u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, d, False).to(ACC)
-        tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale)
+        tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale * inv_t)
     g = g * (gscale * tl.load(scale_ptr) * inv_t)
     x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                       noise_a, noise_b, ACC, PROLOGUE)
@@ -441,7 +441,7 @@ def _splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:
 
 
 def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
-    """(u (n_rows, d) input dtype, inverse norms (n_rows,), regulariser sum ()) of a RowSource's rows.
+    """(u (n_rows, d) input dtype, inverse norms (n_rows,), per-program regulariser sums) of a RowSource's rows.
 
     u is what the matrix kernels stream: O(n_rows d) bytes, written once per call, so the column
     kernel never re-forms AdaSSL's edited rows per tile (that multiplied its exp / log work by ~8).
@@ -455,7 +455,7 @@ def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
     reg = _empty(grid, stat, dev)
     _normalize_kernel[(grid,)](u, inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
                                BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
-    return u, inv, reg.sum()
+    return u, inv, reg
 
 
 def _column_source(targ_a, targ_b, half_c: int) -> RowSource:
@@ -464,10 +464,11 @@ def _column_source(targ_a, targ_b, half_c: int) -> RowSource:
 
 def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d: int, pos, excl,
                  scale, inv_temperature: float, clamp, *, num_splits=None, config=None):
-    """Shared forward of nt_xent and AdaSSL: (loss (), lse (M,), regulariser sum ()).
+    """Shared forward of nt_xent and AdaSSL: (loss (), lse (M,), per-program regulariser sums).
 
     cont rows come from `src` (M of them), targ rows from the two-part source (targ_a, targ_b, half_c),
-    N of them. The regulariser sum is over all rows and latent dims (0 for PROLOGUE 0).
+    N of them. The regulariser sums cover all rows and latent dims (undefined for PROLOGUE 0: not summed
+    there, one launch fewer on the path that is launch-bound at small M).
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
@@ -490,7 +491,7 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     loss_part = _empty(triton.cdiv(M, mblock), stat, device)
     _fwd_merge_kernel[(loss_part.numel(),)](part, lse, loss_part, M, nsplit, BLOCK=mblock,
                                            num_warps=4)
-    return loss_part.sum() / M, lse, reg
+    return loss_part.sum(), lse, reg
 
 
 def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int,
@@ -561,7 +562,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     else:
         dsc, dv = row_pass(True, False)
         finish(dv, 1, cinv, N, targ_src, col_sink, half_c < N, accumulate)
-    return (dsc.sum() * inv_t).to(scale.dtype)
+    return dsc.sum().to(scale.dtype)
 
 
 def _check(cont, targ, pos, excl, scale):
