@@ -14,7 +14,8 @@
 # default 420), OUT (output folder), ADASSL_FAST_COMMIT (the commit, where the tree arrives without .git:
 # e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1, TEST_MARKERS (pytest -m
 # expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun),
-# SKIP_TUNE=1, TUNE_ARGS / TUNE_S (bench/tune_triton.py's arguments and time; its table then feeds the benchmark).
+# SKIP_TUNE=1, TUNE_ARGS / TUNE_S (bench/tune_triton.py's arguments and time; its table then feeds the benchmark),
+# SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
 # non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels only in an install),
@@ -33,7 +34,7 @@ for arg in "$@"; do
         --dry-run) DRY=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
         --skip-tests) SKIP_TESTS=1 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^set -u/ {exit} NR > 1' "$0"; exit 0 ;;
         *) echo "device_check.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -183,6 +184,12 @@ BENCH_S=$(clip 600 40)  # the worker is stopped at the deadline + 30 s; SIGTERM 
 DEADLINE_S=$((BENCH_S - 45)); [ "$DEADLINE_S" -lt $((BENCH_S / 2)) ] && DEADLINE_S=$((BENCH_S / 2))
 step bench "$BENCH_S" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$DEADLINE_S" --grace-s 30 \
     --no-progress --out "$OUT"
+
+# --- small M: launch-bound or not (host enqueue vs GPU vs CUDA-graph time; printed to the log only) ------------
+if [ "$DRY" = 0 ] && [ "${SKIP_OVERHEAD:-0}" != 1 ]; then
+    read -r -a OVERHEAD <<< "${OVERHEAD_ARGS:---impl triton,cuda --M 8192,32768}"
+    step overhead "$(clip 60 10)" "$PY" "$REPO/bench/launch_overhead.py" "${OVERHEAD[@]}"
+fi
 
 # --- plots and the summary ----------------------------------------------------------------------------------
 if [ -f "$OUT/rows.json" ]; then
