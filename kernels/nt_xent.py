@@ -416,6 +416,12 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: from host code that goes through a constexpr-function wrapper (~10 us a call, 14
+    # calls a step), and small M is bound by exactly this host time (bench/launch_overhead.py)
+    return -(-a // b)
+
+
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -435,9 +441,9 @@ def _common(dtype: torch.dtype, clamp):
 def _splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:
     """Blocks of the loop range per split: enough programs for ~2 waves on the device."""
     if num_splits is None:
-        num_splits = max(1, triton.cdiv(2 * num_sms(device), max(n_own_blocks, 1)))
+        num_splits = max(1, _cdiv(2 * num_sms(device), max(n_own_blocks, 1)))
     num_splits = max(1, min(int(num_splits), n_loop_blocks))
-    return triton.cdiv(n_loop_blocks, num_splits)
+    return _cdiv(n_loop_blocks, num_splits)
 
 
 def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
@@ -451,7 +457,7 @@ def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
     inv = _empty(n_rows, stat, dev)
     # the latent prologue keeps ~10 (rows x BLOCK_D) fp32 temporaries live: few rows per program
     block = 16 if src.prologue else (64 if d <= 128 else 32)
-    grid = triton.cdiv(n_rows, block)
+    grid = _cdiv(n_rows, block)
     reg = _empty(grid, stat, dev)
     _normalize_kernel[(grid,)](u, inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
                                BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
@@ -477,10 +483,10 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     u, _, reg = normalize_rows(src, M, d, stat)
     v, _, _ = normalize_rows(_column_source(targ_a, targ_b, half_c), N, d, stat)
 
-    n_rb = triton.cdiv(M, cfg.block_m)
-    n_cb = triton.cdiv(N, cfg.block_n)
+    n_rb = _cdiv(M, cfg.block_m)
+    n_cb = _cdiv(N, cfg.block_n)
     per = _splits(n_rb, n_cb, device, num_splits)
-    nsplit = triton.cdiv(n_cb, per)
+    nsplit = _cdiv(n_cb, per)
     part = _empty((3, nsplit, M), stat, device)
     _fwd_kernel[(n_rb, nsplit)](
         part, u, v, pos, excl, scale, M, N, d, float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
@@ -488,7 +494,7 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
         PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     lse = _empty(M, stat, device)
     mblock = 128
-    loss_part = _empty(triton.cdiv(M, mblock), stat, device)
+    loss_part = _empty(_cdiv(M, mblock), stat, device)
     _fwd_merge_kernel[(loss_part.numel(),)](part, lse, loss_part, M, nsplit, BLOCK=mblock,
                                            num_warps=4)
     return loss_part.sum(), lse, reg
@@ -520,7 +526,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
 
     def finish(part, nsplit, inv, R, s: RowSource, sink: RowSink, two_part, accum, dscale=None):
         block = 8 if s.prologue else (32 if d > 128 else 64)  # the latent backward is register-hungry
-        grid = triton.cdiv(R, block)
+        grid = _cdiv(R, block)
         dsc = _empty(grid, stat, device) if dscale else inv
         _finish_kernel[(grid,)](
             part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, M, *s.args(),
@@ -530,10 +536,10 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         return dsc
 
     def row_pass(atomic: bool, accum: bool):
-        n_rb = triton.cdiv(M, cfg_r.block_m)
-        n_cb = triton.cdiv(N, cfg_r.block_n)
+        n_rb = _cdiv(M, cfg_r.block_m)
+        n_cb = _cdiv(N, cfg_r.block_n)
         per = _splits(n_rb, n_cb, device, num_splits)
-        nsplit = triton.cdiv(n_cb, per)
+        nsplit = _cdiv(n_cb, per)
         part = _empty((nsplit, M, d), stat, device)
         dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else part
         _bwd_row_kernel[(n_rb, nsplit)](
@@ -545,10 +551,10 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
 
     def col_pass(accum: bool):
         # the column kernel owns cfg.block_m rows of v and streams cfg.block_n rows of u
-        n_own = triton.cdiv(N, cfg_c.block_m)
-        n_loop = triton.cdiv(M, cfg_c.block_n)
+        n_own = _cdiv(N, cfg_c.block_m)
+        n_loop = _cdiv(M, cfg_c.block_n)
         per = _splits(n_own, n_loop, device, num_splits)
-        nsplit = triton.cdiv(n_loop, per)
+        nsplit = _cdiv(n_loop, per)
         part = _empty((nsplit, N, d), stat, device)
         _bwd_col_kernel[(n_own, nsplit)](
             part, u, v, pos, excl, lse, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
