@@ -44,7 +44,7 @@ def _c(kind, arch, dt, bd, bm, bn, w, s):
 # Every entry below compiles for its arch without spills (tests/test_cross_compile.py). Smaller d uses
 # the entry of the next larger BLOCK_D.
 _TABLE = {
-    # Measured (bench/tune_triton.py on an H200, M = 65536, bf16; bench/results/2026-11-28_2030-NVIDIA-H200/
+    # Measured (bench/tune_triton.py on an H200, M = 65536, bf16; bench/results/2026-11-28_1941-NVIDIA-H200/
     # tune.json): the fastest of 8 candidates per kernel. fwd 2.56 ms (429 TFLOP/s); with either backward
     # kernel at these 64 x 64 blocks the whole backward took 11.6 / 11.9 ms, 3-6 % (row) and 10 % (column)
     # under the 128 x 64, 8-warp shape FA-style kernels start from.
