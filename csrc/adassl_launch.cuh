@@ -89,6 +89,42 @@ void launch_prep(cudaStream_t s, Src src, int64_t rows, int d, T* out, A* rowreg
   prep_rows_kernel<T, A, Src><<<blocks_for(rows, 8), 256, 0, s>>>(src, rows, d, pad_cols(d), out, rowreg);
 }
 
+// The forward every op shares: both sides' normalised rows (and the regulariser per row, when rowreg is
+// given), the row LSE pass, and the loss as the mean of the per-row terms.
+template <class T, class A, class RowsC, class RowsT>
+void core_forward(cudaStream_t s, const Ws& w, const RowsC& C, const RowsT& Tg, int64_t M, int64_t N, int d,
+                  const int64_t* pos, const int64_t* excl, const void* scale, double inv_temp, double clamp,
+                  A* rowreg, void* loss, void* lse) {
+  launch_prep<T, A>(s, C, M, d, static_cast<T*>(w.u), rowreg);
+  launch_prep<T, A>(s, Tg, N, d, static_cast<T*>(w.v), static_cast<A*>(nullptr));
+  run_core<T, A, kFwd>(s, static_cast<const T*>(w.u), static_cast<const T*>(w.v), M, N, d, pos, excl, nullptr,
+                       static_cast<const A*>(scale), nullptr, A(inv_temp), A(clamp), A(1) / A(M),
+                       static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
+  sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowloss), M, A(1) / A(M), static_cast<A*>(loss));
+}
+
+// The backward every op shares: the normalised rows again, the row pass (fp32 gradient w.r.t. u into w.gU,
+// dscale partials) and the column pass (w.r.t. v into w.gV), dscale summed. The caller's O(M d) kernel
+// turns w.gU / w.gV into its own gradients.
+template <class T, class A, class RowsC, class RowsT>
+void core_backward(cudaStream_t s, const Ws& w, const RowsC& C, const RowsT& Tg, int64_t M, int64_t N, int d,
+                   const int64_t* pos, const int64_t* excl, const void* scale, const void* grad_loss,
+                   const void* lse, double inv_temp, double clamp, void* dscale) {
+  const T* U = static_cast<const T*>(w.u);
+  const T* V = static_cast<const T*>(w.v);
+  launch_prep<T, A>(s, C, M, d, static_cast<T*>(w.u), static_cast<A*>(nullptr));
+  launch_prep<T, A>(s, Tg, N, d, static_cast<T*>(w.v), static_cast<A*>(nullptr));
+  const A* sc = static_cast<const A*>(scale);
+  const A* gl = static_cast<const A*>(grad_loss);
+  const A* lse_a = static_cast<const A*>(lse);
+  A* part = static_cast<A*>(w.part);
+  int64_t nb = run_core<T, A, kRow>(s, U, V, M, N, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M),
+                                    nullptr, nullptr, static_cast<A*>(w.gU), part);
+  run_core<T, A, kCol>(s, V, U, N, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
+                       nullptr, static_cast<A*>(w.gV), nullptr);
+  sum_kernel<A><<<1, 1024, 0, s>>>(part, nb, A(inv_temp), static_cast<A*>(dscale));
+}
+
 template <class T, class A>
 int nt_xent_forward_t(const void* cont, const void* targ, int64_t M, int64_t N, int d, const int64_t* pos,
                       const int64_t* excl, const void* scale, double inv_temp, double clamp, void* loss,
@@ -96,13 +132,7 @@ int nt_xent_forward_t(const void* cont, const void* targ, int64_t M, int64_t N, 
   Ws w = carve(ws, M, N, d, sizeof(A), sizeof(T), false);
   PlainRows<T> C{static_cast<const T*>(cont), static_cast<const T*>(cont), M, d};
   PlainRows<T> Tg{static_cast<const T*>(targ), static_cast<const T*>(targ), N, d};
-  T* U = static_cast<T*>(w.u);
-  T* V = static_cast<T*>(w.v);
-  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
-  launch_prep<T, A>(s, Tg, N, d, V, static_cast<A*>(nullptr));
-  run_core<T, A, kFwd>(s, U, V, M, N, d, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
-                       A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
-  sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowloss), M, A(1) / A(M), static_cast<A*>(loss));
+  core_forward<T, A>(s, w, C, Tg, M, N, d, pos, excl, scale, inv_temp, clamp, static_cast<A*>(nullptr), loss, lse);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -114,21 +144,9 @@ int nt_xent_backward_t(const void* grad_loss, const void* cont, const void* targ
   Ws w = carve(ws, M, N, d, sizeof(A), sizeof(T), true);
   PlainRows<T> C{static_cast<const T*>(cont), static_cast<const T*>(cont), M, d};
   PlainRows<T> Tg{static_cast<const T*>(targ), static_cast<const T*>(targ), N, d};
-  T* U = static_cast<T*>(w.u);
-  T* V = static_cast<T*>(w.v);
-  A* gU = static_cast<A*>(w.gU);
-  A* gV = static_cast<A*>(w.gV);
-  A* part = static_cast<A*>(w.part);
-  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
-  launch_prep<T, A>(s, Tg, N, d, V, static_cast<A*>(nullptr));
-  const A* sc = static_cast<const A*>(scale);
-  const A* gl = static_cast<const A*>(grad_loss);
-  const A* lse_a = static_cast<const A*>(lse);
-  int64_t nb = run_core<T, A, kRow>(s, U, V, M, N, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M),
-                                    nullptr, nullptr, gU, part);
-  run_core<T, A, kCol>(s, V, U, N, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
-                       nullptr, gV, nullptr);
-  sum_kernel<A><<<1, 1024, 0, s>>>(part, nb, A(inv_temp), static_cast<A*>(dscale));
+  core_backward<T, A>(s, w, C, Tg, M, N, d, pos, excl, scale, grad_loss, lse, inv_temp, clamp, dscale);
+  const A* gU = static_cast<const A*>(w.gU);
+  const A* gV = static_cast<const A*>(w.gV);
   if (M > 0) {
     norm_backward_kernel<T, A, PlainRows<T>>
         <<<blocks_for(M, 8), 256, 0, s>>>(C, M, d, gU, static_cast<T*>(dcont));
@@ -169,13 +187,7 @@ int adassl_forward_t(const AdaPtrs& p, int64_t B, int d, const int64_t* pos, con
   Ws w = carve(ws, M, M, d, sizeof(A), sizeof(T), false);
   AdaRows<T, VAR> C = make_ada<T, VAR>(p, B, d);
   PlainRows<T> Tg{static_cast<const T*>(p.emb_x), static_cast<const T*>(p.emb_y), B, d};
-  T* U = static_cast<T*>(w.u);
-  T* V = static_cast<T*>(w.v);
-  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(w.rowreg));
-  launch_prep<T, A>(s, Tg, M, d, V, static_cast<A*>(nullptr));
-  run_core<T, A, kFwd>(s, U, V, M, M, d, pos, excl, nullptr, static_cast<const A*>(scale), nullptr, A(inv_temp),
-                       A(clamp), A(1) / A(M), static_cast<A*>(lse), static_cast<A*>(w.rowloss), nullptr, nullptr);
-  sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowloss), M, A(1) / A(M), static_cast<A*>(l_ssl));
+  core_forward<T, A>(s, w, C, Tg, M, M, d, pos, excl, scale, inv_temp, clamp, static_cast<A*>(w.rowreg), l_ssl, lse);
   sum_kernel<A><<<1, 1024, 0, s>>>(static_cast<A*>(w.rowreg), M, A(1) / A(M), static_cast<A*>(l_reg));
   return static_cast<int>(cudaGetLastError());
 }
@@ -190,21 +202,9 @@ int adassl_backward_t(const void* grad_ssl, const void* grad_reg, const AdaPtrs&
   Ws w = carve(ws, M, M, d, sizeof(A), sizeof(T), true);
   AdaRows<T, VAR> C = make_ada<T, VAR>(p, B, d);
   PlainRows<T> Tg{static_cast<const T*>(p.emb_x), static_cast<const T*>(p.emb_y), B, d};
-  T* U = static_cast<T*>(w.u);
-  T* V = static_cast<T*>(w.v);
-  A* gU = static_cast<A*>(w.gU);
-  A* gV = static_cast<A*>(w.gV);
-  A* part = static_cast<A*>(w.part);
-  launch_prep<T, A>(s, C, M, d, U, static_cast<A*>(nullptr));
-  launch_prep<T, A>(s, Tg, M, d, V, static_cast<A*>(nullptr));
-  const A* sc = static_cast<const A*>(scale);
-  const A* gl = static_cast<const A*>(grad_ssl);
-  const A* lse_a = static_cast<const A*>(lse);
-  int64_t nb = run_core<T, A, kRow>(s, U, V, M, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M),
-                                    nullptr, nullptr, gU, part);
-  run_core<T, A, kCol>(s, V, U, M, M, d, pos, excl, lse_a, sc, gl, A(inv_temp), A(clamp), A(1) / A(M), nullptr,
-                       nullptr, gV, nullptr);
-  sum_kernel<A><<<1, 1024, 0, s>>>(part, nb, A(inv_temp), static_cast<A*>(dscale));
+  core_backward<T, A>(s, w, C, Tg, M, M, d, pos, excl, scale, grad_ssl, lse, inv_temp, clamp, dscale);
+  const A* gU = static_cast<const A*>(w.gU);
+  const A* gV = static_cast<const A*>(w.gV);
   if (B > 0) {
     ada_backward_kernel<T, A, VAR><<<blocks_for(B, 8), 256, 0, s>>>(
         C, gU, gV, static_cast<const A*>(grad_reg), static_cast<T*>(demb_x), static_cast<T*>(demb_y),
