@@ -70,6 +70,14 @@ torch::Tensor scalar_arg(const torch::Tensor& x, const char* name, const torch::
   return x.reshape({}).to(acc_type(like.scalar_type())).contiguous();
 }
 
+// The forward's per-row LSE handed back to the backward: (rows,) in the accumulation dtype, contiguous.
+torch::Tensor lse_arg(const torch::Tensor& lse, const torch::Tensor& like, int64_t rows, const char* shape) {
+  auto at = acc_type(like.scalar_type());
+  TORCH_CHECK(lse.device() == like.device() && lse.scalar_type() == at && lse.dim() == 1 && lse.size(0) == rows,
+              "adassl_fast cuda: lse must be ", shape, " ", at, " on ", like.device());
+  return lse.contiguous();
+}
+
 void check_index(const torch::Tensor& x, const char* name, const torch::Tensor& like, int64_t M) {
   TORCH_CHECK(x.device() == like.device(), "adassl_fast cuda: ", name, " must be on ", like.device());
   TORCH_CHECK(x.scalar_type() == at::kLong && x.dim() == 1 && x.size(0) == M && x.is_contiguous(),
@@ -126,9 +134,7 @@ std::vector<torch::Tensor> nt_xent_backward(torch::Tensor grad_loss, torch::Tens
   auto sc = scalar_arg(scale, "scale", cont);
   auto gl = scalar_arg(grad_loss, "grad_loss", cont);
   auto at = acc_type(cont.scalar_type());
-  TORCH_CHECK(lse.device() == cont.device() && lse.scalar_type() == at && lse.dim() == 1 && lse.size(0) == M,
-              "adassl_fast cuda: lse must be (M,) ", at, " on ", cont.device());
-  auto lse_c = lse.contiguous();
+  auto lse_c = lse_arg(lse, cont, M, "(M,)");
   auto dcont = torch::empty_like(cont);
   auto dtarg = torch::empty_like(targ);
   auto dscale = torch::empty({}, cont.options().dtype(at));
@@ -220,9 +226,7 @@ std::vector<torch::Tensor> adassl_backward(torch::Tensor grad_ssl, torch::Tensor
   auto gs = scalar_arg(grad_ssl, "grad_ssl", emb_x);
   auto gr = scalar_arg(grad_reg, "grad_reg", emb_x);
   auto at = acc_type(emb_x.scalar_type());
-  TORCH_CHECK(lse.device() == emb_x.device() && lse.scalar_type() == at && lse.dim() == 1 && lse.size(0) == M,
-              "adassl_fast cuda: lse must be (2B,) ", at, " on ", emb_x.device());
-  auto lse_c = lse.contiguous();
+  auto lse_c = lse_arg(lse, emb_x, M, "(2B,)");
   auto demb_x = torch::empty_like(emb_x);
   auto demb_y = torch::empty_like(emb_y);
   auto dpost_xy = torch::empty_like(post_xy);
