@@ -295,15 +295,16 @@ def _clamp(clamp):
 # ------------------------------------------------------------------------------------------------
 # Backend entry points (docs/backends.md)
 # ------------------------------------------------------------------------------------------------
+def _contiguous(*tensors):
+    return [t.contiguous() for t in tensors]
+
+
 def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
     """-> (loss 0-dim, lse (M,)); float32 (float64 for float64 inputs)."""
     m = _module()
     with torch.cuda.device(cont.device):
         loss, lse = m.nt_xent_forward(
-            cont.contiguous(),
-            targ.contiguous(),
-            pos.contiguous(),
-            excl.contiguous(),
+            *_contiguous(cont, targ, pos, excl),
             scale,
             float(inv_temperature),
             _clamp(clamp),
@@ -318,10 +319,7 @@ def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatu
     with torch.cuda.device(cont.device):
         dcont, dtarg, dscale = m.nt_xent_backward(
             grad_loss,
-            cont.contiguous(),
-            targ.contiguous(),
-            pos.contiguous(),
-            excl.contiguous(),
+            *_contiguous(cont, targ, pos, excl),
             scale,
             lse,
             float(inv_temperature),
@@ -339,14 +337,7 @@ def adassl_forward(
     with torch.cuda.device(emb_x.device):
         return tuple(
             m.adassl_forward(
-                emb_x.contiguous(),
-                emb_y.contiguous(),
-                post_xy.contiguous(),
-                post_yx.contiguous(),
-                prior_xy.contiguous(),
-                prior_yx.contiguous(),
-                noise_xy.contiguous(),
-                noise_yx.contiguous(),
+                *_contiguous(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx),
                 scale,
                 float(inv_temperature),
                 _clamp(clamp),
@@ -381,14 +372,7 @@ def adassl_backward(
             m.adassl_backward(
                 grad_ssl,
                 grad_reg,
-                emb_x.contiguous(),
-                emb_y.contiguous(),
-                post_xy.contiguous(),
-                post_yx.contiguous(),
-                prior_xy.contiguous(),
-                prior_yx.contiguous(),
-                noise_xy.contiguous(),
-                noise_yx.contiguous(),
+                *_contiguous(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx),
                 scale,
                 lse,
                 float(inv_temperature),
