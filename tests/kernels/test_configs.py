@@ -1,0 +1,49 @@
+"""The Triton block-configuration table (kernels/configs.py): shipped entries, lookup, and a measured override.
+
+The GPU lookup is exercised here without a GPU by pretending the device is an H200 (`_arch_of`), as
+tests/test_dispatch.py does.
+"""
+
+import json
+
+import pytest
+import torch
+from adassl_fast.kernels import configs
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    monkeypatch.setattr(configs, "_arch_of", lambda device: "sm90")
+    monkeypatch.delenv(configs.TUNED_ENV, raising=False)
+
+
+def test_shipped_configs_are_named_uniquely_and_cover_every_kind():
+    shipped = configs.shipped_configs()
+    names = [cfg.name for *_, cfg in shipped]
+    assert len(names) == len(set(names))
+    for arch in ("sm90", "sm80"):
+        assert {cfg.name.split(f"_{arch}")[0] for a, _, _, cfg in shipped if a == arch} == set(configs.KINDS)
+
+
+def test_lookup_takes_the_smallest_covering_block_d_and_refuses_the_rest(h200):
+    cfg = configs.pick_config("fwd", CUDA, torch.bfloat16, 37)  # d = 37 pads to 64, served by the d = 128 entry
+    assert cfg.name.startswith("fwd_sm90_f16_d128_")
+    assert configs.unsupported_reason(CUDA, torch.float16, 128) is None
+    for dtype, d in ((torch.bfloat16, 129), (torch.float32, 128)):
+        assert "no vetted Triton config" in configs.unsupported_reason(CUDA, dtype, d)
+
+
+def test_a_tuned_table_overrides_matching_entries_only(h200, monkeypatch, tmp_path):
+    # the form bench/tune_triton.py writes (tune.json), with one kind measured
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"table": {"sm90/16/128": {"bwd_col": [32, 128, 4, 5]}}, "rows": []}))
+    monkeypatch.setenv(configs.TUNED_ENV, str(path))
+    tuned = configs.pick_config("bwd_col", CUDA, torch.bfloat16, 128)
+    assert (tuned.block_m, tuned.block_n, tuned.num_warps, tuned.num_stages) == (32, 128, 4, 5)
+    assert tuned.name.startswith("tuned_bwd_col_sm90")
+    shipped = configs.pick_config("fwd", CUDA, torch.bfloat16, 128)  # not in the tuned table
+    assert shipped.name.startswith("fwd_sm90_f16_d128_")
+    monkeypatch.delenv(configs.TUNED_ENV)
+    assert configs.pick_config("bwd_col", CUDA, torch.bfloat16, 128).name.startswith("bwd_col_sm90")
