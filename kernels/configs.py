@@ -10,10 +10,10 @@ Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
 
-The sm90 16-bit d <= 128 entries follow the flash-attention shape that Hopper's wgmma wants
-(128-row warpgroup tiles, 8 warps, 2-3 stages). Larger d shrinks the streamed block first, then the
-owned block, so the fp32 gradient accumulator (BLOCK_M x BLOCK_D) stays in registers without spills;
-tests/test_cross_compile.py checks exactly that for every entry below.
+The sm90 d <= 128 entries were measured on an H200 (bench/tune_triton.py); the others come from the
+cross-compile table alone: larger d shrinks the blocks so the fp32 gradient accumulator
+(BLOCK_M x BLOCK_D) stays in registers without spills. tests/test_cross_compile.py checks every entry
+below for spills, shared memory and (sm_90) wgmma.
 """
 
 from __future__ import annotations
@@ -52,9 +52,15 @@ _TABLE = {
     # sm80 (no A100 lent yet, so unmeasured): chosen from the cross-compile table alone, the largest shapes
     # that compile without spills for every variant (the atomic row kernel with the clamp spilled at 64 x 64)
     ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 64, 4, 2)},
+    # d in (128, 256] (not timed on a GPU yet): from the cross-compile table, the largest tiles without spills
+    # for every variant; on sm_90 also with wgmma (its 64-row warpgroup tiles rule out 32-row blocks). The
+    # atomic row kernel is the binding one: 64 x 64 on sm_90, 32 x 32 on sm_80.
+    ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    ("sm80", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (32, 32, 8, 2), "bwd_col": (64, 64, 8, 2)},
 }
-# Not shipped yet (tried, see the commit message and report): d = 256 and fp32 (3xTF32) entries spill in
-# the backward kernels with the shapes tried; pick_config raises for them so dispatch can fall back.
+# Not shipped (tried with the lean kernels, 2026-11-28): d = 512 and fp32 (3xTF32) at d = 128, where the
+# atomic row kernel spilled with every shape tried down to 32 x 16; pick_config raises for them so dispatch
+# falls back to the torch backend.
 
 
 # The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.
@@ -88,7 +94,7 @@ def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
             return _TABLE[(arch, dt, cbd)], dt, cbd
     raise ValueError(
         f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 "
-        "with d <= 128 (the kernels themselves take any d <= 512 in the interpreter); use impl='torch'"
+        "with d <= 256 (the kernels themselves take any d <= 512 in the interpreter); use impl='torch'"
     )
 
 

@@ -446,6 +446,17 @@ def _splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:
     return _cdiv(n_loop_blocks, num_splits)
 
 
+def rows_per_program(d: int, prologue: int, finishing: bool) -> int:
+    """Rows per program of the O(M d) kernels (_normalize_kernel, _finish_kernel).
+
+    Their whole tile lives in registers: the AdaSSL latent math keeps ~10 (rows x BLOCK_D) fp32 temporaries
+    live (its backward more), so each kind gets a fixed element budget and the rows shrink as d grows
+    (tests/test_cross_compile.py compiles exactly these shapes and checks them for spills).
+    """
+    budget = (1024 if finishing else 2048) if prologue else 8192
+    return max(1, min(64, budget // block_d(d)))
+
+
 def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
     """(u (n_rows, d) input dtype, inverse norms (n_rows,), per-program regulariser sums) of a RowSource's rows.
 
@@ -455,8 +466,7 @@ def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
     dev = src.emb_a.device
     u = _empty((n_rows, d), src.emb_a.dtype, dev)
     inv = _empty(n_rows, stat, dev)
-    # the latent prologue keeps ~10 (rows x BLOCK_D) fp32 temporaries live: few rows per program
-    block = 16 if src.prologue else (64 if d <= 128 else 32)
+    block = rows_per_program(d, src.prologue, finishing=False)
     grid = _cdiv(n_rows, block)
     reg = _empty(grid, stat, dev)
     _normalize_kernel[(grid,)](u, inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
@@ -525,7 +535,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     common = dict(BLOCK_D=bd, CLAMP=has_clamp, UPCAST=upcast, PREC=prec)
 
     def finish(part, nsplit, inv, R, s: RowSource, sink: RowSink, two_part, accum, dscale=None):
-        block = 8 if s.prologue else (32 if d > 128 else 64)  # the latent backward is register-hungry
+        block = rows_per_program(d, s.prologue, finishing=True)
         grid = _cdiv(R, block)
         dsc = _empty(grid, stat, device) if dscale else inv
         _finish_kernel[(grid,)](

@@ -63,18 +63,21 @@ def jobs():
             for clamp in (False, True):
                 consts = dict(BLOCK_D=bd, CLAMP=clamp, UPCAST=False, PREC=prec, **blocks, **extra)
                 out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
-    # the O(M d) helpers at the widest shipped d (BLOCK_D 128), for both archs, with the launchers' blocks
+    # the O(M d) helpers at each shipped BLOCK_D, for both archs, with the launchers' rows per program
+    from adassl_fast.kernels.nt_xent import rows_per_program
+
     for arch in ARCH_CC:
         small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
-        helpers = ((0, "nt_xent", 64, 64), (1, "adassl_v", 16, 8), (2, "adassl_s", 16, 8))
-        for prologue, label, block, fblock in helpers:
-            out.append(dict(small, kernel="_normalize_kernel", variant=label, config=f"m{block}_d128",
-                            constexprs=dict(BLOCK_M=block, BLOCK_D=128, PROLOGUE=prologue)))
-            for dscale in (False, True):
-                out.append(dict(small, kernel="_finish_kernel", variant=f"{label}{'-dscale' if dscale else ''}",
-                                config=f"m{fblock}_d128",
-                                constexprs=dict(BLOCK_M=fblock, BLOCK_D=128, PROLOGUE=prologue, TWO_PART=True,
-                                                ACCUM=True, DSCALE=dscale)))
+        for bd in sorted({b for a, _, b, _ in shipped_configs() if a == arch}):
+            for prologue, label in ((0, "nt_xent"), (1, "adassl_v"), (2, "adassl_s")):
+                block, fblock = rows_per_program(bd, prologue, False), rows_per_program(bd, prologue, True)
+                out.append(dict(small, kernel="_normalize_kernel", variant=label, config=f"m{block}_d{bd}",
+                                constexprs=dict(BLOCK_M=block, BLOCK_D=bd, PROLOGUE=prologue)))
+                for dscale in (False, True):
+                    out.append(dict(small, kernel="_finish_kernel", variant=f"{label}{'-dscale' if dscale else ''}",
+                                    config=f"m{fblock}_d{bd}",
+                                    constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
+                                                    ACCUM=True, DSCALE=dscale)))
         out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
     for j in out:
         j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"

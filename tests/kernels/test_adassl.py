@@ -80,6 +80,7 @@ def _names(variant):
         (3, 5, "s", 3.0, False, 1),
         (17, 37, "s", 3.0, True, 2),
         (65, 5, "s", None, True, 1),
+        (9, 131, "v", 3.0, False, None),  # BLOCK_D 256, the widest GPU table entry
     ],
 )
 def test_matches_reference_float64(B, d, variant, clamp, deterministic, num_splits):

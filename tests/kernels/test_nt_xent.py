@@ -63,6 +63,8 @@ CASES = [  # (M, d, clamp, deterministic, num_splits)
     # kernels' unmasked fast path (an active clamp there too)
     (300, 24, 3.0, True, 1),
     (300, 17, None, False, None),
+    # d in (128, 256]: BLOCK_D 256, the widest GPU table entry
+    (70, 130, 3.0, True, None),
 ]
 
 
