@@ -51,7 +51,8 @@ PEAK_FLOPS = {"H200": 790e12}
 # FLOPs per phase in units of M^2 d (PERF.md "The work and its floor"). Executed: what the shipped schedule
 # does (the deterministic backward recomputes S twice: 8; with fp32 atomics for dV: 6); the symmetric
 # info_nce forward needs row and column LSEs (separate passes: 4), its backward combines both directions in
-# one G. Floor: the least work any schedule needs (forward 2, backward 6, full 8), for every op.
+# one G, except on the CUDA backend, which runs its one-directional backward once per direction (twice the
+# work). Floor: the least work any schedule needs (forward 2, backward 6, full 8), for every op.
 _EXECUTED = {"fwd": 2, "bwd_det": 8, "bwd_atomic": 6}
 _FLOOR = {"fwd": 2, "bwd": 6, "full": 8}
 
@@ -65,11 +66,13 @@ def _check_phase(phase: str) -> None:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = True, symmetric: bool = True) -> int:
-    """Matrix-product FLOPs the schedule executes for one call of `phase` (M rows, d features)."""
+def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = True, symmetric: bool = True,
+                impl: str = "triton") -> int:
+    """Matrix-product FLOPs the schedule of `impl` executes for one call of `phase` (M rows, d features)."""
     _check_phase(phase)
-    fwd = _EXECUTED["fwd"] * (2 if op == "info_nce" and symmetric else 1)
-    bwd = _EXECUTED["bwd_det" if deterministic else "bwd_atomic"]
+    both_ways = op == "info_nce" and symmetric
+    fwd = _EXECUTED["fwd"] * (2 if both_ways else 1)
+    bwd = _EXECUTED["bwd_det" if deterministic else "bwd_atomic"] * (2 if both_ways and impl == "cuda" else 1)
     units = {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[phase]
     return units * m * m * d
 
@@ -403,7 +406,8 @@ def measure(spec: dict, settings: dict, time_left_s: float = math.inf) -> dict:
 
 
 def _base_row(spec: dict, env: dict) -> dict:
-    flops = phase_flops(spec["op"], spec["phase"], spec["M"], spec["d"], deterministic=spec["deterministic"])
+    flops = phase_flops(spec["op"], spec["phase"], spec["M"], spec["d"], deterministic=spec["deterministic"],
+                        impl=spec["impl"])
     floor_s = floor_seconds(spec["op"], spec["phase"], spec["M"], spec["d"], env["device"])
     row = {k: spec[k] for k in ("op", "impl", "M", "d", "dtype", "phase")}
     row.update(median_ms=None, tflops=None, floor_ratio=None, extra_bytes=None, device=env["device"],

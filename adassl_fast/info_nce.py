@@ -1,7 +1,10 @@
 """CLIP-style InfoNCE on an N x N similarity (positives on the diagonal), symmetric or one-directional.
 
-It reuses the nt_xent core (adassl_fast/nt_xent.py) with no excluded column: the key->query direction
-is the same op with the roles of the two inputs swapped, so every backend that runs nt_xent runs this.
+The one-directional loss is the nt_xent core (adassl_fast/nt_xent.py) with no excluded column. The
+symmetric loss has its own op: dL/dS = (P + P' - 2 I) / 2N holds both directions (P the row softmax, P'
+the column softmax), so a backward pass over S gives both inputs' gradients at once (8 N^2 d FLOPs, where
+two one-directional backward passes cost 16). The torch and Triton backends run it that way; the CUDA
+backend composes two one-directional calls of its nt_xent core.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast.nt_xent import NORM_EPS, clamp_inclusive, contrastive_loss
+from adassl_fast._library import define_op
+from adassl_fast.nt_xent import NORM_EPS, _torch_backward, _torch_forward, clamp_inclusive, contrastive_loss
 
 
 def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None):
@@ -28,6 +32,121 @@ def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=No
     if symmetric:
         loss = (loss + F.cross_entropy(logits.t(), labels)) / 2
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Symmetric kernels. A backend's one-directional nt_xent core gives the symmetric loss in two calls per
+# phase; `_symmetric_forward` / `_symmetric_backward` build that from it.
+
+
+def _diagonal(n: int, device) -> tuple[Tensor, Tensor]:
+    return torch.arange(n, device=device), torch.full((n,), -1, dtype=torch.int64, device=device)
+
+
+def _symmetric_forward(directional):
+    """(loss, lse (2, N)) from a one-directional core forward: rows against columns, then the reverse."""
+
+    def forward(query, key, scale, inv_temperature, clamp):
+        pos, excl = _diagonal(query.shape[0], query.device)
+        loss_r, lse_r = directional(query, key, pos, excl, scale, inv_temperature, clamp)
+        loss_c, lse_c = directional(key, query, pos, excl, scale, inv_temperature, clamp)
+        return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
+
+    return forward
+
+
+def _symmetric_backward(directional):
+    """(dquery, dkey, dscale) from a one-directional core backward: one call per direction, summed."""
+
+    def backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
+        pos, excl = _diagonal(query.shape[0], query.device)
+        half = grad_loss / 2
+        dq, dk, ds = directional(half, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic)
+        dk2, dq2, ds2 = directional(half, key, query, pos, excl, scale, lse[1], inv_temperature, clamp,
+                                    deterministic)
+        return dq + dq2, dk + dk2, ds + ds2
+
+    return backward
+
+
+def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
+    pos, excl = _diagonal(query.shape[0], query.device)
+    return _torch_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
+                           col_lse=lse[1])
+
+
+def _kernels(impl: str):
+    """(forward, backward) of the symmetric InfoNCE op for a backend name (docs/backends.md)."""
+    if impl == "torch":
+        return _symmetric_forward(_torch_forward), _torch_backward_symmetric
+    if impl == "triton":
+        from adassl_fast.kernels import info_nce as triton_kernels
+
+        return triton_kernels.info_nce_forward, triton_kernels.info_nce_backward
+    if impl == "cuda":
+        from adassl_fast import _cuda
+
+        return _symmetric_forward(_cuda.nt_xent_forward), _symmetric_backward(_cuda.nt_xent_backward)
+    raise ValueError(f"no info_nce kernels for impl={impl!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops (adassl_fast/_library.py).
+
+
+def _forward_kernel(query, key, scale, inv_temperature, clamp, impl, deterministic):
+    forward, _ = _kernels(impl)
+    return forward(query, key, scale, inv_temperature, clamp)
+
+
+def _forward_fake(query, key, scale, inv_temperature, clamp, impl, deterministic):
+    acc = _checks.accumulation_dtype(query.dtype)
+    return query.new_empty((), dtype=acc), query.new_empty((2, query.shape[0]), dtype=acc)
+
+
+def _backward_kernel(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
+    _, backward = _kernels(impl)
+    return backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic)
+
+
+def _backward_fake(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, scale, inv_temperature, clamp, impl, deterministic = inputs
+    ctx.save_for_backward(query, key, scale, output[1])
+    ctx.options = (inv_temperature, clamp, impl, deterministic)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _autograd_backward(ctx, grad_loss, _grad_lse):
+    query, key, scale, lse = ctx.saved_tensors
+    inv_temperature, clamp, impl, deterministic = ctx.options
+    dquery, dkey, dscale = info_nce_backward_op(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl,
+                                                deterministic)
+    return dquery, dkey, dscale, None, None, None, None
+
+
+# (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; docs/backends.md.
+info_nce_backward_op = define_op(
+    "info_nce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor scale, Tensor lse, "
+    "float inv_temperature, float? clamp, str impl, bool deterministic) -> (Tensor, Tensor, Tensor)",
+    _backward_kernel,
+    _backward_fake,
+)
+info_nce_forward_op = define_op(
+    "info_nce_forward(Tensor query, Tensor key, Tensor scale, float inv_temperature, float? clamp, str impl, "
+    "bool deterministic) -> (Tensor, Tensor)",
+    _forward_kernel,
+    _forward_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional form.
 
 
 def info_nce(
@@ -66,9 +185,8 @@ def info_nce(
                                     schedule=schedule, timeout=timeout)
     if impl == "reference":
         return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp)
-    pos = torch.arange(query.shape[0], device=query.device)
-    excl = torch.full_like(pos, -1)
-    loss = contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)
     if symmetric:
-        loss = (loss + contrastive_loss(key, query, pos, excl, lam, temperature, clamp, impl, deterministic)) / 2
-    return loss
+        loss, _ = info_nce_forward_op(query, key, lam, 1.0 / temperature, clamp, impl, deterministic)
+        return loss
+    pos, excl = _diagonal(query.shape[0], query.device)
+    return contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)

@@ -133,7 +133,13 @@ def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
     return (lse - positive).mean(), lse
 
 
-def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic):
+def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
+                    col_lse=None):
+    """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}].
+
+    col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
+    (pos = arange, nothing excluded): both directions' softmaxes go into one G, one pass for both.
+    """
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
     u, norm_u = _normalize(cont, acc)
@@ -151,15 +157,20 @@ def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatur
         slab, _, outside = _logit_slab(u_scaled[r0:r1], v, pos_blk, excl[r0:r1], clamp, clamp_active)
         # G / w = (P - onehot(pos)) * [inside clamp], P = 0 at the excluded column; the scalar row weight
         # w = grad_loss / M is applied to the small products below instead of the slab.
-        g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
-        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), (pos_blk >= 0).to(acc).neg_().unsqueeze(1))
+        hot = (pos_blk >= 0).to(acc).neg_()
+        if col_lse is not None:
+            hot.mul_(2)
+            g = (slab - col_lse).exp_().add_(slab.sub_(lse[r0:r1].unsqueeze(1)).exp_())
+        else:
+            g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), hot.unsqueeze(1))
         if outside is not None:
             g.masked_fill_(outside, 0.0)
         gv = g @ v
         sum_gc += (gv * u[r0:r1]).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
         grad_u[r0:r1] = gv
         grad_v.addmm_(g.t(), u[r0:r1])
-    w = grad_loss.to(acc) / m
+    w = grad_loss.to(acc) / (2 * m if col_lse is not None else m)
     dcont = normalize_backward(grad_u.mul_(w * s), u, norm_u).to(cont.dtype)
     dtarg = normalize_backward(grad_v.mul_(w * s), v, norm_v).to(targ.dtype)
     return dcont, dtarg, (sum_gc * w * inv_temperature).to(scale.dtype)

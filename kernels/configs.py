@@ -9,6 +9,8 @@ Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
 - BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
+The symmetric InfoNCE backward (SYM: one more exp tile live) runs the kinds "bwd_row_sym" / "bwd_col_sym":
+an entry names them only where the plain kind's shape spills with SYM; elsewhere they take the plain one.
 
 The sm90 d <= 128 entries were measured on an H200 (bench/tune_triton.py); the others come from the
 cross-compile table alone: larger d shrinks the blocks so the fp32 gradient accumulator
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("fwd", "bwd_row", "bwd_col")
+SYM_KINDS = {"bwd_row_sym": "bwd_row", "bwd_col_sym": "bwd_col"}  # -> the kind whose entry they default to
 
 @dataclass(frozen=True)
 class Config:
@@ -48,14 +51,19 @@ _TABLE = {
     # tune.json): the fastest of 8 candidates per kernel. fwd 2.56 ms (429 TFLOP/s); with either backward
     # kernel at these 64 x 64 blocks the whole backward took 11.6 / 11.9 ms, 3-6 % (row) and 10 % (column)
     # under the 128 x 64, 8-warp shape FA-style kernels start from.
-    ("sm90", "16", 128): {"fwd": (128, 128, 4, 2), "bwd_row": (64, 64, 4, 3), "bwd_col": (64, 64, 4, 3)},
+    # SYM column kernel: 64 x 64 with 4 warps spilled (8 bytes, with the clamp); 128 x 64 with 8 warps and 3
+    # stages (255 registers, no spill) was the plain column kernel's second best (12.4 vs 11.9 ms). Untimed.
+    ("sm90", "16", 128): {"fwd": (128, 128, 4, 2), "bwd_row": (64, 64, 4, 3), "bwd_col": (64, 64, 4, 3),
+                          "bwd_col_sym": (128, 64, 8, 3)},
     # sm80 (no A100 lent yet, so unmeasured): chosen from the cross-compile table alone, the largest shapes
     # that compile without spills for every variant (the atomic row kernel with the clamp spilled at 64 x 64)
     ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 64, 4, 2)},
     # d in (128, 256] (not timed on a GPU yet): from the cross-compile table, the largest tiles without spills
     # for every variant; on sm_90 also with wgmma (its 64-row warpgroup tiles rule out 32-row blocks). The
     # atomic row kernel is the binding one: 64 x 64 on sm_90, 32 x 32 on sm_80.
-    ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    # (SYM row kernel: the atomic one with the clamp spilled 8 bytes at 64 x 64; 64 x 32 does not)
+    ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2),
+                          "bwd_row_sym": (64, 32, 8, 2)},
     ("sm80", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (32, 32, 8, 2), "bwd_col": (64, 64, 8, 2)},
 }
 # Not shipped (tried with the lean kernels, 2026-11-28): d = 512 and fp32 (3xTF32) at d = 128, where the
@@ -112,11 +120,19 @@ def _tuned_table(path: str) -> dict:
 
 
 def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> Config:
-    """The configuration a launcher uses for `kind` on `device` for inputs of `dtype` and width d."""
+    """The configuration a launcher uses for `kind` on `device` for inputs of `dtype` and width d.
+
+    A SYM kind takes its own table entry where there is one, else its plain kind's (tuned or shipped).
+    """
     bd = block_d(d)
     arch = _arch_of(device)
     if arch == "interp":
-        return _c(kind, "interp", dtype_class(dtype), bd, *_INTERP[kind])
+        return _c(kind, "interp", dtype_class(dtype), bd, *_INTERP[SYM_KINDS.get(kind, kind)])
+    if kind in SYM_KINDS:
+        entry, dtc, cbd = _lookup(arch, dtype_class(dtype), bd)
+        if kind in entry:
+            return _c(kind, arch, dtc, cbd, *entry[kind])
+        return pick_config(SYM_KINDS[kind], device, dtype, d)
     tuned = os.environ.get(TUNED_ENV)
     if tuned:
         entry = _tuned_table(tuned).get((arch, dtype_class(dtype), bd), {})
@@ -130,8 +146,9 @@ def shipped_configs() -> list[tuple[str, str, int, Config]]:
     """Every shipped GPU configuration as (arch, dtype class, BLOCK_D, Config), in a fixed order."""
     out = []
     for (arch, dt, bd), entry in _TABLE.items():
-        for kind in KINDS:
-            out.append((arch, dt, bd, _c(kind, arch, dt, bd, *entry[kind])))
+        for kind in (*KINDS, *SYM_KINDS):
+            if kind in entry:
+                out.append((arch, dt, bd, _c(kind, arch, dt, bd, *entry[kind])))
     return out
 
 

@@ -115,18 +115,25 @@ def _clamp_binds(sk2, clamp2):
 
 
 @triton.jit
-def _grad_tile(s2, lse2, col, pos, excl, clamp2, CLAMP: tl.constexpr, binds, special):
+def _grad_tile(s2, lse2, lse2_t, col, pos, excl, clamp2, CLAMP: tl.constexpr, binds, special, SYM: tl.constexpr):
     """(P - onehot(pos)) * [|S| <= clamp] for one tile of S in log2 units, in either orientation.
 
     lse2, pos, excl broadcast along S's rows and `col` is S's column index (the caller arranges the
     shapes). `special`: the tile holds a positive or an excluded column; elsewhere the masks are
     skipped. Rows past the end need no mask: their LSE is +inf, so P is exactly 0 there. Columns past
     the end need none either: their operand rows are 0, so they add nothing to a product.
+    SYM (symmetric InfoNCE, diagonal positives, nothing excluded): both directions' softmaxes in one G,
+    P + P' - 2 onehot, where P' uses `lse2_t`, the column LSEs (broadcast along S's other axis). Padding
+    gets P' != 0 there, but it multiplies zero operand rows or lands in rows that are never stored.
     """
     # No clamped copy of S: where the gradient survives (|S| <= clamp) the clamp is the identity.
     p = tl.exp2(s2 - lse2)
+    hot = 1.0
+    if SYM:
+        p += tl.exp2(s2 - lse2_t)
+        hot = 2.0
     if special:
-        p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, 1.0, 0.0)
+        p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, hot, 0.0)
     if CLAMP:
         if binds:
             p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
@@ -192,8 +199,8 @@ def _fwd_kernel(
 def _fwd_merge_kernel(
     part_ptr,  # (3, nsplit, M) ACC from _fwd_kernel
     lse_ptr,  # (M,) ACC out, natural log
-    loss_ptr,  # (grid,) ACC out: per-program sum of (lse_i - S^_{i,pos_i}) / M (the loss is their sum)
-    M, nsplit,
+    loss_ptr,  # (grid,) ACC out: per-program sum of (lse_i - S^_{i,pos_i}) / n_loss (the loss is their sum)
+    M, nsplit, n_loss,
     BLOCK: tl.constexpr,
 ):
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
@@ -213,17 +220,20 @@ def _fwd_merge_kernel(
     lse2 = m + tl.log2(tl.where(ok, l_sum, 1.0))
     LN2: tl.constexpr = 0.6931471805599453
     tl.store(lse_ptr + rows, lse2 * LN2, mask=ok)
-    tl.store(loss_ptr + pid, tl.sum(tl.where(ok, (lse2 - p) * LN2, 0.0), 0) / M)
+    tl.store(loss_ptr + pid, tl.sum(tl.where(ok, (lse2 - p) * LN2, 0.0), 0) / n_loss)
 
 
 @triton.jit
 def _bwd_row_kernel(
     part_ptr,  # (nsplit, M, d) ACC out: sum_j G^_ij v_j of each column split (G^ = G / grad_scale)
     dv_ptr,  # ATOMIC: (N, d) ACC, zeroed: sum_i G^_ij u_i added with atomics; else unused
-    u_ptr, v_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr,
+    u_ptr, v_ptr, pos_ptr, excl_ptr,
+    lse_ptr,  # (M,) ACC row LSEs (natural log)
+    lsec_ptr,  # SYM: (N,) ACC column LSEs; else unused
+    scale_ptr,
     M, N, d, inv_t, clamp2, cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, SYM: tl.constexpr,
 ):
     # Row-owned: dU and (by the bilinear identity sum_j G_ij C_ij = <u_i, sum_j G_ij v_j>) dscale,
     # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
@@ -251,8 +261,12 @@ def _bwd_row_kernel(
         s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
         stop = start + BLOCK_N
         special = _holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop)
-        g = _grad_tile(s2, lse2[:, None], cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP, binds,
-                       special)
+        if SYM:
+            lse2_t = tl.load(lsec_ptr + cols, mask=cols < N, other=float("inf"))[None, :] * LOG2E
+        else:
+            lse2_t = lse2[:, None]  # unused
+        g = _grad_tile(s2, lse2[:, None], lse2_t, cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP,
+                       binds, special, SYM)
         du = tl.dot(g.to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
         if ATOMIC:
             dv = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC, out_dtype=ACC)
@@ -266,10 +280,10 @@ def _bwd_row_kernel(
 @triton.jit
 def _bwd_col_kernel(
     part_ptr,  # (nsplit, N, d) ACC out: sum_i G^_ij u_i of each row split
-    u_ptr, v_ptr, pos_ptr, excl_ptr, lse_ptr, scale_ptr,
+    u_ptr, v_ptr, pos_ptr, excl_ptr, lse_ptr, lsec_ptr, scale_ptr,  # as _bwd_row_kernel
     M, N, d, inv_t, clamp2, rows_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SYM: tl.constexpr,
 ):
     # Column-owned: this program owns BLOCK_N rows of v and streams BLOCK_M rows of u. It forms the
     # transposed tile S^T = V U^T directly, so G^T is the register operand of the second product and
@@ -285,6 +299,8 @@ def _bwd_col_kernel(
     t = _operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
     binds = _clamp_binds(sk2, clamp2)
+    if SYM:
+        lse2_t = tl.load(lsec_ptr + cols, mask=cols < N, other=float("inf"))[:, None] * LOG2E
 
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     row_start = pid_s * rows_per_split
@@ -299,8 +315,10 @@ def _bwd_col_kernel(
         s2 = tl.dot(t, tl.trans(x), input_precision=PREC).to(ACC) * sk2
         mine = ((pos >= pid_n * BLOCK_N) & (pos < col_stop)) | ((excl >= pid_n * BLOCK_N) & (excl < col_stop))
         special = tl.max(mine.to(tl.int32), 0) > 0
-        g = _grad_tile(s2, lse2[None, :], cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP, binds,
-                       special)
+        if not SYM:
+            lse2_t = lse2[None, :]  # unused
+        g = _grad_tile(s2, lse2[None, :], lse2_t, cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP,
+                       binds, special, SYM)
         dv = tl.dot(g.to(x.dtype), x, dv, input_precision=PREC, out_dtype=ACC)
 
     out = part_ptr + (pid_s * N + cols.to(tl.int64))[:, None] * d + dd[None, :]
@@ -478,6 +496,28 @@ def _column_source(targ_a, targ_b, half_c: int) -> RowSource:
     return RowSource(targ_a, targ_b, half_c, *([targ_a] * 6), 0)
 
 
+def _row_lse(u, v, pos, excl, scale, inv_temperature: float, clamp, lse, loss_part, n_loss: int, cfg, num_splits):
+    """Row LSEs of S = scale / tau * u v^T into `lse` (M,), and per-program sums of (lse_i - S_{i,pos_i}) /
+    n_loss into `loss_part` (cdiv(M, 128),): the forward matmul kernel and its split merge."""
+    M, d = u.shape
+    N = v.shape[0]
+    upcast, prec, has_clamp, clamp_v = _common(u.dtype, clamp)
+    n_rb = _cdiv(M, cfg.block_m)
+    n_cb = _cdiv(N, cfg.block_n)
+    per = _splits(n_rb, n_cb, u.device, num_splits)
+    nsplit = _cdiv(n_cb, per)
+    part = _empty((3, nsplit, M), lse.dtype, u.device)
+    _fwd_kernel[(n_rb, nsplit)](
+        part, u, v, pos, excl, scale, M, N, d, float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(d), CLAMP=has_clamp, UPCAST=upcast,
+        PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _fwd_merge_kernel[(loss_part.numel(),)](part, lse, loss_part, M, nsplit, n_loss, BLOCK=_MERGE_BLOCK,
+                                           num_warps=4)
+
+
+_MERGE_BLOCK = 128
+
+
 def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d: int, pos, excl,
                  scale, inv_temperature: float, clamp, *, num_splits=None, config=None):
     """Shared forward of nt_xent and AdaSSL: (loss (), lse (M,), per-program regulariser sums).
@@ -488,43 +528,34 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
-    upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
-    cfg = config or pick_config("fwd", device, dtype, d)
     u, _, reg = normalize_rows(src, M, d, stat)
     v, _, _ = normalize_rows(_column_source(targ_a, targ_b, half_c), N, d, stat)
-
-    n_rb = _cdiv(M, cfg.block_m)
-    n_cb = _cdiv(N, cfg.block_n)
-    per = _splits(n_rb, n_cb, device, num_splits)
-    nsplit = _cdiv(n_cb, per)
-    part = _empty((3, nsplit, M), stat, device)
-    _fwd_kernel[(n_rb, nsplit)](
-        part, u, v, pos, excl, scale, M, N, d, float(inv_temperature), clamp_v, per * cfg.block_n, nsplit,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(d), CLAMP=has_clamp, UPCAST=upcast,
-        PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     lse = _empty(M, stat, device)
-    mblock = 128
-    loss_part = _empty(_cdiv(M, mblock), stat, device)
-    _fwd_merge_kernel[(loss_part.numel(),)](part, lse, loss_part, M, nsplit, BLOCK=mblock,
-                                           num_warps=4)
+    loss_part = _empty(_cdiv(M, _MERGE_BLOCK), stat, device)
+    _row_lse(u, v, pos, excl, scale, inv_temperature, clamp, lse, loss_part, M,
+             config or pick_config("fwd", device, dtype, d), num_splits)
     return loss_part.sum(), lse, reg
 
 
 def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int,
                   targ_a, targ_b, half_c: int, N: int, col_sink: RowSink, d: int, pos, excl,
                   scale, lse, inv_temperature: float, clamp, deterministic: bool, *,
-                  accumulate: bool = False, num_splits=None, configs=None):
+                  col_lse=None, accumulate: bool = False, num_splits=None, configs=None):
     """Shared backward: writes the row / column gradients into the sinks, returns dscale.
 
+    col_lse: (N,) column LSEs for the symmetric InfoNCE loss (lse_i - S_ii + lse'_i - S_ii) / 2M, whose G
+    holds both directions' softmaxes: one pair of matmul kernels for both (pos = arange, nothing excluded).
     accumulate: the two sinks alias (AdaSSL: emb_x / emb_y are both rows and columns); the side
     finished second adds to what the first wrote.
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
     upcast, prec, has_clamp, clamp_v = _common(dtype, clamp)
+    sym = col_lse is not None
+    suffix = "_sym" if sym else ""
     configs = configs or {}
-    cfg_r = configs.get("bwd_row") or pick_config("bwd_row", device, dtype, d)
-    cfg_c = configs.get("bwd_col") or pick_config("bwd_col", device, dtype, d)
+    cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + suffix, device, dtype, d)
+    cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + suffix, device, dtype, d)
     bd = block_d(d)
     inv_t = float(inv_temperature)
     targ_src = _column_source(targ_a, targ_b, half_c)
@@ -532,14 +563,16 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     v, cinv, _ = normalize_rows(targ_src, N, d, stat)
     if grad_reg is None:
         grad_reg = scale
-    common = dict(BLOCK_D=bd, CLAMP=has_clamp, UPCAST=upcast, PREC=prec)
+    lsec = col_lse if sym else lse
+    n_loss = 2 * M if sym else M
+    common = dict(BLOCK_D=bd, CLAMP=has_clamp, UPCAST=upcast, PREC=prec, SYM=sym)
 
     def finish(part, nsplit, inv, R, s: RowSource, sink: RowSink, two_part, accum, dscale=None):
         block = rows_per_program(d, s.prologue, finishing=True)
         grid = _cdiv(R, block)
         dsc = _empty(grid, stat, device) if dscale else inv
         _finish_kernel[(grid,)](
-            part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, M, *s.args(),
+            part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, n_loss, *s.args(),
             sink.a, sink.b, sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
             BLOCK_M=block, BLOCK_D=bd, PROLOGUE=s.prologue, TWO_PART=two_part, ACCUM=accum,
             DSCALE=bool(dscale), num_warps=4)
@@ -553,7 +586,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         part = _empty((nsplit, M, d), stat, device)
         dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else part
         _bwd_row_kernel[(n_rb, nsplit)](
-            part, dv, u, v, pos, excl, lse, scale, M, N, d, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
+            part, dv, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
             BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic,
             num_warps=cfg_r.num_warps, num_stages=cfg_r.num_stages, **common)
         dsc = finish(part, nsplit, rinv, M, src, row_sink, True, accum, dscale=True)
@@ -567,7 +600,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         nsplit = _cdiv(n_loop, per)
         part = _empty((nsplit, N, d), stat, device)
         _bwd_col_kernel[(n_own, nsplit)](
-            part, u, v, pos, excl, lse, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
+            part, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
             BLOCK_M=cfg_c.block_n, BLOCK_N=cfg_c.block_m,
             num_warps=cfg_c.num_warps, num_stages=cfg_c.num_stages, **common)
         finish(part, nsplit, cinv, N, targ_src, col_sink, half_c < N, accum)

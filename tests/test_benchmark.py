@@ -44,6 +44,8 @@ def test_executed_flops_per_phase():
     assert bench.phase_flops("info_nce", "fwd", m, d) == 4 * unit  # symmetric: row and column LSEs
     assert bench.phase_flops("info_nce", "fwd", m, d, symmetric=False) == 2 * unit
     assert bench.phase_flops("info_nce", "full", m, d, deterministic=False) == 10 * unit  # PERF.md's 10 N^2 d
+    assert bench.phase_flops("info_nce", "bwd", m, d) == 8 * unit  # one G for both directions
+    assert bench.phase_flops("info_nce", "bwd", m, d, impl="cuda") == 16 * unit  # one backward per direction
     with pytest.raises(ValueError, match="phase"):
         bench.phase_flops("nt_xent", "both", m, d)
 

@@ -5,6 +5,7 @@ import torch
 
 import adassl_fast
 from adassl_fast.adassl import adassl_forward_op
+from adassl_fast.info_nce import info_nce_forward_op
 from adassl_fast.nt_xent import nt_xent_forward_op, partner_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,6 +36,12 @@ def _adassl_args(impl, variant, b=5, d=4):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_opcheck_nt_xent(impl):
     torch.library.opcheck(nt_xent_forward_op, _nt_xent_args(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck_info_nce(impl):
+    query, key, _, _, scale, *rest = _nt_xent_args(impl, m=9, d=5)
+    torch.library.opcheck(info_nce_forward_op, (query, key, scale, 1 / 0.07, None, impl, True))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

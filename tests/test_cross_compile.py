@@ -26,7 +26,7 @@ DTYPES = {"16": "bf16", "32": "fp32"}
 
 # argument name -> pointer type ("X" = the input dtype, "S" = the statistics dtype)
 _PTRS = {
-    "part_ptr": "S", "dsc_ptr": "S", "dv_ptr": "S", "rinv_ptr": "S", "cinv_ptr": "S", "lse_ptr": "S",
+    "part_ptr": "S", "dsc_ptr": "S", "dv_ptr": "S", "rinv_ptr": "S", "cinv_ptr": "S", "lse_ptr": "S", "lsec_ptr": "S",
     "scale_ptr": "S", "grad_ptr": "S", "greg_ptr": "S", "inv_ptr": "S", "reg_ptr": "S", "loss_ptr": "S",
     "pos_ptr": "i64", "excl_ptr": "i64",
 }
@@ -36,25 +36,41 @@ _FLOATS = {"inv_t", "clamp2"}
 _ALIGNED_INTS = {"d"}  # a launch with d % 16 == 0 specialises d like this (vectorised row loads)
 
 
+_ROW_SYM = [("_bwd_row_kernel", "sym", dict(ATOMIC=False, SYM=True)),
+            ("_bwd_row_kernel", "atomic-sym", dict(ATOMIC=True, SYM=True))]
+
+
 def jobs():
     """Every (kernel, variant, config, arch) to compile, as JSON-able dicts, in a fixed order."""
     from adassl_fast.kernels.configs import shipped_configs
 
     out = []
-    for arch, dt, bd, cfg in shipped_configs():
+    shipped = shipped_configs()
+    own_sym = {(arch, dt, bd, cfg.name.split(f"_sym_{arch}")[0])
+               for arch, dt, bd, cfg in shipped if "_sym_" in cfg.name}
+    for arch, dt, bd, cfg in shipped:
         kind = cfg.name.split(f"_{arch}")[0]
         prec = "tf32" if dt == "16" else "tf32x3"
         base = dict(arch=arch, dtype=DTYPES[dt], config=cfg.name, matmul=True,
                     options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         # what the launchers run with this config (kernels/nt_xent.py forward_core / backward_core);
         # nt_xent and AdaSSL share these kernels (both stream normalised rows)
+        # (symmetric info_nce's SYM variants run with the plain kind's config unless the entry names a
+        # "<kind>_sym" config of their own; kernels/configs.py)
+        plain_runs_sym = (arch, dt, bd, kind) not in own_sym
         if kind == "fwd":
             variants = [("_fwd_kernel", "-", {})]
         elif kind == "bwd_row":
-            variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False)),
-                        ("_bwd_row_kernel", "atomic", dict(ATOMIC=True))]
+            variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False, SYM=False)),
+                        ("_bwd_row_kernel", "atomic", dict(ATOMIC=True, SYM=False))]
+            variants += _ROW_SYM if plain_runs_sym else []
+        elif kind == "bwd_col":
+            variants = [("_bwd_col_kernel", "-", dict(SYM=False))]
+            variants += [("_bwd_col_kernel", "sym", dict(SYM=True))] if plain_runs_sym else []
+        elif kind == "bwd_row_sym":
+            variants = _ROW_SYM
         else:
-            variants = [("_bwd_col_kernel", "-", {})]
+            variants = [("_bwd_col_kernel", "sym", dict(SYM=True))]
         for kernel, label, extra in variants:
             if kernel == "_bwd_col_kernel":  # owns cfg.block_m rows of v, streams cfg.block_n rows of u
                 blocks = dict(BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m)

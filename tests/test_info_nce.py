@@ -44,3 +44,21 @@ def test_bfloat16_inputs_give_float32():
     got = adassl_fast.info_nce(q.bfloat16(), k.bfloat16(), impl="torch")
     assert got.dtype == torch.float32
     assert abs(got.item() - ref.item()) < 3e-2 * ref.item()
+
+
+@pytest.mark.parametrize("clamp", [None, 2.0])
+def test_fused_torch_backward_equals_two_directional_passes(clamp):
+    # the torch backend's one-pass symmetric backward against the composition the CUDA backend uses (its
+    # one-directional core once per direction), both from the torch core: float64, to rounding
+    from adassl_fast.info_nce import _symmetric_backward, _symmetric_forward, _torch_backward_symmetric
+    from adassl_fast.nt_xent import _torch_backward, _torch_forward
+
+    n, d = 45, 19
+    q, k = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    scale, grad = torch.tensor(1.4, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+    loss, lse = _symmetric_forward(_torch_forward)(q, k, scale, 6.0, clamp)
+    fused = _torch_backward_symmetric(grad, q, k, scale, lse, 6.0, clamp, True)
+    composed = _symmetric_backward(_torch_backward)(grad, q, k, scale, lse, 6.0, clamp, True)
+    assert lse.shape == (2, n)
+    for a, b in zip(fused, composed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

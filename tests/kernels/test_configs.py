@@ -24,7 +24,22 @@ def test_shipped_configs_are_named_uniquely_and_cover_every_kind():
     names = [cfg.name for *_, cfg in shipped]
     assert len(names) == len(set(names))
     for arch in ("sm90", "sm80"):
-        assert {cfg.name.split(f"_{arch}")[0] for a, _, _, cfg in shipped if a == arch} == set(configs.KINDS)
+        kinds = {cfg.name.split(f"_{arch}")[0] for a, _, _, cfg in shipped if a == arch}
+        assert set(configs.KINDS) <= kinds <= set(configs.KINDS) | set(configs.SYM_KINDS)
+
+
+def test_sym_kinds_take_their_own_entry_or_the_plain_kinds(h200, monkeypatch, tmp_path):
+    own = configs.pick_config("bwd_col_sym", CUDA, torch.bfloat16, 128)  # the sm90 d128 entry names one
+    assert own.name.startswith("bwd_col_sym_sm90_f16_d128_")
+    assert own != configs.pick_config("bwd_col", CUDA, torch.bfloat16, 128)
+    assert configs.pick_config("bwd_row_sym", CUDA, torch.bfloat16, 128) == configs.pick_config(
+        "bwd_row", CUDA, torch.bfloat16, 128)
+    # a tuned plain kind reaches a SYM kind without an entry of its own, never one with
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"table": {"sm90/16/128": {"bwd_row": [32, 64, 4, 2], "bwd_col": [32, 64, 4, 2]}}}))
+    monkeypatch.setenv(configs.TUNED_ENV, str(path))
+    assert configs.pick_config("bwd_row_sym", CUDA, torch.bfloat16, 128).name.startswith("tuned_bwd_row_sm90")
+    assert configs.pick_config("bwd_col_sym", CUDA, torch.bfloat16, 128) == own
 
 
 def test_lookup_takes_the_smallest_covering_block_d_and_refuses_the_rest(h200):

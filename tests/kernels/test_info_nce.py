@@ -1,0 +1,119 @@
+"""Triton symmetric InfoNCE (kernels/info_nce.py: the SYM row / column kernels) against the reference.
+
+Runs in the Triton interpreter without a GPU (tests/conftest.py). float64 is exact to rounding; bf16 goes
+through the fp32-upcast path. Sizes are odd: N not a multiple of any block, d not a power of two.
+"""
+
+import pytest
+import torch
+from adassl_fast.kernels import info_nce as kin
+from adassl_fast.kernels import nt_xent as ntx
+
+from adassl_fast.info_nce import info_nce_reference
+
+pytestmark = pytest.mark.triton
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ntx, "POISON", True)
+
+
+def _run(query, key, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
+    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, num_splits=num_splits)
+    g = torch.tensor(grad, dtype=loss.dtype)
+    dq, dk, ds = kin.info_nce_backward(g, query, key, scale, lse, inv_t, clamp, deterministic,
+                                       num_splits=num_splits)
+    return loss, lse, dq, dk, ds
+
+
+def _reference(query, key, scale, temperature, clamp, grad=1.0):
+    q, k, s = (x.detach().to(F64).requires_grad_() for x in (query, key, scale))
+    loss = info_nce_reference(q, k, temperature=temperature, scale=s, clamp=clamp, symmetric=True)
+    return (loss.detach(), *torch.autograd.grad(loss, (q, k, s), torch.tensor(grad, dtype=F64)))
+
+
+def _lse_reference(query, key, scale, temperature, clamp):
+    u = torch.nn.functional.normalize(query.to(F64), dim=1)
+    v = torch.nn.functional.normalize(key.to(F64), dim=1)
+    S = scale.to(F64) / temperature * (u @ v.t())
+    if clamp is not None:
+        S = S.clamp(-clamp, clamp)
+    return torch.stack([torch.logsumexp(S, 1), torch.logsumexp(S, 0)])
+
+
+def _close(a, b, tol, what):
+    assert torch.isfinite(a).all(), what
+    err = (a.to(F64) - b).abs().max().item()
+    assert err <= tol, f"{what}: max err {err:.3e}"
+
+
+@pytest.mark.parametrize("N,d,clamp,deterministic,num_splits", [
+    (6, 5, None, True, 1),
+    (37, 17, 2.5, True, None),
+    (37, 24, 2.5, False, 1),
+    (130, 37, None, False, None),
+    (130, 24, 3.0, True, 2),
+    # 64-blocks in the interpreter: off-diagonal tiles take the unmasked fast path, with the clamp active
+    (300, 17, 3.0, True, 1),
+])
+def test_matches_reference_float64(N, d, clamp, deterministic, num_splits):
+    query = torch.randn(N, d, dtype=F64)
+    key = query + 0.7 * torch.randn(N, d, dtype=F64)
+    scale = torch.tensor(1.3, dtype=F64)
+    temperature = 0.2
+    loss, lse, dq, dk, ds = _run(query, key, scale, 1 / temperature, clamp, deterministic, num_splits, grad=0.6)
+    r_loss, r_dq, r_dk, r_ds = _reference(query, key, scale, temperature, clamp, grad=0.6)
+    assert loss.dtype == F64 and lse.shape == (2, N) and ds.dim() == 0
+    _close(loss, r_loss, 1e-12, "loss")
+    _close(lse, _lse_reference(query, key, scale, temperature, clamp), 1e-12, "row / column lse")
+    _close(dq, r_dq, 1e-12, "dquery")
+    _close(dk, r_dk, 1e-12, "dkey")
+    _close(ds, r_ds, 1e-12, "dscale")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_equals_two_one_directional_passes_float64(deterministic):
+    # the fused backward (one G for both directions) against the nt_xent core run once per direction
+    N, d = 70, 24
+    query, key = torch.randn(N, d, dtype=F64), torch.randn(N, d, dtype=F64)
+    scale = torch.tensor(0.9, dtype=F64)
+    pos, excl = torch.arange(N), torch.full((N,), -1)
+    loss, lse, dq, dk, ds = _run(query, key, scale, 8.0, 5.0, deterministic)
+    half = torch.tensor(0.5, dtype=F64)
+    lr, lse_r = ntx.nt_xent_forward(query, key, pos, excl, scale, 8.0, 5.0)
+    lc, lse_c = ntx.nt_xent_forward(key, query, pos, excl, scale, 8.0, 5.0)
+    dq1, dk1, ds1 = ntx.nt_xent_backward(half, query, key, pos, excl, scale, lse_r, 8.0, 5.0, True)
+    dk2, dq2, ds2 = ntx.nt_xent_backward(half, key, query, pos, excl, scale, lse_c, 8.0, 5.0, True)
+    _close(loss, (lr + lc) / 2, 1e-13, "loss")
+    _close(lse, torch.stack([lse_r, lse_c]), 1e-13, "lse")
+    _close(dq, dq1 + dq2, 1e-13, "dquery")
+    _close(dk, dk1 + dk2, 1e-13, "dkey")
+    _close(ds, ds1 + ds2, 1e-13, "dscale")
+
+
+def test_bfloat16_through_upcast():
+    N, d = 130, 37
+    query = torch.randn(N, d).bfloat16()
+    key = (query.float() + 0.5 * torch.randn(N, d)).bfloat16()
+    scale = torch.tensor(1.0)
+    loss, lse, dq, dk, ds = _run(query, key, scale, 1 / 0.07, None)
+    assert dq.dtype == torch.bfloat16 and dk.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    r_loss, r_dq, r_dk, r_ds = _reference(query, key, scale, 0.07, None)
+    # bf16-rounded unit rows move the logits by ~2^-9 scale / tau (docs/backends.md "Precision")
+    assert abs(loss.item() - r_loss.item()) < 1e-3 * r_loss.item()
+    assert abs(ds.item() - r_ds.item()) < 1e-2 * r_ds.abs().item()
+    for got, want, what in ((dq, r_dq, "dquery"), (dk, r_dk, "dkey")):
+        rel = ((got.to(F64) - want).norm() / want.norm()).item()
+        assert rel < 3e-2, f"{what}: relative error {rel:.2e}"
+
+
+def test_deterministic_schedule_is_bitwise_reproducible():
+    N, d = 130, 24
+    query, key = torch.randn(N, d), torch.randn(N, d)
+    a = _run(query, key, torch.tensor(1.0), 5.0, 20.0, True)
+    b = _run(query, key, torch.tensor(1.0), 5.0, 20.0, True)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
