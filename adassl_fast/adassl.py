@@ -200,10 +200,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*tensors, output[2])
     ctx.options = (inv_temperature, clamp, variant, impl, deterministic)
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled (2B,) gradient for lse, which nothing differentiates
 
 
 def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
     *tensors, lse = ctx.saved_tensors
+    # a loss the caller did not differentiate arrives as None (grads are not materialised)
+    grad_ssl = lse.new_zeros(()) if grad_ssl is None else grad_ssl
+    grad_reg = lse.new_zeros(()) if grad_reg is None else grad_reg
     grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
     demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
     has_prior = tensors[4].numel() > 0

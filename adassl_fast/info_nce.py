@@ -118,6 +118,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(query, key, scale, output[1])
     ctx.options = (inv_temperature, clamp, impl, deterministic)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled (2, N) gradient for lse, which nothing differentiates
 
 
 def _autograd_backward(ctx, grad_loss, _grad_lse):

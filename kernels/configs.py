@@ -124,22 +124,24 @@ def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> 
 
     A SYM kind takes its own table entry where there is one, else its plain kind's (tuned or shipped).
     """
-    bd = block_d(d)
-    arch = _arch_of(device)
+    return _pick(kind, _arch_of(device), dtype_class(dtype), block_d(d), os.environ.get(TUNED_ENV) or None)
+
+
+@functools.cache  # six lookups a training step: small M is bound by host time
+def _pick(kind: str, arch: str, dtc: str, bd: int, tuned: str | None) -> Config:
     if arch == "interp":
-        return _c(kind, "interp", dtype_class(dtype), bd, *_INTERP[SYM_KINDS.get(kind, kind)])
+        return _c(kind, "interp", dtc, bd, *_INTERP[SYM_KINDS.get(kind, kind)])
     if kind in SYM_KINDS:
-        entry, dtc, cbd = _lookup(arch, dtype_class(dtype), bd)
+        entry, edtc, ebd = _lookup(arch, dtc, bd)
         if kind in entry:
-            return _c(kind, arch, dtc, cbd, *entry[kind])
-        return pick_config(SYM_KINDS[kind], device, dtype, d)
-    tuned = os.environ.get(TUNED_ENV)
+            return _c(kind, arch, edtc, ebd, *entry[kind])
+        return _pick(SYM_KINDS[kind], arch, dtc, bd, tuned)
     if tuned:
-        entry = _tuned_table(tuned).get((arch, dtype_class(dtype), bd), {})
+        entry = _tuned_table(tuned).get((arch, dtc, bd), {})
         if kind in entry:
-            return _c(f"tuned_{kind}", arch, dtype_class(dtype), bd, *entry[kind])
-    entry, dtc, cbd = _lookup(arch, dtype_class(dtype), bd)
-    return _c(kind, arch, dtc, cbd, *entry[kind])
+            return _c(f"tuned_{kind}", arch, dtc, bd, *entry[kind])
+    entry, edtc, ebd = _lookup(arch, dtc, bd)
+    return _c(kind, arch, edtc, ebd, *entry[kind])
 
 
 def shipped_configs() -> list[tuple[str, str, int, Config]]:
