@@ -625,14 +625,14 @@ def _probe_backends(device: str, impls: list[str]) -> dict:
 
 def build_specs(ops, impls, ms, ds, dtype, phases, device, deterministic, sizes_for=None) -> list[dict]:
     """The rows to measure, M-major (the order given is the priority when a deadline cuts the run)."""
-    sizes_for = sizes_for or {}
+    sizes_for = sizes_for or {}  # impl or op -> the only M it runs at (both apply where both are given)
     specs = []
     for m in ms:
         for d in ds:
             for op in ops:
                 for phase in phases:
                     for impl in impls:
-                        if impl in sizes_for and m not in sizes_for[impl]:
+                        if any(key in sizes_for and m not in sizes_for[key] for key in (impl, op)):
                             continue
                         specs.append({"op": op, "impl": impl, "M": m, "d": d, "dtype": dtype, "phase": phase,
                                       "device": device, "deterministic": deterministic, "seed": len(specs)})
@@ -863,10 +863,11 @@ def _names(allowed):
 
 
 def _sizes_for(text: str) -> tuple[str, list[int]]:
-    impl, _, sizes = text.partition("=")
-    if impl not in IMPLS or not sizes:
-        raise argparse.ArgumentTypeError(f"expected IMPL=M1,M2 with IMPL in {IMPLS}, got {text!r}")
-    return impl, _ints(sizes)
+    key, _, sizes = text.partition("=")
+    if key not in IMPLS + OPS or not sizes:
+        raise argparse.ArgumentTypeError(f"expected IMPL=M1,M2 or OP=M1,M2 with IMPL in {IMPLS}, OP in {OPS}, "
+                                         f"got {text!r}")
+    return key, _ints(sizes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -893,7 +894,7 @@ def _parser() -> argparse.ArgumentParser:
                    "CPU, 8192 GPU)")
     p.add_argument("--interpret-max-m", type=int, default=256, help="largest M for Triton's CPU interpreter")
     p.add_argument("--sizes-for", action="append", type=_sizes_for, default=[], metavar="IMPL=M1,M2",
-                   help="run IMPL only at these M (repeatable), e.g. compile=32768")
+                   help="run an impl or an op only at these M (repeatable), e.g. compile=32768, info_nce=8192")
     p.add_argument("--deadline-s", type=float, default=math.inf, help="stop starting rows after this many seconds")
     p.add_argument("--grace-s", type=float, default=30.0, help="kill the worker this long after the deadline")
     p.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a worker stuck this long on one row")

@@ -146,6 +146,12 @@ def test_cli_parsing_helpers():
     specs = bench.build_specs(["nt_xent"], ["torch", "compile"], [64, 128], [16], "float32", ["full"], "cpu", True,
                               {"compile": [128]})
     assert [(s["impl"], s["M"]) for s in specs] == [("torch", 64), ("torch", 128), ("compile", 128)]
+    # an op's sizes and an impl's sizes both apply
+    assert bench._sizes_for("info_nce=64") == ("info_nce", [64])
+    specs = bench.build_specs(["nt_xent", "info_nce"], ["torch", "compile"], [64, 128], [16], "float32", ["full"],
+                              "cpu", True, {"compile": [128], "info_nce": [64]})
+    assert [(s["op"], s["impl"], s["M"]) for s in specs] == [
+        ("nt_xent", "torch", 64), ("info_nce", "torch", 64), ("nt_xent", "torch", 128), ("nt_xent", "compile", 128)]
 
 
 @pytest.mark.slow
