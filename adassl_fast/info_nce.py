@@ -16,7 +16,15 @@ from torch import Tensor
 from adassl_fast import _checks
 from adassl_fast._dispatch import resolve_impl
 from adassl_fast._library import define_op
-from adassl_fast.nt_xent import NORM_EPS, _torch_backward, _torch_forward, clamp_inclusive, contrastive_loss
+from adassl_fast.nt_xent import (
+    NORM_EPS,
+    _row_statistics,
+    _scaled_operands,
+    _torch_backward,
+    _torch_forward,
+    clamp_inclusive,
+    contrastive_loss,
+)
 
 
 def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None):
@@ -69,6 +77,19 @@ def _symmetric_backward(directional):
     return backward
 
 
+def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
+    """One pass for both directions where one shift serves rows and columns (|scale / tau| < 30, or a clamp
+    below 30: the usual settings), else one pass per direction."""
+    u, v, shift, clamp_active = _scaled_operands(query, key, scale, inv_temperature, clamp)
+    if shift is None:
+        return _symmetric_forward(_torch_forward)(query, key, scale, inv_temperature, clamp)
+    pos, excl = _diagonal(query.shape[0], query.device)
+    col_sum = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
+    lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum)
+    col_lse = col_sum.log_().add_(shift)
+    return ((lse - positive).mean() + (col_lse - positive).mean()) / 2, torch.stack([lse, col_lse])
+
+
 def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
     pos, excl = _diagonal(query.shape[0], query.device)
     return _torch_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
@@ -78,7 +99,7 @@ def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature
 def _kernels(impl: str):
     """(forward, backward) of the symmetric InfoNCE op for a backend name (docs/backends.md)."""
     if impl == "torch":
-        return _symmetric_forward(_torch_forward), _torch_backward_symmetric
+        return _torch_forward_symmetric, _torch_backward_symmetric
     if impl == "triton":
         from adassl_fast.kernels import info_nce as triton_kernels
 

@@ -91,6 +91,15 @@ def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
     return bound, False
 
 
+def _fixed_shift(bound: float) -> float | None:
+    """`bound` where it is a valid log-sum-exp shift for every row and column, else None.
+
+    Logits lie in [-bound, bound], so exp(S - bound) lies in [exp(-2 bound), 1]: far from underflow when
+    2 bound < 60. Then no row-max pass is needed, and one exp serves row and column statistics alike.
+    """
+    return bound if 2 * bound < 60 else None
+
+
 def _logit_slab(u_scaled_blk, v, pos_blk, excl_blk, clamp, clamp_active):
     """Clamped logits of a row block (the scale is folded into the rows) with excluded columns at -inf.
 
@@ -110,26 +119,45 @@ def _logit_slab(u_scaled_blk, v, pos_blk, excl_blk, clamp, clamp_active):
     return slab, positive, outside
 
 
-def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+def _scaled_operands(cont, targ, scale, inv_temperature, clamp):
+    """(u * scale / tau, v, the fixed shift or None, whether the clamp can bite) in the accumulation dtype."""
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
     u, _ = _normalize(cont, acc)
-    u.mul_(s)
     v, _ = _normalize(targ, acc)
     bound, clamp_active = _logit_bound(s, clamp)
-    # Logits lie in [-bound, bound]; when exp(-2 bound) is far from underflow, the bound is a valid
-    # log-sum-exp shift for every row and the row-max pass can be skipped.
-    fixed_shift = bound if 2 * bound < 60 else None
+    return u.mul_(s), v, _fixed_shift(bound), clamp_active
+
+
+def _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum=None):
+    """(lse (M,), positive logit (M,)) of the rows of S = u v^T (the scale folded into u), block by block.
+
+    shift: a log-sum-exp shift valid for every row (`_fixed_shift`), or None for each row's max.
+    col_sum (N,): with a fixed shift, also receives sum_i exp(S_ij - shift), the column statistics from
+    the same exps (symmetric InfoNCE).
+    """
     m = u.shape[0]
-    lse = torch.empty(m, dtype=acc, device=u.device)
-    positive = torch.empty(m, dtype=acc, device=u.device)
+    lse = torch.empty(m, dtype=u.dtype, device=u.device)
+    positive = torch.empty(m, dtype=u.dtype, device=u.device)
     step = _rows_per_block(v.shape[0])
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
         slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
-        # (the row-max path floors the shift so a row whose only column is excluded gives -inf, not NaN)
-        shift = slab.amax(1, keepdim=True).clamp_min_(-1e30) if fixed_shift is None else fixed_shift
-        lse[r0:r1] = slab.sub_(shift).exp_().sum(1).log_().add_(shift if fixed_shift is not None else shift.squeeze(1))
+        if shift is None:
+            # (floored so a row whose only column is excluded gives -inf, not NaN)
+            row_max = slab.amax(1, keepdim=True).clamp_min_(-1e30)
+            lse[r0:r1] = slab.sub_(row_max).exp_().sum(1).log_().add_(row_max.squeeze(1))
+        else:
+            e = slab.sub_(shift).exp_()
+            lse[r0:r1] = e.sum(1).log_().add_(shift)
+            if col_sum is not None:
+                col_sum += e.sum(0)
+    return lse, positive
+
+
+def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+    u, v, shift, clamp_active = _scaled_operands(cont, targ, scale, inv_temperature, clamp)
+    lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift)
     return (lse - positive).mean(), lse
 
 
@@ -145,7 +173,11 @@ def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatur
     u, norm_u = _normalize(cont, acc)
     v, norm_v = _normalize(targ, acc)
     u_scaled = u * s
-    _, clamp_active = _logit_bound(s, clamp)
+    bound, clamp_active = _logit_bound(s, clamp)
+    shift = _fixed_shift(bound)
+    if col_lse is not None and shift is not None:
+        # P_ij + P'_ij = exp(S_ij - shift) (a_i + b_j): one exp per element for both directions
+        row_w, col_w = (shift - lse).exp_(), (shift - col_lse).exp_()
     m = u.shape[0]
     grad_u = torch.empty_like(u)
     grad_v = torch.zeros_like(v)
@@ -158,11 +190,14 @@ def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatur
         # G / w = (P - onehot(pos)) * [inside clamp], P = 0 at the excluded column; the scalar row weight
         # w = grad_loss / M is applied to the small products below instead of the slab.
         hot = (pos_blk >= 0).to(acc).neg_()
-        if col_lse is not None:
+        if col_lse is None:
+            g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+        elif shift is not None:
+            hot.mul_(2)
+            g = slab.sub_(shift).exp_().mul_(row_w[r0:r1].unsqueeze(1) + col_w)
+        else:
             hot.mul_(2)
             g = (slab - col_lse).exp_().add_(slab.sub_(lse[r0:r1].unsqueeze(1)).exp_())
-        else:
-            g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
         g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), hot.unsqueeze(1))
         if outside is not None:
             g.masked_fill_(outside, 0.0)
