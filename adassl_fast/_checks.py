@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -63,7 +64,7 @@ def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
     """
     acc = accumulation_dtype(like.dtype)
     if scale is None:
-        return torch.ones((), dtype=acc, device=like.device)
+        return constant(1.0, acc, like.device)
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
             raise ValueError(f"scale must be a 0-dim tensor (the learnable lambda), got shape {tuple(scale.shape)}")
@@ -78,8 +79,21 @@ def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    # a fill kernel: torch.tensor(...) on a GPU would copy from the host and wait for the stream
-    return torch.full((), float(scale), dtype=acc, device=like.device)
+    return constant(float(scale), acc, like.device)
+
+
+def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only 0-dim tensor, made once per (value, dtype, device): a fill kernel a step otherwise
+    (torch.tensor(...) on a GPU would even copy from the host and wait for the stream), and small M is
+    bound by its launches. Made afresh while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=dtype, device=device)
+    return _cached_constant(value, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,6 +24,7 @@ from adassl_fast.nt_xent import (
     _torch_forward,
     clamp_inclusive,
     contrastive_loss,
+    diagonal_indices,
 )
 
 
@@ -47,15 +48,11 @@ def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=No
 # phase; `_symmetric_forward` / `_symmetric_backward` build that from it.
 
 
-def _diagonal(n: int, device) -> tuple[Tensor, Tensor]:
-    return torch.arange(n, device=device), torch.full((n,), -1, dtype=torch.int64, device=device)
-
-
 def _symmetric_forward(directional):
     """(loss, lse (2, N)) from a one-directional core forward: rows against columns, then the reverse."""
 
     def forward(query, key, scale, inv_temperature, clamp):
-        pos, excl = _diagonal(query.shape[0], query.device)
+        pos, excl = diagonal_indices(query.shape[0], query.device)
         loss_r, lse_r = directional(query, key, pos, excl, scale, inv_temperature, clamp)
         loss_c, lse_c = directional(key, query, pos, excl, scale, inv_temperature, clamp)
         return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
@@ -67,7 +64,7 @@ def _symmetric_backward(directional):
     """(dquery, dkey, dscale) from a one-directional core backward: one call per direction, summed."""
 
     def backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-        pos, excl = _diagonal(query.shape[0], query.device)
+        pos, excl = diagonal_indices(query.shape[0], query.device)
         half = grad_loss / 2
         dq, dk, ds = directional(half, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic)
         dk2, dq2, ds2 = directional(half, key, query, pos, excl, scale, lse[1], inv_temperature, clamp,
@@ -83,7 +80,7 @@ def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
     u, v, shift, clamp_active = _scaled_operands(query, key, scale, inv_temperature, clamp)
     if shift is None:
         return _symmetric_forward(_torch_forward)(query, key, scale, inv_temperature, clamp)
-    pos, excl = _diagonal(query.shape[0], query.device)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     col_sum = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum)
     col_lse = col_sum.log_().add_(shift)
@@ -91,7 +88,7 @@ def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
 
 
 def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-    pos, excl = _diagonal(query.shape[0], query.device)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     return _torch_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
                            col_lse=lse[1])
 
@@ -210,5 +207,5 @@ def info_nce(
     if symmetric:
         loss, _ = info_nce_forward_op(query, key, lam, 1.0 / temperature, clamp, impl, deterministic)
         return loss
-    pos, excl = _diagonal(query.shape[0], query.device)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     return contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)

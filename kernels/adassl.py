@@ -17,7 +17,7 @@ sources (no concatenation of the inputs):
 
 from __future__ import annotations
 
-import torch
+from adassl_fast.nt_xent import partner_indices
 
 from .nt_xent import RowSink, RowSource, _empty, _stat_dtype, backward_core, forward_core
 
@@ -44,11 +44,6 @@ def _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise
     return src, B, d
 
 
-def _nt_indices(M, device):
-    idx = torch.arange(M, device=device)
-    return idx, (idx + M // 2) % M
-
-
 def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
                    inv_temperature, clamp, variant, *, num_splits=None, config=None):
     """One-pass AdaSSL forward.
@@ -59,7 +54,7 @@ def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     """
     src, B, d = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     M = 2 * B
-    pos, excl = _nt_indices(M, emb_x.device)
+    pos, excl = partner_indices(M, emb_x.device)
     l_ssl, lse, reg_sums = forward_core(src, M, emb_x, emb_y, B, M, d, pos, excl, scale, inv_temperature,
                                        clamp, num_splits=num_splits, config=config)
     # l_reg = (R_xy + R_yx) / 2 with R a mean over B rows: the sum over all 2B rows / 2B
@@ -77,7 +72,7 @@ def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy
     """
     src, B, d = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     M = 2 * B
-    pos, excl = _nt_indices(M, emb_x.device)
+    pos, excl = partner_indices(M, emb_x.device)
     dev, dt = emb_x.device, emb_x.dtype
     demb_x, demb_y = _empty((B, d), dt, dev), _empty((B, d), dt, dev)
     dpost_xy, dpost_yx = _empty((B, 2 * d), dt, dev), _empty((B, 2 * d), dt, dev)

@@ -11,7 +11,7 @@ lse the row LSEs and lse' the column LSEs. No kernel of its own (kernels/nt_xent
 
 from __future__ import annotations
 
-import torch
+from adassl_fast.nt_xent import diagonal_indices
 
 from .configs import pick_config
 from .nt_xent import (
@@ -28,11 +28,6 @@ from .nt_xent import (
 )
 
 
-def _diagonal(n: int, device):
-    """pos = arange (positives on the diagonal) and excl = -1 (nothing excluded) of every row."""
-    return torch.arange(n, device=device), torch.full((n,), -1, dtype=torch.int64, device=device)
-
-
 def info_nce_forward(query, key, scale, inv_temperature, clamp, *, num_splits=None, config=None):
     """Fused forward of the symmetric InfoNCE loss.
 
@@ -40,7 +35,7 @@ def info_nce_forward(query, key, scale, inv_temperature, clamp, *, num_splits=No
     inv_temperature float; clamp float or None.
     Returns (loss (), lse (2, N): row LSEs then column LSEs), float32 (float64 for float64 inputs).
     """
-    pos, excl = _diagonal(query.shape[0], query.device)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     _check(query, key, pos, excl, scale)
     assert key.shape == query.shape, (query.shape, key.shape)
     N, d = query.shape
@@ -64,7 +59,7 @@ def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp,
     grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward.
     deterministic as in nt_xent_backward. Returns (dquery, dkey (N, d)) in the input dtype and dscale ().
     """
-    pos, excl = _diagonal(query.shape[0], query.device)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     _check(query, key, pos, excl, scale)
     N, d = query.shape
     assert lse.shape == (2, N), lse.shape
