@@ -51,16 +51,11 @@ EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
-def _normalize_kernel(
-    out_ptr,  # (n_rows, d) out, input dtype: u_i = x_i / max(|x_i|, eps), the matrix kernels' operand
-    inv_ptr,  # (n_rows,) ACC out: 1 / max(|x_i|, eps)
-    reg_ptr,  # (grid,) ACC out: per-program regulariser sum (PROLOGUE != 0)
-    half, n_rows, d,
-    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
-):
-    ACC: tl.constexpr = inv_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d,
+                     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr):
+    """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (input dtype) and
+    1 / max(|x_i|, eps); returns the block's regulariser sum (0 for PROLOGUE 0)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     x, reg = build_rows(rows, cols, half, n_rows, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
@@ -71,8 +66,32 @@ def _normalize_kernel(
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), tl.zeros([], ACC) + EPS)
     tl.store(inv_ptr + rows, inv, mask=rows < n_rows)
     store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, d, d, x * inv[:, None], False, False)
-    if PROLOGUE != 0:
-        tl.store(reg_ptr + pid, tl.sum(reg, 0))
+    return tl.sum(reg, 0)
+
+
+@triton.jit
+def _normalize_kernel(
+    out_ptr,  # (n_rows, d) out, input dtype: the cont side's u, the matrix kernels' operand
+    inv_ptr,  # (n_rows,) ACC out: its 1 / max(|x_i|, eps)
+    reg_ptr,  # (grid_u,) ACC out: per-program regulariser sum (PROLOGUE != 0)
+    half, n_rows, d,
+    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
+    vout_ptr, vinv_ptr,  # (n_cols, d), (n_cols,) out: the same for the targ side (a plain two-part source)
+    targ_a, targ_b, half_t, n_cols, grid_u,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
+):
+    # Both sides in one launch (small M is bound by launches): programs [0, grid_u) take the cont rows,
+    # the rest the targ rows, each side with its own rows per program (the AdaSSL prologue holds more).
+    ACC: tl.constexpr = inv_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if pid < grid_u:
+        reg = _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, emb_a, emb_b, post_a, post_b,
+                               prior_a, prior_b, noise_a, noise_b, ACC, BLOCK_M, BLOCK_D, PROLOGUE)
+        if PROLOGUE != 0:
+            tl.store(reg_ptr + pid, reg)
+    else:
+        _normalize_block(vout_ptr, vinv_ptr, pid - grid_u, half_t, n_cols, d, targ_a, targ_b, targ_a, targ_b,
+                         targ_a, targ_b, targ_a, targ_b, ACC, BLOCK_T, BLOCK_D, 0)
 
 
 @triton.jit
@@ -475,21 +494,24 @@ def rows_per_program(d: int, prologue: int, finishing: bool) -> int:
     return max(1, min(64, budget // block_d(d)))
 
 
-def normalize_rows(src: RowSource, n_rows: int, d: int, stat: torch.dtype):
-    """(u (n_rows, d) input dtype, inverse norms (n_rows,), per-program regulariser sums) of a RowSource's rows.
+def normalize_rows(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d: int, stat: torch.dtype):
+    """(u (M, d), 1/|x| (M,), per-program regulariser sums, v (N, d), 1/|t| (N,)) of both sides, one launch.
 
-    u is what the matrix kernels stream: O(n_rows d) bytes, written once per call, so the column
-    kernel never re-forms AdaSSL's edited rows per tile (that multiplied its exp / log work by ~8).
+    src gives the cont rows (for AdaSSL formed from emb / post / prior / noise), (targ_a, targ_b, half_c)
+    the targ rows (a plain two-part source). u and v, in the input dtype, are what the matrix kernels
+    stream: O((M + N) d) bytes, written once per call, so the column kernel never re-forms AdaSSL's edited
+    rows per tile (that multiplied its exp / log work by ~8).
     """
-    dev = src.emb_a.device
-    u = _empty((n_rows, d), src.emb_a.dtype, dev)
-    inv = _empty(n_rows, stat, dev)
-    block = rows_per_program(d, src.prologue, finishing=False)
-    grid = _cdiv(n_rows, block)
-    reg = _empty(grid, stat, dev)
-    _normalize_kernel[(grid,)](u, inv, reg, src.half, n_rows, d, *src.args(), BLOCK_M=block,
-                               BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
-    return u, inv, reg
+    dev, dtype = src.emb_a.device, src.emb_a.dtype
+    u, inv_u = _empty((M, d), dtype, dev), _empty(M, stat, dev)
+    v, inv_v = _empty((N, d), dtype, dev), _empty(N, stat, dev)
+    block, block_t = rows_per_program(d, src.prologue, finishing=False), rows_per_program(d, 0, finishing=False)
+    grid_u = _cdiv(M, block)
+    reg = _empty(grid_u, stat, dev)
+    _normalize_kernel[(grid_u + _cdiv(N, block_t),)](
+        u, inv_u, reg, src.half, M, d, *src.args(), v, inv_v, targ_a, targ_b, half_c, N, grid_u,
+        BLOCK_M=block, BLOCK_T=block_t, BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
+    return u, inv_u, reg, v, inv_v
 
 
 def _column_source(targ_a, targ_b, half_c: int) -> RowSource:
@@ -528,8 +550,7 @@ def forward_core(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d:
     """
     dtype, device = targ_a.dtype, targ_a.device
     stat = _stat_dtype(dtype)
-    u, _, reg = normalize_rows(src, M, d, stat)
-    v, _, _ = normalize_rows(_column_source(targ_a, targ_b, half_c), N, d, stat)
+    u, _, reg, v, _ = normalize_rows(src, M, targ_a, targ_b, half_c, N, d, stat)
     lse = _empty(M, stat, device)
     loss_part = _empty(_cdiv(M, _MERGE_BLOCK), stat, device)
     _row_lse(u, v, pos, excl, scale, inv_temperature, clamp, lse, loss_part, M,
@@ -559,8 +580,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     bd = block_d(d)
     inv_t = float(inv_temperature)
     targ_src = _column_source(targ_a, targ_b, half_c)
-    u, rinv, _ = normalize_rows(src, M, d, stat)
-    v, cinv, _ = normalize_rows(targ_src, N, d, stat)
+    u, rinv, _, v, cinv = normalize_rows(src, M, targ_a, targ_b, half_c, N, d, stat)
     if grad_reg is None:
         grad_reg = scale
     lsec = col_lse if sym else lse
