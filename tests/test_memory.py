@@ -39,7 +39,9 @@ def peak_extra_bytes(impl: str, m: int, d: int) -> tuple[int, float]:
 @pytest.mark.slow
 def test_torch_backend_memory_is_a_small_fraction_of_the_reference():
     m, d = 8192, 128
-    torch_bytes, torch_s = peak_extra_bytes("torch", m, d)
+    # the median of three fresh processes (PERF.md's protocol): one of them once peaked 54 MiB higher
+    # (126 vs 72 MiB) while other jobs loaded this machine
+    torch_bytes, torch_s = sorted(peak_extra_bytes("torch", m, d) for _ in range(3))[1]
     ref_bytes, ref_s = peak_extra_bytes("reference", m, d)
     ratio = torch_bytes / ref_bytes
     print(f"\nM={m} d={d} float32 fwd+bwd: torch {torch_bytes / 2**20:.0f} MiB {torch_s:.2f} s, "
