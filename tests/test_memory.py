@@ -1,5 +1,6 @@
 """The chunked torch backend's O(M) memory claim, measured as peak RSS of fresh subprocesses."""
 
+import os
 import subprocess
 import sys
 
@@ -30,8 +31,11 @@ print(rss("VmHWM") - base, time.perf_counter() - start)
 
 def peak_extra_bytes(impl: str, m: int, d: int) -> tuple[int, float]:
     """Peak RSS above the inputs during one forward + backward, in a fresh process; and its seconds."""
+    # glibc returns big freed blocks to the OS at once (as adassl_fast/benchmark.py's workers do): with its
+    # dynamic threshold, how much freed memory stays resident depends on the allocation history
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", PROBE, impl, str(m), str(d)], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     extra, seconds = out.stdout.split()
     return int(extra), float(seconds)
 
