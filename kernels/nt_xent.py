@@ -22,6 +22,8 @@ Design (flash-attention style; see DESIGN.md "The kernels"):
   saved LSE, no atomics. Non-deterministic: the row-owned kernel also adds G^T U into an fp32 (N, d)
   buffer with atomics (6 instead of 8 M^2 d FLOPs). dscale needs no per-element work:
   sum_ij G_ij C_ij = sum_i <u_i, sum_j G_ij v_j>.
+- SYM (symmetric InfoNCE, kernels/info_nce.py): both backward kernels also read the column LSEs and
+  form G from both directions' softmaxes, so one backward pass serves both losses.
 - The matmul kernels write fp32 (split, row, d) partials; a finishing kernel per side sums the
   splits in a fixed order (deterministic) and applies grad_loss / M, scale / tau, the normalisation
   backward and, for AdaSSL, the latent backward (all O(M d)).
