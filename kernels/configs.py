@@ -84,6 +84,7 @@ def dtype_class(dtype: torch.dtype) -> str:
     return {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}[dtype]
 
 
+@functools.cache  # read once: Triton itself decides at decoration time (import), and this runs ~10 times a step
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
