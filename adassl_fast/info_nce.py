@@ -4,7 +4,9 @@ The one-directional loss is the nt_xent core (adassl_fast/nt_xent.py) with no ex
 symmetric loss has its own op: dL/dS = (P + P' - 2 I) / 2N holds both directions (P the row softmax, P'
 the column softmax), so a backward pass over S gives both inputs' gradients at once (8 N^2 d FLOPs, where
 two one-directional backward passes cost 16). The torch and Triton backends run it that way; the CUDA
-backend composes two one-directional calls of its nt_xent core.
+backend composes two one-directional calls of its nt_xent core. Where one log-sum-exp shift fits every
+logit, the torch backend also takes the column LSEs from the row pass's exps (one forward pass) and forms
+both softmaxes from one exp per element in the backward.
 """
 
 from __future__ import annotations
