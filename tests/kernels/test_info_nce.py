@@ -137,3 +137,18 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
         assert torch.equal(x, y)
     for buf, view in ((qbuf, qv), (kbuf, kv)):
         assert guards_intact(buf, view)
+
+
+def test_backward_asks_for_the_sym_configs(monkeypatch):
+    # the SYM kernels hold one more exp tile: the table may give them their own shapes (kernels/configs.py)
+    asked = []
+    real = ntx.pick_config
+
+    def spy(kind, device, dtype, d):
+        asked.append(kind)
+        return real(kind, device, dtype, d)
+
+    monkeypatch.setattr(ntx, "pick_config", spy)
+    query, key = torch.randn(20, 8, dtype=F64), torch.randn(20, 8, dtype=F64)
+    _run(query, key, torch.tensor(1.0, dtype=F64), 5.0, None)
+    assert asked == ["bwd_row_sym", "bwd_col_sym"]  # (the forward looks up "fwd" in kernels/info_nce.py)
