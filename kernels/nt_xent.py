@@ -357,22 +357,16 @@ def _normalize_backward(g, x, inv, ACC: tl.constexpr):
 
 
 @triton.jit
-def _finish_kernel(
-    part_ptr,  # (nsplit, R, d) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
-    dsc_ptr,  # DSCALE: (grid,) ACC out, this program's share of dscale = inv_t sum_ij G_ij C_ij; else unused
-    u_ptr,  # DSCALE: (R, d) the normalised rows the matmul kernels used; else unused
-    rinv_ptr, scale_ptr, grad_ptr, greg_ptr,
+def _finish_block(
+    part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
     half, R, d, nsplit, n_loss,
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
     dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
     inv_t,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
 ):
-    # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
-    # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
-    ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    """Rows [pid * BLOCK_M, +BLOCK_M) of one side (see _finish_kernel)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     ok = (rows < R)[:, None] & (dd[None, :] < d)
@@ -396,6 +390,39 @@ def _finish_kernel(
         latent_epilogue(dc, rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                         noise_a, noise_b, dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
                         reg_grad, ACC, PROLOGUE, ACCUM)
+
+
+@triton.jit
+def _finish_kernel(
+    part_ptr,  # (nsplit, R, d) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
+    dsc_ptr,  # DSCALE: (grid_r,) ACC out, this program's share of dscale = inv_t sum_ij G_ij C_ij; else unused
+    u_ptr,  # DSCALE: (R, d) the normalised rows the matmul kernels used; else unused
+    rinv_ptr, scale_ptr, grad_ptr, greg_ptr,
+    half, R, d, nsplit, n_loss,
+    emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
+    dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
+    inv_t,
+    # BOTH: programs from grid_r on finish the targ side too (plain rows; its sink must not alias the first)
+    cpart_ptr, cinv_ptr, targ_a, targ_b, cdst_a, cdst_b, half_c, N, nsplit_c, grid_r,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
+    BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr,
+):
+    # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
+    # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
+    # One launch for both sides where their sinks are distinct (small M is bound by launches).
+    ACC: tl.constexpr = scale_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if BOTH and pid >= grid_r:
+        _finish_block(cpart_ptr, dsc_ptr, u_ptr, cinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid - grid_r,
+                      half_c, N, d, nsplit_c, n_loss, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b,
+                      cdst_a, cdst_b, cdst_a, cdst_b, cdst_a, cdst_b, inv_t,
+                      ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False)
+    else:
+        _finish_block(part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
+                      half, R, d, nsplit, n_loss, emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
+                      dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b, inv_t,
+                      ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,18 +616,27 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     n_loss = 2 * M if sym else M
     common = dict(BLOCK_D=bd, CLAMP=has_clamp, UPCAST=upcast, PREC=prec, SYM=sym)
 
-    def finish(part, nsplit, inv, R, s: RowSource, sink: RowSink, two_part, accum, dscale=None):
+    def finish(row_side, col_side, accum: bool):
+        """One launch for the sides given: (part, nsplit, inverse norms, rows, source, sink, two-part) each,
+        or None. The row side also writes the per-program dscale shares (returned)."""
+        first = row_side or col_side
+        part, nsplit, inv, R, s, sink, two_part = first
         block = rows_per_program(d, s.prologue, finishing=True)
-        grid = _cdiv(R, block)
-        dsc = _empty(grid, stat, device) if dscale else inv
+        grid_r = _cdiv(R, block)
+        dsc = _empty(grid_r, stat, device) if row_side else inv
+        both = row_side is not None and col_side is not None
+        cpart, cnsplit, cinv_, N_c, csrc, csink, ctwo = col_side if both else first
+        block_c = rows_per_program(d, 0, finishing=True)
+        grid = grid_r + (_cdiv(N_c, block_c) if both else 0)
         _finish_kernel[(grid,)](
             part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, n_loss, *s.args(),
             sink.a, sink.b, sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
+            cpart, cinv_, csrc.emb_a, csrc.emb_b, csink.a, csink.b, csrc.half, N_c, cnsplit, grid_r,
             BLOCK_M=block, BLOCK_D=bd, PROLOGUE=s.prologue, TWO_PART=two_part, ACCUM=accum,
-            DSCALE=bool(dscale), num_warps=4)
+            DSCALE=row_side is not None, BOTH=both, BLOCK_C=block_c, TWO_PART_C=ctwo, num_warps=4)
         return dsc
 
-    def row_pass(atomic: bool, accum: bool):
+    def row_kernel(atomic: bool):
         n_rb = _cdiv(M, cfg_r.block_m)
         n_cb = _cdiv(N, cfg_r.block_n)
         per = _splits(n_rb, n_cb, device, num_splits)
@@ -611,10 +647,9 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
             part, dv, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
             BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic,
             num_warps=cfg_r.num_warps, num_stages=cfg_r.num_stages, **common)
-        dsc = finish(part, nsplit, rinv, M, src, row_sink, True, accum, dscale=True)
-        return dsc, dv
+        return (part, nsplit, rinv, M, src, row_sink, True), dv
 
-    def col_pass(accum: bool):
+    def col_kernel():
         # the column kernel owns cfg.block_m rows of v and streams cfg.block_n rows of u
         n_own = _cdiv(N, cfg_c.block_m)
         n_loop = _cdiv(M, cfg_c.block_n)
@@ -625,14 +660,20 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
             part, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
             BLOCK_M=cfg_c.block_n, BLOCK_N=cfg_c.block_m,
             num_warps=cfg_c.num_warps, num_stages=cfg_c.num_stages, **common)
-        finish(part, nsplit, cinv, N, targ_src, col_sink, half_c < N, accum)
+        return part, nsplit
 
     if deterministic:
-        col_pass(False)
-        dsc, _ = row_pass(False, accumulate)
+        col_part, col_nsplit = col_kernel()
+        row_side, _ = row_kernel(False)
     else:
-        dsc, dv = row_pass(True, False)
-        finish(dv, 1, cinv, N, targ_src, col_sink, half_c < N, accumulate)
+        row_side, col_part = row_kernel(True)
+        col_nsplit = 1
+    col_side = (col_part, col_nsplit, cinv, N, targ_src, col_sink, half_c < N)
+    if accumulate:  # the sinks alias: the targ side first, then the row side adds to it
+        finish(None, col_side, False)
+        dsc = finish(row_side, None, True)
+    else:
+        dsc = finish(row_side, col_side, False)
     return dsc.sum().to(scale.dtype)
 
 

@@ -28,10 +28,11 @@ DTYPES = {"16": "bf16", "32": "fp32"}
 _PTRS = {
     "part_ptr": "S", "dsc_ptr": "S", "dv_ptr": "S", "rinv_ptr": "S", "cinv_ptr": "S", "lse_ptr": "S", "lsec_ptr": "S",
     "scale_ptr": "S", "grad_ptr": "S", "greg_ptr": "S", "inv_ptr": "S", "reg_ptr": "S", "loss_ptr": "S",
-    "pos_ptr": "i64", "excl_ptr": "i64", "vinv_ptr": "S",
+    "pos_ptr": "i64", "excl_ptr": "i64", "vinv_ptr": "S", "cpart_ptr": "S",
 }
 _X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "u_ptr", "v_ptr",
-      "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b", "vout_ptr", "targ_a", "targ_b"}
+      "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b", "vout_ptr", "targ_a", "targ_b",
+      "cdst_a", "cdst_b"}
 _FLOATS = {"inv_t", "clamp2"}
 _ALIGNED_INTS = {"d"}  # a launch with d % 16 == 0 specialises d like this (vectorised row loads)
 
@@ -86,15 +87,22 @@ def jobs():
         small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
         for bd in sorted({b for a, _, b, _ in shipped_configs() if a == arch}):
             for prologue, label in ((0, "nt_xent"), (1, "adassl_v"), (2, "adassl_s")):
-                block, fblock = rows_per_program(bd, prologue, False), rows_per_program(bd, prologue, True)
+                block = rows_per_program(bd, prologue, False)
                 tblock = rows_per_program(bd, 0, False)  # the targ side's rows per program, in the same launch
                 out.append(dict(small, kernel="_normalize_kernel", variant=label, config=f"m{block}_t{tblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=block, BLOCK_T=tblock, BLOCK_D=bd, PROLOGUE=prologue)))
-                for dscale in (False, True):
-                    out.append(dict(small, kernel="_finish_kernel", variant=f"{label}{'-dscale' if dscale else ''}",
-                                    config=f"m{fblock}_d{bd}",
-                                    constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
-                                                    ACCUM=True, DSCALE=dscale)))
+            # the finishing launches backward_core makes: plain ops finish both sides in one launch; AdaSSL (its
+            # sinks alias) the targ side, then the edited rows adding to it
+            cblock = rows_per_program(bd, 0, True)
+            for label, prologue, accum, dscale, both in (("nt_xent-both", 0, False, True, True),
+                                                         ("adassl-targ", 0, False, False, False),
+                                                         ("adassl_v", 1, True, True, False),
+                                                         ("adassl_s", 2, True, True, False)):
+                fblock = rows_per_program(bd, prologue, True)
+                out.append(dict(small, kernel="_finish_kernel", variant=label, config=f"m{fblock}_d{bd}",
+                                constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
+                                                ACCUM=accum, DSCALE=dscale, BOTH=both, BLOCK_C=cblock,
+                                                TWO_PART_C=False)))
         out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
     for j in out:
         j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"
