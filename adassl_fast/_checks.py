@@ -82,17 +82,25 @@ def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
     return constant(float(scale), acc, like.device)
 
 
+def reused(make):
+    """`make(*key)` -> read-only tensors, memoised for the last few keys (the device among them).
+
+    For the constants every step needs (index vectors, a fixed scale): made anew they cost a few small
+    kernels a step, and small M is bound by its launches (bench/launch_overhead.py). Made afresh while
+    torch.compile traces, so no cached tensor is baked into a graph.
+    """
+    cached = functools.lru_cache(maxsize=8)(make)
+
+    @functools.wraps(make)
+    def get(*key):
+        return make(*key) if torch.compiler.is_compiling() else cached(*key)
+
+    return get
+
+
+@reused
 def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A read-only 0-dim tensor, made once per (value, dtype, device): a fill kernel a step otherwise
-    (torch.tensor(...) on a GPU would even copy from the host and wait for the stream), and small M is
-    bound by its launches. Made afresh while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return torch.full((), value, dtype=dtype, device=device)
-    return _cached_constant(value, dtype, torch.device(device))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only 0-dim tensor (a fill kernel: torch.tensor(...) on a GPU would copy from the host and wait)."""
     return torch.full((), value, dtype=dtype, device=device)
 
 

@@ -20,6 +20,8 @@ from adassl_fast._dispatch import resolve_impl
 from adassl_fast._library import define_op
 from adassl_fast.nt_xent import (
     NORM_EPS,
+    _fixed_shift,
+    _logit_bound,
     _row_statistics,
     _scaled_operands,
     _torch_backward,
@@ -79,9 +81,9 @@ def _symmetric_backward(directional):
 def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
     """One pass for both directions where one shift serves rows and columns (|scale / tau| < 30, or a clamp
     below 30: the usual settings), else one pass per direction."""
-    u, v, shift, clamp_active = _scaled_operands(query, key, scale, inv_temperature, clamp)
-    if shift is None:
+    if _fixed_shift(_logit_bound(float(scale) * inv_temperature, clamp)[0]) is None:
         return _symmetric_forward(_torch_forward)(query, key, scale, inv_temperature, clamp)
+    u, v, shift, clamp_active = _scaled_operands(query, key, scale, inv_temperature, clamp)
     pos, excl = diagonal_indices(query.shape[0], query.device)
     col_sum = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
     lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum)

@@ -9,8 +9,6 @@ most one excluded column, given as index vectors (docs/backends.md).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -287,29 +285,19 @@ nt_xent_forward_op = define_op(
 
 
 def partner_indices(m: int, device) -> tuple[Tensor, Tensor]:
-    """nt_xent's positive (i) and excluded ((i + M/2) mod M) column of every row (read-only, cached)."""
-    return _indices("partner", m, device)
+    """nt_xent's positive (i) and excluded ((i + M/2) mod M) column of every row (read-only, reused)."""
+    return _indices("partner", m, torch.device(device))
 
 
 def diagonal_indices(n: int, device) -> tuple[Tensor, Tensor]:
-    """InfoNCE's positive (i) and excluded (-1: none) column of every row (read-only, cached)."""
-    return _indices("diagonal", n, device)
+    """InfoNCE's positive (i) and excluded (-1: none) column of every row (read-only, reused)."""
+    return _indices("diagonal", n, torch.device(device))
 
 
-def _indices(kind: str, m: int, device) -> tuple[Tensor, Tensor]:
-    # made once per (kind, M, device): three small kernels a step otherwise, and small M is bound by its
-    # launches (bench/launch_overhead.py); made afresh while torch.compile traces
-    if torch.compiler.is_compiling():
-        return _make_indices(kind, m, device)
-    return _cached_indices(kind, m, torch.device(device))
-
-
-def _make_indices(kind: str, m: int, device) -> tuple[Tensor, Tensor]:
+@_checks.reused
+def _indices(kind: str, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
     pos = torch.arange(m, device=device)
     return pos, (pos + m // 2) % m if kind == "partner" else torch.full_like(pos, -1)
-
-
-_cached_indices = functools.lru_cache(maxsize=4)(_make_indices)
 
 
 def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
