@@ -9,8 +9,9 @@ environment (device, versions, commit); inputs and the loss of each (op, impl); 
 the plan and its workers; output (JSON, CSV, tables); the CLI.
 
 Why workers: on CPU each row runs in a fresh process, so its peak RSS is its own. On a GPU one process
-runs the whole sweep (ratios between backends come from the same process), and a kernel that kills the
-CUDA context costs one row: the parent restarts a worker for the rows after it. Rows are appended to
+runs the whole sweep (ratios between backends come from the same process; a diagnostic row that needs its
+own environment gets its own worker), and a kernel that kills the CUDA context costs one row: the parent
+restarts a worker for the rows after it. Rows are appended to
 a file as they finish, so a run cut short by a timeout keeps what it measured.
 """
 
@@ -32,6 +33,12 @@ from pathlib import Path
 
 OPS = ("nt_xent", "info_nce", "adassl")
 IMPLS = ("reference", "compile", "torch", "triton", "cuda")
+# Diagnostic rows (GPU, asked for by name): a backend run in its own worker with extra environment.
+# "triton_mma_sync" is the Triton backend under Triton's own switch DISABLE_MMA_V3=1 (read by its compiler, part
+# of its cache key): the same kernels on Ampere's mma.sync (HMMA in SASS) instead of Hopper's wgmma (HGMMA), the
+# instruction class the CUDA backend uses. cuda against it says how much of cuda/triton that class explains.
+DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"})}
+BENCH_IMPLS = IMPLS + tuple(DIAGNOSTICS)
 PHASES = ("fwd", "bwd", "full")
 ROW_KEYS = (
     "op", "impl", "M", "d", "dtype", "phase", "median_ms", "tflops", "floor_ratio", "extra_bytes",
@@ -221,6 +228,7 @@ def loss_function(op: str, impl: str, deterministic: bool = True):
     """A callable (*inputs) -> 0-dim loss for `impl` ("compile" = torch.compile of the reference)."""
     import adassl_fast
 
+    impl = DIAGNOSTICS.get(impl, (impl,))[0]
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if impl == "reference":
@@ -505,8 +513,21 @@ def _worker(plan_path: str, out_path: str) -> int:
     return 0
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
+def _worker_env(spec: dict) -> dict:
+    """The environment a row's worker needs on top of ours (a diagnostic impl's switches)."""
+    return DIAGNOSTICS.get(spec["impl"], ("", {}))[1]
+
+
+def _next_batch(todo: list[dict], isolate: str) -> list[dict]:
+    """The rows the next worker runs: one ("row"), or the leading rows that need the same worker environment."""
+    if isolate == "row":
+        return todo[:1]
+    env = _worker_env(todo[0])
+    return todo[:next((i for i, s in enumerate(todo) if _worker_env(s) != env), len(todo))]
+
+
+def _child_env(extra: dict) -> dict:
+    env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the child imports what we imported
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # big blocks go back to the OS when freed: RSS is honest
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -540,7 +561,7 @@ def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: st
             stop = "not run: the run's deadline had passed"
             break
         attempt += 1
-        batch = todo[:1] if isolate == "row" else todo
+        batch = _next_batch(todo, isolate)
         plan, out = tmp / f"plan{attempt}.json", tmp / f"rows{attempt}.jsonl"
         plan.write_text(json.dumps({"settings": settings, "deadline": deadline, "rows": batch}))
         log = tmp / f"worker{attempt}.log"
@@ -548,7 +569,7 @@ def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: st
         limit = settings["row_timeout_s"]
         with open(log, "w") as logf:
             proc = subprocess.Popen([sys.executable, "-m", "adassl_fast.benchmark", "--worker", str(plan), str(out)],
-                                    stdout=logf, stderr=subprocess.STDOUT, env=_child_env())
+                                    stdout=logf, stderr=subprocess.STDOUT, env=_child_env(_worker_env(batch[0])))
             started = time.time()
             try:
                 while proc.poll() is None:
@@ -591,6 +612,8 @@ def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: st
 def pre_skip_reason(spec: dict, settings: dict, probe: dict) -> str | None:
     """Why a row is not worth a process (decided from sizes and cheap probes), or None."""
     impl, m = spec["impl"], spec["M"]
+    if impl in DIAGNOSTICS and not spec["device"].startswith("cuda"):
+        return f"{impl}: a GPU diagnostic (Triton's matrix-instruction switch), nothing to measure on CPU"
     if impl in ("reference", "compile") and m > settings["ref_max_m"]:
         return f"reference materialises M x M logits: not run above M = {settings['ref_max_m']} (--ref-max-m)"
     if impl == "torch" and m > settings["torch_max_m"]:
@@ -663,6 +686,7 @@ def run(specs: list[dict], settings: dict, *, isolate: str, deadline: float, sho
             rows[i]["note"] = reason
         else:
             todo.append((i, spec))
+    todo.sort(key=lambda item: item[1]["impl"] in DIAGNOSTICS)  # after the targets' rows, in one worker of their own
     bar = _NoBar()
     if show_progress and len(todo) > 1:
         try:
@@ -773,9 +797,22 @@ def _row(rows, op, impl, m, phase="full"):
     return None
 
 
+def instruction_class_share(triton: dict | None, cuda: dict | None, mma_sync: dict | None) -> str | None:
+    """What the triton_mma_sync diagnostic says about cuda/triton: how much slower Triton gets on the CUDA
+    backend's matrix instruction (mma.sync instead of wgmma), and the share of log(cuda/triton) that explains."""
+    if not (triton and cuda and mma_sync):
+        return None
+    gap, own = cuda["median_ms"] / triton["median_ms"], mma_sync["median_ms"] / triton["median_ms"]
+    share = f", {math.log(own) / math.log(gap):.0%} of the gap (log scale)" if gap > 1 and own > 0 else ""
+    return (f"cuda/triton {gap:.2f}; Triton on mma.sync (DISABLE_MMA_V3=1) is {own:.2f}x Triton on wgmma and "
+            f"cuda is {cuda['median_ms'] / mma_sync['median_ms']:.2f}x it: the matrix instruction accounts for "
+            f"{own:.2f}x{share}")
+
+
 def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
     """PERF.md's targets, read off the rows: fused time and ratio to the floor per M, speed-ups over eager and
-    torch.compile, CUDA vs Triton, extra memory; then PASS / FAIL / UNMEASURED per target."""
+    torch.compile, CUDA vs Triton, extra memory; then PASS / FAIL / UNMEASURED per target, and a WHY line
+    for cuda/triton where the triton_mma_sync diagnostic ran."""
     ms = sorted({r["M"] for r in rows if r["phase"] == "full"})
     dev = next((r["device"] for r in rows), "?")
     commit = next((r["commit"] for r in rows), "?")
@@ -826,6 +863,9 @@ def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
         for m in [m for m in ms if m >= 32768]:
             t, c = _row(rows, op, "triton", m), _row(rows, op, "cuda", m)
             verdict(f"{op} M={m} cuda/triton <= 1.3", t and c and c["median_ms"] / t["median_ms"], lambda v: v <= 1.3)
+            why = instruction_class_share(t, c, _row(rows, op, "triton_mma_sync", m))
+            if why:
+                verdicts.append(f"WHY   {op} M={m}: {why}")
     lines.append("")
     lines += verdicts
     bad = [r for r in rows if r["status"] in ("error", "oom")]
@@ -864,8 +904,8 @@ def _names(allowed):
 
 def _sizes_for(text: str) -> tuple[str, list[int]]:
     key, _, sizes = text.partition("=")
-    if key not in IMPLS + OPS or not sizes:
-        raise argparse.ArgumentTypeError(f"expected IMPL=M1,M2 or OP=M1,M2 with IMPL in {IMPLS}, OP in {OPS}, "
+    if key not in BENCH_IMPLS + OPS or not sizes:
+        raise argparse.ArgumentTypeError(f"expected IMPL=M1,M2 or OP=M1,M2 with IMPL in {BENCH_IMPLS}, OP in {OPS}, "
                                          f"got {text!r}")
     return key, _ints(sizes)
 
@@ -875,7 +915,8 @@ def _parser() -> argparse.ArgumentParser:
         "Time, peak extra memory and error vs the float64 reference of every backend (PERF.md). "
         "impl 'compile' is torch.compile of the reference."))
     p.add_argument("--op", type=_names(OPS), help=f"comma list of {OPS} (default: all)")
-    p.add_argument("--impl", type=_names(IMPLS), help=f"comma list of {IMPLS} (default: all)")
+    p.add_argument("--impl", type=_names(BENCH_IMPLS),
+                   help=f"comma list of {IMPLS} (default: all), or the GPU diagnostic {tuple(DIAGNOSTICS)}")
     p.add_argument("--M", "-M", dest="ms", type=_ints, help="comma list of row counts, 2^k allowed "
                    "(default CPU 1024..16384, GPU 4096..2^21)")
     p.add_argument("--d", "-d", dest="ds", type=_ints, help="comma list of feature dims (default 128)")

@@ -138,6 +138,32 @@ def test_summary_verdicts_and_tables(tmp_path):
     assert csv_path.read_text().splitlines()[0].startswith(",".join(bench.ROW_KEYS))
 
 
+def test_mma_sync_diagnostic_says_why_cuda_trails_triton():
+    rows = [_row("nt_xent", "triton", 65536, 10.0), _row("nt_xent", "cuda", 65536, 15.0),
+            _row("nt_xent", "triton_mma_sync", 65536, 14.0)]
+    text = bench.summarize(rows)
+    assert "FAIL  nt_xent M=65536 cuda/triton <= 1.3: 1.5" in text
+    # log 1.4 / log 1.5 = 0.83
+    assert ("WHY   nt_xent M=65536: cuda/triton 1.50; Triton on mma.sync (DISABLE_MMA_V3=1) is 1.40x Triton on "
+            "wgmma and cuda is 1.07x it: the matrix instruction accounts for 1.40x, 83% of the gap") in text
+    assert "WHY" not in bench.summarize(rows[:2])  # without the diagnostic row there is nothing to say
+
+
+def test_diagnostic_rows_get_their_own_worker_environment():
+    spec = lambda impl, m: {"op": "nt_xent", "impl": impl, "M": m, "d": 16, "dtype": "bfloat16",  # noqa: E731
+                            "phase": "full", "device": "cuda:0", "deterministic": True}
+    todo = [spec("triton", 1), spec("cuda", 1), spec("triton_mma_sync", 1), spec("triton", 2)]
+    assert bench._next_batch(todo, "run") == todo[:2]
+    assert bench._next_batch(todo[2:], "run") == todo[2:3]
+    assert bench._next_batch(todo, "row") == todo[:1]
+    assert bench._child_env(bench._worker_env(todo[2]))["DISABLE_MMA_V3"] == "1"
+    assert "DISABLE_MMA_V3" not in bench._child_env(bench._worker_env(todo[0]))
+    assert bench.loss_function("nt_xent", "triton_mma_sync") is not None
+    cpu = dict(spec("triton_mma_sync", 64), device="cpu")
+    assert "GPU diagnostic" in bench.pre_skip_reason(cpu, {}, {})
+    assert bench._parser().parse_args(["--impl", "triton,triton_mma_sync"]).impl == ["triton", "triton_mma_sync"]
+
+
 def test_cli_parsing_helpers():
     assert bench._ints("1024, 2^12,4096") == [1024, 4096, 4096]
     assert bench._sizes_for("compile=32768") == ("compile", [32768])

@@ -4,7 +4,8 @@
 real PTX and cubin (ptxas ships inside the triton wheel). For each kernel x config x arch we assert: it
 compiles; no register spills (cuobjdump -res-usage from the wheel: LOCAL and STACK are 0); shared memory
 (metadata.shared) within the architecture's opt-in limit; and, for the matmul kernels on sm_90, that the
-PTX uses wgmma. The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces
+PTX uses wgmma; and that Triton's DISABLE_MMA_V3 switch, which the benchmark's triton_mma_sync diagnostic
+uses, trades wgmma for mma.sync. The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces
 @triton.jit at decoration time), two at a time. Run with -s to see the table.
 
 ASTSource's (fn, signature, constexprs, attrs) form with string keys is the API of triton 3.3+ (checked in
@@ -109,6 +110,14 @@ def jobs():
     return out
 
 
+def diagnostic_jobs():
+    """The benchmark's triton_mma_sync rows (adassl_fast/benchmark.py) run the sm_90 kernels under Triton's
+    DISABLE_MMA_V3=1: check on the shipped d = 128 forward that the switch trades wgmma for mma.sync."""
+    fwd = next(j for j in jobs() if j["kernel"] == "_fwd_kernel" and j["arch"] == "sm90" and "_d128_" in j["config"]
+               and j["variant"] == "-")
+    return [dict(fwd, variant="DISABLE_MMA_V3", env={"DISABLE_MMA_V3": "1"}, id=fwd["id"] + "-DISABLE_MMA_V3")]
+
+
 def _compile_one(job):
     import re
     import tempfile
@@ -137,12 +146,17 @@ def _compile_one(job):
     cc = ARCH_CC[job["arch"]]
     row = dict(id=job["id"], kernel=job["kernel"], variant=job["variant"], config=job["config"], arch=job["arch"],
                matmul=job["matmul"])
+    saved = {k: os.environ.get(k) for k in job.get("env", {})}
+    os.environ.update(job.get("env", {}))  # read by Triton's compiler (and its cache key) at compile time
     try:
         k = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                            options=job["options"])
     except Exception as exc:  # reported, and the test asserts on it
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         return row
+    finally:  # the pool's processes compile other jobs next
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -150,14 +164,14 @@ def _compile_one(job):
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
     row.update(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"), shared=int(k.metadata.shared),
-               wgmma="wgmma.mma_async" in k.asm["ptx"])
+               wgmma="wgmma.mma_async" in k.asm["ptx"], mma_sync="mma.sync.aligned" in k.asm["ptx"])
     return row
 
 
 def _worker():
     from concurrent.futures import ProcessPoolExecutor
 
-    todo = jobs()
+    todo = jobs() + diagnostic_jobs()
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         rows = list(pool.map(_compile_one, todo))
     print(json.dumps(rows))
@@ -166,7 +180,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def table():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
     proc = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -195,6 +209,14 @@ def test_compiles_without_spills_within_smem(table, job):
     assert row["shared"] <= SMEM_LIMIT[cc], f"shared {row['shared']} > {SMEM_LIMIT[cc]}"
     if row["matmul"] and cc == 90:
         assert row["wgmma"], "sm_90 matmul kernel without wgmma"
+
+
+@pytest.mark.parametrize("job", diagnostic_jobs(), ids=lambda j: j["id"])
+def test_mma_sync_switch_trades_wgmma_for_mma_sync(table, job):
+    plain, switched = table[job["id"].removesuffix("-DISABLE_MMA_V3")], table[job["id"]]
+    assert "error" not in switched, switched.get("error")
+    assert plain["wgmma"] and not plain["mma_sync"], plain
+    assert switched["mma_sync"] and not switched["wgmma"], switched
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
