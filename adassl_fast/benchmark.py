@@ -79,9 +79,20 @@ def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = Tr
     _check_phase(phase)
     both_ways = op == "info_nce" and symmetric
     fwd = _EXECUTED["fwd"] * (2 if both_ways else 1)
-    bwd = _EXECUTED["bwd_det" if deterministic else "bwd_atomic"] * (2 if both_ways and impl == "cuda" else 1)
+    bwd = _EXECUTED["bwd_atomic" if _runs_atomic(impl, d, deterministic) else "bwd_det"]
+    bwd *= 2 if both_ways and impl == "cuda" else 1
     units = {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[phase]
     return units * m * m * d
+
+
+def _runs_atomic(impl: str, d: int, deterministic: bool) -> bool:
+    """Whether deterministic=False gets the atomic backward: only Triton has one, and only where its H200
+    table ships a shape for it (kernels/configs.py); the others run the deterministic schedule."""
+    if deterministic or DIAGNOSTICS.get(impl, (impl,))[0] != "triton":
+        return False
+    from adassl_fast.kernels.configs import atomic_shipped, block_d
+
+    return atomic_shipped("sm90", "16", block_d(d))
 
 
 def floor_flops(op: str, phase: str, m: int, d: int) -> int:

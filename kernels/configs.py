@@ -11,6 +11,9 @@ Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomi
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
 The symmetric InfoNCE backward (SYM: one more exp tile live) runs the kinds "bwd_row_sym" / "bwd_col_sym":
 an entry names them only where the plain kind's shape spills with SYM; elsewhere they take the plain one.
+The atomic schedule runs the row kernel with ATOMIC (its (BLOCK_N, d) dV share live beside the (BLOCK_M, d)
+dU accumulator) at the "bwd_row" shape; an entry with "atomic": False has no shape where that fits without
+spills, and there deterministic=False runs the deterministic schedule (atomic_schedule()).
 
 The sm90 d <= 128 entries were measured on an H200 (bench/tune_triton.py); the others come from the
 cross-compile table alone: larger d shrinks the blocks so the fp32 gradient accumulator
@@ -65,10 +68,19 @@ _TABLE = {
     ("sm90", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 64, 8, 2),
                           "bwd_row_sym": (64, 32, 8, 2)},
     ("sm80", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (32, 32, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    # d in (256, 512] (not timed on a GPU yet; cross-compile sweep of 2026-11-28): the (64, 512) fp32 dU
+    # accumulator alone is 128 registers a thread at 8 warps. The atomic row kernel, which also holds its
+    # (BLOCK_N, 512) dV share, spilled at every shape tried (64 x 64 ... 64 x 16, 32 x 32, 1-2 stages, 4-8
+    # warps; at best 8-136 bytes with the clamp or SYM at 64 x 16 on sm_90), so these entries have no atomic
+    # schedule. sm_80 row kernel: 64 x 64 spilled 32 bytes with the clamp, 64 x 32 does not.
+    ("sm90", "16", 512): {"fwd": (128, 32, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 32, 8, 2),
+                          "atomic": False},
+    ("sm80", "16", 512): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2),
+                          "atomic": False},
 }
-# Not shipped (tried with the lean kernels, 2026-11-28): d = 512 and fp32 (3xTF32) at d = 128, where the
-# atomic row kernel spilled with every shape tried down to 32 x 16; pick_config raises for them so dispatch
-# falls back to the torch backend.
+# Not shipped: fp32 (3xTF32, three dots per product) spilled at d = 128 and 256 in every backward kernel for
+# every shape tried down to 32 x 32 (2026-11-28); pick_config raises for it so dispatch falls back to the
+# torch backend, whose fp32 matmuls are exact.
 
 
 # The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.
@@ -103,7 +115,7 @@ def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
             return _TABLE[(arch, dt, cbd)], dt, cbd
     raise ValueError(
         f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 "
-        "with d <= 256 (the kernels themselves take any d <= 512 in the interpreter); use impl='torch'"
+        "with d <= 512 (fp32 / fp64 run in the interpreter only); use impl='torch'"
     )
 
 
@@ -143,6 +155,18 @@ def _pick(kind: str, arch: str, dtc: str, bd: int, tuned: str | None) -> Config:
             return _c(f"tuned_{kind}", arch, dtc, bd, *entry[kind])
     entry, edtc, ebd = _lookup(arch, dtc, bd)
     return _c(kind, arch, edtc, ebd, *entry[kind])
+
+
+def atomic_schedule(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    """Whether the atomic backward schedule has a shipped shape for inputs of `dtype` and width d on `device`
+    (entries with "atomic": False do not: deterministic=False then runs the deterministic schedule)."""
+    return atomic_shipped(_arch_of(device), dtype_class(dtype), block_d(d))
+
+
+@functools.cache  # asked once per backward
+def atomic_shipped(arch: str, dtc: str, bd: int) -> bool:
+    """atomic_schedule by table key (arch, dtype class, BLOCK_D); the cross-compile test enumerates with it."""
+    return arch == "interp" or _lookup(arch, dtc, bd)[0].get("atomic", True)
 
 
 def shipped_configs() -> list[tuple[str, str, int, Config]]:

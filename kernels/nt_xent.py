@@ -20,7 +20,8 @@ Design (flash-attention style; see DESIGN.md "The kernels"):
 - Backward, deterministic: a row-owned kernel (sum_j G_ij v_j) and a column-owned kernel (sum_i G_ij u_i,
   from the transposed tile V U^T, so nothing is transposed on chip), both recomputing S from the
   saved LSE, no atomics. Non-deterministic: the row-owned kernel also adds G^T U into an fp32 (N, d)
-  buffer with atomics (6 instead of 8 M^2 d FLOPs). dscale needs no per-element work:
+  buffer with atomics (6 instead of 8 M^2 d FLOPs); where no shipped shape fits that kernel without spills
+  (d > 256: configs.atomic_schedule), the deterministic schedule runs. dscale needs no per-element work:
   sum_ij G_ij C_ij = sum_i <u_i, sum_j G_ij v_j>.
 - SYM (symmetric InfoNCE, kernels/info_nce.py): both backward kernels also read the column LSEs and
   form G from both directions' softmaxes, so one backward pass serves both losses.
@@ -39,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import block_d, interpreting, num_sms, pick_config
+from .configs import atomic_schedule, block_d, interpreting, num_sms, pick_config
 from .latent import build_rows, latent_epilogue, load_rows, store_rows
 
 # Module-level constants used inside @triton.jit must be constexpr.
@@ -662,7 +663,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
             num_warps=cfg_c.num_warps, num_stages=cfg_c.num_stages, **common)
         return part, nsplit
 
-    if deterministic:
+    if deterministic or not atomic_schedule(device, dtype, d):
         col_part, col_nsplit = col_kernel()
         row_side, _ = row_kernel(False)
     else:

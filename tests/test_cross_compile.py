@@ -44,7 +44,7 @@ _ROW_SYM = [("_bwd_row_kernel", "sym", dict(ATOMIC=False, SYM=True)),
 
 def jobs():
     """Every (kernel, variant, config, arch) to compile, as JSON-able dicts, in a fixed order."""
-    from adassl_fast.kernels.configs import shipped_configs
+    from adassl_fast.kernels.configs import atomic_shipped, shipped_configs
 
     out = []
     shipped = shipped_configs()
@@ -60,17 +60,20 @@ def jobs():
         # (symmetric info_nce's SYM variants run with the plain kind's config unless the entry names a
         # "<kind>_sym" config of their own; kernels/configs.py)
         plain_runs_sym = (arch, dt, bd, kind) not in own_sym
+        # (an entry with "atomic": False never runs the atomic row kernel)
+        atomic = atomic_shipped(arch, dt, bd)
+        row_sym = [v for v in _ROW_SYM if atomic or not v[2]["ATOMIC"]]
         if kind == "fwd":
             variants = [("_fwd_kernel", "-", {})]
         elif kind == "bwd_row":
-            variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False, SYM=False)),
-                        ("_bwd_row_kernel", "atomic", dict(ATOMIC=True, SYM=False))]
-            variants += _ROW_SYM if plain_runs_sym else []
+            variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False, SYM=False))]
+            variants += [("_bwd_row_kernel", "atomic", dict(ATOMIC=True, SYM=False))] if atomic else []
+            variants += row_sym if plain_runs_sym else []
         elif kind == "bwd_col":
             variants = [("_bwd_col_kernel", "-", dict(SYM=False))]
             variants += [("_bwd_col_kernel", "sym", dict(SYM=True))] if plain_runs_sym else []
         elif kind == "bwd_row_sym":
-            variants = _ROW_SYM
+            variants = row_sym
         else:
             variants = [("_bwd_col_kernel", "sym", dict(SYM=True))]
         for kernel, label, extra in variants:

@@ -47,8 +47,16 @@ def test_lookup_takes_the_smallest_covering_block_d_and_refuses_the_rest(h200):
     assert cfg.name.startswith("fwd_sm90_f16_d128_")
     assert configs.unsupported_reason(CUDA, torch.float16, 128) is None
     assert configs.pick_config("bwd_row", CUDA, torch.bfloat16, 129).name.startswith("bwd_row_sm90_f16_d256_")
-    for dtype, d in ((torch.bfloat16, 257), (torch.float32, 128)):
+    assert configs.pick_config("bwd_col", CUDA, torch.bfloat16, 257).name.startswith("bwd_col_sm90_f16_d512_")
+    for dtype, d in ((torch.bfloat16, 513), (torch.float32, 128)):
         assert "no vetted Triton config" in configs.unsupported_reason(CUDA, dtype, d)
+
+
+def test_atomic_schedule_only_where_an_entry_ships_one(h200):
+    assert configs.atomic_schedule(CUDA, torch.bfloat16, 256)
+    assert not configs.atomic_schedule(CUDA, torch.bfloat16, 300)  # d > 256: the d = 512 entries have none
+    assert configs.atomic_shipped("sm80", "16", 128) and not configs.atomic_shipped("sm80", "16", 512)
+    assert configs.atomic_shipped("interp", "64", 512)  # the interpreter runs every schedule
 
 
 def test_a_tuned_table_overrides_matching_entries_only(h200, monkeypatch, tmp_path):

@@ -64,8 +64,9 @@ CASES = [  # (M, d, clamp, deterministic, num_splits)
     # kernels' unmasked fast path (an active clamp there too)
     (300, 24, 3.0, True, 1),
     (300, 17, None, False, None),
-    # d in (128, 256]: BLOCK_D 256, the widest GPU table entry
+    # d in (128, 256]: BLOCK_D 256; d in (256, 512]: BLOCK_D 512, the widest GPU table entry
     (70, 130, 3.0, True, None),
+    (70, 300, None, False, None),
 ]
 
 
@@ -200,6 +201,34 @@ def test_deterministic_schedule_is_bitwise_reproducible():
     b = _run(cont, targ, pos, excl, torch.tensor(1.0), 5.0, None, True)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel: counts its launches (kernel[grid](...)) and runs them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_without_an_atomic_shape_deterministic_false_runs_the_deterministic_schedule(monkeypatch):
+    M, d = 70, 24
+    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
+    pos, excl = _nt_indices(M)
+    scale = torch.tensor(1.0, dtype=F64)
+    want = _run(cont, targ, pos, excl, scale, 5.0, 20.0, True)
+    column_kernel = _LaunchCounter(ntx._bwd_col_kernel)
+    monkeypatch.setattr(ntx, "_bwd_col_kernel", column_kernel)
+    for shipped, column_launches in ((True, 0), (False, 1)):  # False: as at d > 256 on a GPU
+        column_kernel.launches = 0
+        monkeypatch.setattr(ntx, "atomic_schedule", lambda *args, shipped=shipped: shipped)
+        got = _run(cont, targ, pos, excl, scale, 5.0, 20.0, False)
+        assert column_kernel.launches == column_launches, shipped
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)  # bitwise: the same kernels in the same order
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
