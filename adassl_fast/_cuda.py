@@ -7,6 +7,10 @@ works unchanged with a CUDA torch and with the CPU wheel (where the module impor
 launch). Builds are cached under ``$TORCH_EXTENSIONS_DIR/adassl_fast`` or ``~/.cache/adassl_fast``,
 keyed by the sources, the flags, the torch version and the toolkit.
 
+On sm_90 devices the bf16 / fp16 tiles run on mma.sync unless ``ADASSL_FAST_CUDA_WGMMA=1`` (read at each
+launch) selects the wgmma path (csrc/adassl_mma.cuh, AsyncMma): opt-in until it has been checked and timed
+on a GPU; ``info()["wgmma"]`` says which one runs.
+
 Entry points (same signatures as every backend):
 ``nt_xent_forward``, ``nt_xent_backward``, ``adassl_forward``, ``adassl_backward``; plus
 ``available() -> (bool, reason)`` and ``info() -> dict``.
@@ -40,6 +44,7 @@ __all__ = [
 ]
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+WGMMA_ENV = "ADASSL_FAST_CUDA_WGMMA"
 KERNEL_SOURCES = ("nt_xent.cu", "adassl.cu")
 BINDING_SOURCE = "binding.cpp"
 NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v", "-Xcompiler", "-fPIC")
@@ -265,11 +270,13 @@ def available() -> tuple[bool, str]:
 
 
 def info() -> dict:
-    """Backend status: availability, reason, toolkit, build directory and the build log text."""
+    """Backend status: availability, reason, the tensor-core path on sm_90 ("wgmma": asked for with
+    ADASSL_FAST_CUDA_WGMMA=1, else mma.sync), toolkit, build directory and the build log text."""
     ok, reason = available()
     return {
         "available": ok,
         "reason": reason,
+        "wgmma": os.environ.get(WGMMA_ENV) == "1",
         "cuda_home": _state.get("cuda_home") or find_cuda_home(),
         "build_dir": _state["build_dir"],
         "gencodes": _state.get("gencodes"),

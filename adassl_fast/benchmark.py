@@ -36,8 +36,10 @@ IMPLS = ("reference", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run in its own worker with extra environment.
 # "triton_mma_sync" is the Triton backend under Triton's own switch DISABLE_MMA_V3=1 (read by its compiler, part
 # of its cache key): the same kernels on Ampere's mma.sync (HMMA in SASS) instead of Hopper's wgmma (HGMMA), the
-# instruction class the CUDA backend uses. cuda against it says how much of cuda/triton that class explains.
-DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"})}
+# instruction class the CUDA backend uses by default. cuda against it says how much of cuda/triton that class
+# explains. "cuda_wgmma" is the CUDA backend with its opt-in wgmma tile path (ADASSL_FAST_CUDA_WGMMA=1).
+DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"}),
+               "cuda_wgmma": ("cuda", {"ADASSL_FAST_CUDA_WGMMA": "1"})}
 BENCH_IMPLS = IMPLS + tuple(DIAGNOSTICS)
 PHASES = ("fwd", "bwd", "full")
 ROW_KEYS = (
@@ -697,7 +699,8 @@ def run(specs: list[dict], settings: dict, *, isolate: str, deadline: float, sho
             rows[i]["note"] = reason
         else:
             todo.append((i, spec))
-    todo.sort(key=lambda item: item[1]["impl"] in DIAGNOSTICS)  # after the targets' rows, in one worker of their own
+    # the targets' rows first, then each diagnostic's rows together (one worker per environment)
+    todo.sort(key=lambda item: tuple(sorted(_worker_env(item[1]).items())))
     bar = _NoBar()
     if show_progress and len(todo) > 1:
         try:
@@ -877,6 +880,10 @@ def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
             why = instruction_class_share(t, c, _row(rows, op, "triton_mma_sync", m))
             if why:
                 verdicts.append(f"WHY   {op} M={m}: {why}")
+            w = _row(rows, op, "cuda_wgmma", m)
+            if w:
+                verdict(f"{op} M={m} cuda_wgmma/triton <= 1.3 (opt-in path)", t and w["median_ms"] / t["median_ms"],
+                        lambda v: v <= 1.3)
     lines.append("")
     lines += verdicts
     bad = [r for r in rows if r["status"] in ("error", "oom")]

@@ -177,12 +177,14 @@ elif [ -n "${BENCH_ARGS:-}" ]; then
     read -r -a BENCH <<< "$BENCH_ARGS"
 else
     # (symmetric info_nce, the CLIP loss: at 8192 and 65536 only, so it adds no torch.compile row; the
-    # triton_mma_sync diagnostic, run last, says how much of cuda/triton is mma.sync against wgmma)
-    BENCH=(--op nt_xent,adassl,info_nce --impl triton,cuda,torch,reference,compile,triton_mma_sync
+    # diagnostics run last: triton_mma_sync says how much of cuda/triton is mma.sync against wgmma,
+    # cuda_wgmma times the CUDA backend's opt-in wgmma path)
+    BENCH=(--op nt_xent,adassl,info_nce --impl triton,cuda,torch,reference,compile,cuda_wgmma,triton_mma_sync
            --M 8192,32768,65536,262144,2097152,1048576
            --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
            --sizes-for torch=8192,32768,65536,262144 --sizes-for info_nce=8192,65536
-           --sizes-for triton_mma_sync=32768,65536 --err-max-m 8192 --budget-s 0.5)
+           --sizes-for triton_mma_sync=32768,65536 --sizes-for cuda_wgmma=8192,32768,65536
+           --err-max-m 8192 --budget-s 0.5)
 fi
 BENCH_S=$(clip 600 40)  # the worker is stopped at the deadline + 30 s; SIGTERM still writes the rows
 DEADLINE_S=$((BENCH_S - 45)); [ "$DEADLINE_S" -lt $((BENCH_S / 2)) ] && DEADLINE_S=$((BENCH_S / 2))

@@ -1,4 +1,5 @@
-// Tensor-core kernels for bf16 / fp16 (mma.sync.m16n8k16, fp32 accumulation), d <= 128.
+// Tensor-core kernels for bf16 / fp16 (fp32 accumulation), d <= 128: mma.sync.m16n8k16 everywhere, or
+// wgmma.mma_async.m64n64k16 on sm_90a when asked for (ADASSL_FAST_CUDA_WGMMA=1; the Path parameter below).
 //
 // One kernel template covers the three passes (MODE): the forward row LSE, the row-owned dU pass and
 // the column-owned dV pass. They read only the normalised rows u / v that the prologue
@@ -9,10 +10,9 @@
 // folded in. Every gradient element is produced by one thread in a fixed order: no atomics, bitwise
 // reproducible.
 //
-// Tile shape: kMW = 8 (128 owned rows) also builds without spills for sm_80 / sm_90a (the registers per
-// thread are the same: each warp still owns 16 rows) and halves the streamed-tile traffic per owned row;
-// the per-warp ldmatrix + mma work is unchanged, and at ~210 registers (d = 128, kRow) both shapes run
-// 8 warps per SM. Not measured on a GPU yet: 4 warps are kept (smaller barrier groups, finer tail).
+// Tile shape: 8-warp CTAs (128 owned rows) build without spills too and halve the streamed-tile traffic
+// per owned row, but measured no faster on the H200 (bench/results/2026-11-28_1954-NVIDIA-H200-cuda-8warps),
+// so 4 warps are kept: exactly the one warpgroup a 64-row wgmma tile needs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "adassl_generic.cuh"
@@ -114,18 +115,42 @@ __device__ __forceinline__ float2 unpack2(uint32_t w) {
   }
 }
 
-// Stage rows [r0, r0 + ROWS) x [0, DP) of the contiguous (nrows, ldu) buffer src into buf (row stride
-// DP + 8 elements: the 16-byte pad keeps the 8 row addresses of every ldmatrix on distinct banks) with
-// cp.async. ldu is a multiple of 8 and the buffer's pad columns are zero; rows past nrows and chunks past
-// ldu are zero-filled, so they add nothing to any product.
-template <class T, int DP, int ROWS>
+// A fragment (16 x 16, k-step kk) of a product whose left operand is held as accumulators g[16 x 64]:
+// n-tiles 2kk and 2kk + 1, rounded to T.
+template <class T, int NT>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&g)[NT][4], int kk) {
+  a[0] = pack2<T>(g[2 * kk][0], g[2 * kk][1]);
+  a[1] = pack2<T>(g[2 * kk][2], g[2 * kk][3]);
+  a[2] = pack2<T>(g[2 * kk + 1][0], g[2 * kk + 1][1]);
+  a[3] = pack2<T>(g[2 * kk + 1][2], g[2 * kk + 1][3]);
+}
+
+// The two matrix-instruction paths the core kernel is written against (its Path parameter). Both keep
+// the owned rows' A fragments in registers (ldmatrix from the staged owned tile) and stream 64-row tiles
+// of the other side through two shared-memory buffers; they differ in the buffers' layout and in who
+// multiplies:
+// - SyncMma (sm_80 and up): each warp issues mma.sync.m16n8k16 on its 16 rows, B fragments through
+//   ldmatrix; rows padded by 16 bytes so the 8 row addresses of every ldmatrix hit distinct banks.
+// - AsyncMma (sm_90a, ADASSL_FAST_CUDA_WGMMA=1): the CTA's 4 warps are one warpgroup and issue
+//   wgmma.mma_async.m64n64k16 with A from registers and B read by the tensor cores straight from shared
+//   memory (no per-warp ldmatrix of B: a quarter of SyncMma's shared-memory reads). Tiles use the 128-byte
+//   swizzle: 64-column (128-byte) atoms of 64 rows, 16-byte chunk c of row r stored at chunk c ^ (r % 8).
+//   The same tile serves S = U V^T (B K-major: rows of the tile are B's columns) and G V (B MN-major,
+//   transposed read), so nothing is transposed in memory.
+// Accumulator layouts coincide: for m16n8 (per warp) and m64nN (per warpgroup, warp w owning rows
+// 16w..16w+15) a thread holds rows g and g + 8, columns 8n + 2t + {0, 1} of n-tile n; and that layout
+// is the A-fragment layout, so G goes from accumulators to the next product's A operand by packing.
+
+// Stage rows [r0, r0 + ROWS) x [0, DP) of the contiguous (nrows, ldu) buffer src into buf with cp.async,
+// element (r, c) at Path::offset<DP>(r, c). ldu is a multiple of 8 and the buffer's pad columns are zero;
+// rows past nrows and chunks past ldu are zero-filled, so they add nothing to any product.
+template <class Path, class T, int DP, int ROWS>
 __device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t r0, int64_t nrows, int ldu, T* buf) {
-  constexpr int LDS = DP + 8;
   constexpr int CPR = DP / 8;
   for (int e = threadIdx.x; e < ROWS * CPR; e += kMThreads) {
     const int r = e / CPR, c = e % CPR;
     const int64_t row = r0 + r;
-    T* dst = buf + r * LDS + c * 8;
+    T* dst = buf + Path::template offset<DP>(r, c * 8);
     if (row < nrows && c * 8 < ldu) {
       cp_async16(dst, src + row * ldu + c * 8);
     } else {
@@ -134,27 +159,205 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ src, int64_t r0,
   }
 }
 
+struct SyncMma {
+  template <int DP>
+  static constexpr int kTileElems = kMCols * (DP + 8);
+
+  template <int DP>
+  __device__ static __forceinline__ int offset(int r, int c) {
+    return r * (DP + 8) + c;
+  }
+
+  // Make the staged tile visible to this path's readers (ldmatrix: ordinary shared loads; the barrier
+  // that follows is enough).
+  __device__ static __forceinline__ void publish() {}
+
+  // acc[16 x 64] = A[16 x DP] (this warp's owned rows) * tile^T
+  template <class T, int DP>
+  __device__ static __forceinline__ void s_product(float (&acc)[kMCols / 8][4], const uint32_t (&qa)[DP / 16][4],
+                                                   const T* sb) {
+    const int lane = threadIdx.x & 31, q = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kMCols / 16; ++np) {
+        uint32_t b[4];
+        const int n = np * 16 + (lane & 7) + (q >> 1) * 8;
+        const int c = kk * 16 + (q & 1) * 8;
+        ldsm_x4(b, smem_u32(&sb[offset<DP>(n, c)]));
+        mma16816<T>(acc[2 * np], qa[kk], b[0], b[1]);
+        mma16816<T>(acc[2 * np + 1], qa[kk], b[2], b[3]);
+      }
+    }
+  }
+
+  // dacc[16 x DP] += G[16 x 64] * tile[64 x DP]: G from this warp's accumulators, the tile through
+  // ldmatrix.trans.
+  template <class T, int DP>
+  __device__ static __forceinline__ void grad_product(float (&dacc)[DP / 8][4], const float (&g)[kMCols / 8][4],
+                                                      const T* sb) {
+    const int lane = threadIdx.x & 31, q = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < kMCols / 16; ++kk) {
+      uint32_t a[4];
+      pack_a<T>(a, g, kk);
+#pragma unroll
+      for (int np = 0; np < DP / 16; ++np) {
+        uint32_t b[4];
+        const int r = kk * 16 + (lane & 7) + (q & 1) * 8;
+        const int c = np * 16 + (q >> 1) * 8;
+        ldsm_x4_t(b, smem_u32(&sb[offset<DP>(r, c)]));
+        mma16816<T>(dacc[2 * np], a, b[0], b[1]);
+        mma16816<T>(dacc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+};
+
+// wgmma and its ordering instructions exist only in sm_90a code; elsewhere AsyncMma's bodies trap (the
+// launcher never picks it there: async_mma_enabled()).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ADASSL_WGMMA 1
+#endif
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled operand (PTX "Matrix Descriptor Format"):
+// start address, leading and stride byte offsets (all >> 4), swizzle mode 1 (128 B) in bits 62-63.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+// Keeps the compiler from moving accesses of an accumulator across the asynchronous product.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&c)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    asm volatile("" : "+f"(c[n][0]), "+f"(c[n][1]), "+f"(c[n][2]), "+f"(c[n][3])::"memory");
+  }
+}
+
+// d[64 x 64] += A[64 x 16] (registers, this thread's fragment a) * B[16 x 64] (shared memory, desc);
+// TNSP_B 0: B K-major (its columns are rows of the tile), 1: MN-major (rows of the tile are B's rows).
+template <class T, int TNSP_B>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+#ifdef ADASSL_WGMMA
+#define ADASSL_WGMMA_ASM(TYPE)                                                                                   \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                      \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                  \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "      \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, " \
+               "%38;\n}\n"                                                                                       \
+               : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),        \
+                 "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),        \
+                 "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),        \
+                 "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),        \
+                 "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),        \
+                 "+f"(d[7][2]), "+f"(d[7][3])                                                                    \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1), "n"(TNSP_B))
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    ADASSL_WGMMA_ASM("bf16");
+  } else {
+    ADASSL_WGMMA_ASM("f16");
+  }
+#undef ADASSL_WGMMA_ASM
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef ADASSL_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Issue point of a group of products, then wait for all of them (the accumulators are read next).
+__device__ __forceinline__ void wgmma_commit_and_wait() {
+#ifdef ADASSL_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+struct AsyncMma {
+  static constexpr int kAtomBytes = kMCols * 128;  // one 64-column atom of a 64-row tile
+
+  template <int DP>
+  static constexpr int kTileElems = kMCols * DP;
+
+  template <int DP>
+  __device__ static __forceinline__ int offset(int r, int c) {
+    return (c >> 6) * (kMCols * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+  }
+
+  // The tensor cores read shared memory through the async proxy: each writing thread (cp.async and the
+  // zero fills are generic-proxy writes) fences before the barrier that precedes the products.
+  __device__ static __forceinline__ void publish() {
+#ifdef ADASSL_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+  }
+
+  // acc[64 x 64] = U[64 x DP] (owned rows, A fragments in registers) * tile^T: B K-major, k-step kk at
+  // byte 32 kk of its atom (the hardware applies the swizzle to the address), 8-row groups 1024 B apart.
+  template <class T, int DP>
+  __device__ static __forceinline__ void s_product(float (&acc)[kMCols / 8][4], const uint32_t (&qa)[DP / 16][4],
+                                                   const T* sb) {
+    const uint32_t base = smem_u32(sb);
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      wgmma_m64n64k16<T, 0>(acc, qa[kk], sw128_desc(base + (kk >> 2) * kAtomBytes + (kk & 3) * 32, 16, 1024));
+    }
+    wgmma_commit_and_wait();
+    fence_regs(acc);
+  }
+
+  // dacc[64 x DP] += G[64 x 64] * tile[64 x DP]: B MN-major (d contiguous), k-step kk = tile rows
+  // 16 kk .. 16 kk + 15 (two 8-row groups, 1024 B apart), one 64-wide product per atom of d.
+  template <class T, int DP>
+  __device__ static __forceinline__ void grad_product(float (&dacc)[DP / 8][4], const float (&g)[kMCols / 8][4],
+                                                      const T* sb) {
+    const uint32_t base = smem_u32(sb);
+    uint32_t a[kMCols / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kMCols / 16; ++kk) pack_a<T>(a[kk], g, kk);
+    fence_regs(dacc);
+    wgmma_fence();
+#pragma unroll
+    for (int f = 0; f < DP / 64; ++f) {
+      float(&blk)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dacc[8 * f]);
+#pragma unroll
+      for (int kk = 0; kk < kMCols / 16; ++kk) {
+        wgmma_m64n64k16<T, 1>(blk, a[kk], sw128_desc(base + f * kAtomBytes + kk * 2048, kAtomBytes, 1024));
+      }
+    }
+    wgmma_commit_and_wait();
+    fence_regs(dacc);
+  }
+};
+
 // MODE kFwd: owned = u (cont rows), streamed = v -> lse, row loss. kRow: owned = u, streamed = v ->
 // g_out = dL/du and one partial of sum G * C per CTA. kCol: owned = v (targ rows), streamed = u ->
 // g_out = dL/dv. Tiles with no positive / excluded entry and no row past the end ("plain" tiles, all but
 // O(1) per owned block for nt_xent) skip the index tests; the decision is warp-uniform (kFwd, kRow: a
 // vote over the warp's 16 rows) or CTA-uniform (kCol: flags the loader computes with the metadata).
 // Plain tiles also skip the clamp when no logit can reach it (clamp_live below, uniform per launch).
-template <class T, int DP, int MODE>
+template <class T, int DP, int MODE, class Path>
 __global__ void __launch_bounds__(kMThreads)
     mma_core_kernel(const T* __restrict__ own, const T* __restrict__ str, int64_t n_own, int64_t n_str, int d,
                     int ldu, const int64_t* __restrict__ pos, const int64_t* __restrict__ excl,
                     const float* __restrict__ lse_in, const float* scale_p, const float* gl_p, float inv_temp,
                     float clampv, float inv_m, float* out_lse, float* out_rowloss, float* g_out,
                     float* part_out) {
-  constexpr int LDS = DP + 8;
   constexpr int KS = DP / 16;      // k-steps of the S product
   constexpr int NT = kMCols / 8;   // n-tiles of S per warp
   constexpr int NF = DP / 8;       // feature n-tiles of the gradient product
   constexpr int MW = kMCols / 32;  // loader warps of the kCol metadata
   static_assert(kMRows <= 2 * kMCols, "the owned tile is staged through the two stream buffers");
   static_assert(kMCols % 32 == 0 && kMCols <= kMThreads, "kCol metadata: whole warps, one row per thread");
-  __shared__ __align__(16) T sbuf[2][kMCols * LDS];
+  __shared__ __align__(1024) T sbuf[2][Path::template kTileElems<DP>];  // 1024: AsyncMma's swizzle atoms
   __shared__ float s_lse[2][kMCols];  // kCol: lse * log2(e) of the streamed u rows
   __shared__ int64_t s_pos[2][kMCols];
   __shared__ int64_t s_exc[2][kMCols];
@@ -210,7 +413,10 @@ __global__ void __launch_bounds__(kMThreads)
 
   // Prologue: owned tile -> the stream buffers (one contiguous span) -> registers.
   T* const sflat = &sbuf[0][0];
-  load_tile<T, DP, kMRows>(own, o0, n_own, ldu, sflat);
+  if constexpr (std::is_same<Path, AsyncMma>::value) {
+    if (smem_u32(sflat) & 1023u) __trap();  // the swizzle atoms need 1024-byte alignment: never compute wrong
+  }
+  load_tile<Path, T, DP, kMRows>(own, o0, n_own, ldu, sflat);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -220,13 +426,13 @@ __global__ void __launch_bounds__(kMThreads)
     const int q = lane >> 3;
     const int r = warp * 16 + (lane & 7) + (q & 1) * 8;
     const int c = kk * 16 + (q >> 1) * 8;
-    ldsm_x4(qa[kk], smem_u32(sflat + r * LDS + c));
+    ldsm_x4(qa[kk], smem_u32(sflat + Path::template offset<DP>(r, c)));
   }
   __syncthreads();
 
   const int ntiles = static_cast<int>((n_str + kMCols - 1) / kMCols);
   if (ntiles > 0) {
-    load_tile<T, DP, kMCols>(str, 0, n_str, ldu, sbuf[0]);
+    load_tile<Path, T, DP, kMCols>(str, 0, n_str, ldu, sbuf[0]);
     load_meta(0, 0);
     cp_async_commit();
   }
@@ -239,13 +445,14 @@ __global__ void __launch_bounds__(kMThreads)
   for (int it = 0; it < ntiles; ++it) {
     const int cur = it & 1;
     if (it + 1 < ntiles) {
-      load_tile<T, DP, kMCols>(str, static_cast<int64_t>(it + 1) * kMCols, n_str, ldu, sbuf[cur ^ 1]);
+      load_tile<Path, T, DP, kMCols>(str, static_cast<int64_t>(it + 1) * kMCols, n_str, ldu, sbuf[cur ^ 1]);
       load_meta(static_cast<int64_t>(it + 1) * kMCols, cur ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
+    Path::publish();
     __syncthreads();
     const T* sb = sbuf[cur];
     const int64_t s0 = static_cast<int64_t>(it) * kMCols;
@@ -264,19 +471,7 @@ __global__ void __launch_bounds__(kMThreads)
     float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        const int q = lane >> 3;
-        const int n = np * 16 + (lane & 7) + (q >> 1) * 8;
-        const int c = kk * 16 + (q & 1) * 8;
-        ldsm_x4(b, smem_u32(&sb[n * LDS + c]));
-        mma16816<T>(acc[2 * np], qa[kk], b[0], b[1]);
-        mma16816<T>(acc[2 * np + 1], qa[kk], b[2], b[3]);
-      }
-    }
+    Path::template s_product<T, DP>(acc, qa, sb);
 
     if (MODE == kFwd) {
       float tmax[2] = {-INFINITY, -INFINITY};
@@ -378,26 +573,8 @@ __global__ void __launch_bounds__(kMThreads)
           }
         }
       }
-      // dacc[16 x DP] += G[16 x 64] * X[64 x DP]: G from registers (accumulator layout == A layout),
-      // X (the streamed normalised rows) through ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < kMCols / 16; ++kk) {
-        uint32_t a[4];
-        a[0] = pack2<T>(acc[2 * kk][0], acc[2 * kk][1]);
-        a[1] = pack2<T>(acc[2 * kk][2], acc[2 * kk][3]);
-        a[2] = pack2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
-        a[3] = pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
-#pragma unroll
-        for (int np = 0; np < NF / 2; ++np) {
-          uint32_t b[4];
-          const int q = lane >> 3;
-          const int r = kk * 16 + (lane & 7) + (q & 1) * 8;
-          const int c = np * 16 + (q >> 1) * 8;
-          ldsm_x4_t(b, smem_u32(&sb[r * LDS + c]));
-          mma16816<T>(dacc[2 * np], a, b[0], b[1]);
-          mma16816<T>(dacc[2 * np + 1], a, b[2], b[3]);
-        }
-      }
+      // dacc[16 x DP] += G[16 x 64] * X[64 x DP], X the streamed normalised rows
+      Path::template grad_product<T, DP>(dacc, acc, sb);
     }
     __syncthreads();
   }
@@ -467,17 +644,29 @@ __global__ void __launch_bounds__(kMThreads)
   }
 }
 
-template <class T, int DP, int MODE>
+template <class T, int DP, int MODE, class Path>
 int64_t launch_mma(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
                    const int64_t* pos, const int64_t* excl, const float* lse_in, const float* scale_p,
                    const float* gl_p, float inv_temp, float clampv, float inv_m, float* out_lse,
                    float* out_rowloss, float* g_out, float* part_out) {
   const unsigned nb = static_cast<unsigned>((n_own + kMRows - 1) / kMRows);
   if (nb == 0) return 0;
-  mma_core_kernel<T, DP, MODE><<<nb, kMThreads, 0, s>>>(own, str, n_own, n_str, d, ldu, pos, excl, lse_in,
-                                                        scale_p, gl_p, inv_temp, clampv, inv_m, out_lse,
-                                                        out_rowloss, g_out, part_out);
+  mma_core_kernel<T, DP, MODE, Path><<<nb, kMThreads, 0, s>>>(own, str, n_own, n_str, d, ldu, pos, excl, lse_in,
+                                                              scale_p, gl_p, inv_temp, clampv, inv_m, out_lse,
+                                                              out_rowloss, g_out, part_out);
   return nb;
+}
+
+// AsyncMma runs on sm_90 devices when ADASSL_FAST_CUDA_WGMMA=1 (read at every launch, so tests can switch):
+// opt-in until the wgmma path has been checked and timed against SyncMma on a GPU (bench/device_check.sh
+// runs the GPU tests and the benchmark with it).
+inline bool async_mma_enabled() {
+  const char* v = std::getenv("ADASSL_FAST_CUDA_WGMMA");
+  if (v == nullptr || v[0] != '1' || v[1] != '\0') return false;
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major == 9;
 }
 
 template <class T, int MODE, class A>
@@ -485,12 +674,17 @@ int64_t run_mma_core(cudaStream_t s, const T* own, const T* str, int64_t n_own, 
                      const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p, const A* gl_p,
                      A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out, A* part_out) {
   if constexpr (std::is_same<A, float>::value) {
-#define ADASSL_MMA_CALL(DPV)                                                                                   \
-  return launch_mma<T, DPV, MODE>(s, own, str, n_own, n_str, d, ldu, pos, excl, lse_in, scale_p, gl_p, inv_temp, \
-                                  clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
-    if (d <= 32) ADASSL_MMA_CALL(32);
-    if (d <= 64) ADASSL_MMA_CALL(64);
-    ADASSL_MMA_CALL(128);
+#define ADASSL_MMA_CALL(DPV, PATH)                                                                               \
+  return launch_mma<T, DPV, MODE, PATH>(s, own, str, n_own, n_str, d, ldu, pos, excl, lse_in, scale_p, gl_p,   \
+                                        inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
+    const bool async = async_mma_enabled();  // (its 64-column swizzle atoms need d > 32)
+    if (d <= 32) ADASSL_MMA_CALL(32, SyncMma);
+    if (d <= 64) {
+      if (async) ADASSL_MMA_CALL(64, AsyncMma);
+      ADASSL_MMA_CALL(64, SyncMma);
+    }
+    if (async) ADASSL_MMA_CALL(128, AsyncMma);
+    ADASSL_MMA_CALL(128, SyncMma);
 #undef ADASSL_MMA_CALL
   }
   return 0;

@@ -150,6 +150,8 @@ def test_mma_sync_diagnostic_says_why_cuda_trails_triton():
     assert ("WHY   nt_xent M=65536: cuda/triton 1.50; Triton on mma.sync (DISABLE_MMA_V3=1) is 1.40x Triton on "
             "wgmma and cuda is 1.07x it: the matrix instruction accounts for 1.40x, 83% of the gap") in text
     assert "WHY" not in bench.summarize(rows[:2])  # without the diagnostic row there is nothing to say
+    text = bench.summarize(rows + [_row("nt_xent", "cuda_wgmma", 65536, 12.0)])
+    assert "PASS  nt_xent M=65536 cuda_wgmma/triton <= 1.3 (opt-in path): 1.2" in text
 
 
 def test_diagnostic_rows_get_their_own_worker_environment():
@@ -160,6 +162,7 @@ def test_diagnostic_rows_get_their_own_worker_environment():
     assert bench._next_batch(todo[2:], "run") == todo[2:3]
     assert bench._next_batch(todo, "row") == todo[:1]
     assert bench._child_env(bench._worker_env(todo[2]))["DISABLE_MMA_V3"] == "1"
+    assert bench._child_env(bench._worker_env(spec("cuda_wgmma", 1)))["ADASSL_FAST_CUDA_WGMMA"] == "1"
     assert "DISABLE_MMA_V3" not in bench._child_env(bench._worker_env(todo[0]))
     assert bench.loss_function("nt_xent", "triton_mma_sync") is not None
     cpu = dict(spec("triton_mma_sync", 64), device="cpu")

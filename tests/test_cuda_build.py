@@ -24,11 +24,16 @@ CSRC = Path(_cuda.__file__).resolve().parent.parent / "csrc"
 # nvcc / ptxas
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def kernel_logs():
+def kernel_build():
     if _cuda.find_cuda_home() is None:
         pytest.fail("no CUDA toolkit found: the CUDA backend cannot be built on this machine")
-    _, _, logs = _cuda.compile_kernels(_cuda.DEFAULT_GENCODES)
-    return logs
+    _, objs, logs = _cuda.compile_kernels(_cuda.DEFAULT_GENCODES)
+    return objs, logs
+
+
+@pytest.fixture(scope="module")
+def kernel_logs(kernel_build):
+    return kernel_build[1]
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
@@ -65,7 +70,7 @@ def _short(name: str) -> str:
     n = int(m.group(1))
     base = name[len(m.group(0)) : len(m.group(0)) + n]
     hints = []
-    for key, lab in (("13__nv_bfloat16", "bf16"), ("6__half", "f16"), ("AdaRows", "ada")):
+    for key, lab in (("13__nv_bfloat16", "bf16"), ("6__half", "f16"), ("AdaRows", "ada"), ("8AsyncMma", "wgmma")):
         if key in name:
             hints.append(lab)
     if "IdNS" in name or "Idd" in name or name.endswith("IdEEvPKT_lS1_PS1_"):
@@ -100,6 +105,31 @@ def test_cuda_ptxas_no_spills_sm80_sm90a(kernel_logs):
     assert not spilled, f"kernels spill: {spilled}"
 
 
+def _cuobjdump() -> str:
+    """The toolkit's cuobjdump, else the one the triton wheel ships (this machine's toolkit has none)."""
+    for candidate in (Path(_cuda.find_cuda_home() or "/nonexistent") / "bin" / "cuobjdump",):
+        if candidate.exists():
+            return str(candidate)
+    try:
+        import triton
+    except ImportError:
+        pytest.fail("no cuobjdump: neither the CUDA toolkit nor triton provides one")
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def test_cuda_wgmma_only_in_the_sm90a_code(kernel_build):
+    """The wgmma tile path (AsyncMma) is guarded on the kernel body: sm_90a code issues HGMMA, sm_80 code
+    only HMMA (its AsyncMma bodies trap, and the launcher never picks them there)."""
+    objs, _ = kernel_build
+    for obj in objs:
+        sass = {arch: subprocess.run([_cuobjdump(), "-sass", "-arch", arch, str(obj)], capture_output=True,
+                                     text=True, check=True).stdout for arch in ("sm_90a", "sm_80")}
+        print(f"\n{Path(obj).name}: " + ", ".join(f"{arch} {sass[arch].count('HGMMA')} HGMMA "
+                                                   f"{sass[arch].count('HMMA')} HMMA" for arch in sass))
+        assert sass["sm_90a"].count("HGMMA") > 0 and sass["sm_90a"].count("HMMA") > 0
+        assert sass["sm_80"].count("HGMMA") == 0 and sass["sm_80"].count("HMMA") > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # The binding: links against this torch (the CPU wheel here) and imports.
 # ------------------------------------------------------------------------------------------------
@@ -115,6 +145,10 @@ def test_cuda_binding_builds_and_imports(monkeypatch):
             _cuda.nt_xent_forward(None, None, None, None, None, 1.0, None)
     info = _cuda.info()
     assert "ptxas" in info["build_log"] and info["build_dir"]
+    monkeypatch.delenv(_cuda.WGMMA_ENV, raising=False)
+    assert not _cuda.info()["wgmma"]  # mma.sync unless asked for
+    monkeypatch.setenv(_cuda.WGMMA_ENV, "1")
+    assert _cuda.info()["wgmma"]
 
 
 def test_cuda_toolkit_discovery_through_wrapper(tmp_path, monkeypatch):
