@@ -18,23 +18,29 @@ pytestmark = [
 ]
 
 SIZES = [(34, 24), (130, 37), (514, 128), (130, 128), (514, 24)]
-
-
-@pytest.fixture(autouse=True, params=["mma.sync", "wgmma"])
-def tensor_core_path(request, monkeypatch):
-    """Every test on both bf16 / fp16 tile paths: wgmma (ADASSL_FAST_CUDA_WGMMA=1) on sm_90 devices only; fp32
-    and fp64 inputs take the scalar kernels, which have no such switch."""
-    if request.param == "mma.sync":
-        monkeypatch.delenv(_cuda.WGMMA_ENV, raising=False)
-        return request.param
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma path needs an sm_90 device")
-    if request.node.callspec.params.get("dtype") in (torch.float32, torch.float64):
-        pytest.skip("fp32 / fp64 run the scalar kernels on either setting")
-    monkeypatch.setenv(_cuda.WGMMA_ENV, "1")
-    assert _cuda.info()["wgmma"]
-    return request.param
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", params=["mma.sync", "wgmma"])
+def tensor_core_path(request):
+    """Every test on both bf16 / fp16 tile paths; module scope, so all mma.sync cases run first and a wgmma
+    kernel that broke the CUDA context could not take them down. wgmma (ADASSL_FAST_CUDA_WGMMA=1): sm_90 only."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "mma.sync":
+            mp.delenv(_cuda.WGMMA_ENV, raising=False)
+        else:
+            mp.setenv(_cuda.WGMMA_ENV, "1")
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _on_tensor_core_path(request, tensor_core_path):
+    if tensor_core_path == "wgmma":
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the wgmma path needs an sm_90 device")
+        if request.node.callspec.params.get("dtype") in (torch.float32, torch.float64):
+            pytest.skip("fp32 / fp64 run the scalar kernels on either setting")
+        assert _cuda.info()["wgmma"]
 
 
 def _acc(dtype):
