@@ -69,18 +69,22 @@ _TABLE = {
                           "bwd_row_sym": (64, 32, 8, 2)},
     ("sm80", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (32, 32, 8, 2), "bwd_col": (64, 64, 8, 2)},
     # d in (256, 512] (not timed on a GPU yet; cross-compile sweep of 2026-11-28): the (64, 512) fp32 dU
-    # accumulator alone is 128 registers a thread at 8 warps. The atomic row kernel, which also holds its
-    # (BLOCK_N, 512) dV share, spilled at every shape tried (64 x 64 ... 64 x 16, 32 x 32, 1-2 stages, 4-8
-    # warps; at best 8-136 bytes with the clamp or SYM at 64 x 16 on sm_90), so these entries have no atomic
+    # accumulator alone is 128 registers a thread at 8 warps. The atomic row kernel also holds its
+    # (BLOCK_N, 512) dV share: with the clamp or SYM it fits only at 32 x 16 (sm_90: below wgmma's 64-row
+    # tiles; 8-136 bytes spilled at 64 x 16), a quarter of the deterministic kernels' tiles, which would
+    # likely cost more than its 6-instead-of-8 M^2 d saves. Untimed, so these entries ship no atomic
     # schedule. sm_80 row kernel: 64 x 64 spilled 32 bytes with the clamp, 64 x 32 does not.
     ("sm90", "16", 512): {"fwd": (128, 32, 8, 2), "bwd_row": (64, 64, 8, 2), "bwd_col": (64, 32, 8, 2),
                           "atomic": False},
     ("sm80", "16", 512): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2),
                           "atomic": False},
 }
-# Not shipped: fp32 (3xTF32, three dots per product) spilled at d = 128 and 256 in every backward kernel for
-# every shape tried down to 32 x 32 (2026-11-28); pick_config raises for it so dispatch falls back to the
-# torch backend, whose fp32 matmuls are exact.
+# Not shipped (cross-compile sweep, 2026-11-28), so pick_config raises and dispatch falls back to the torch
+# backend:
+# - fp32 (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16 (row) and
+#   32 x 16 without wgmma (column, atomic row: 16 x 16); at d = 256 every backward shape spilled.
+# - fp64 compiles without spills at d = 128 (fp64 mma.sync, 64 x 32 tiles), but a Python float kernel
+#   argument (inv_temperature, the clamp) is fp32 on a GPU, so results would not be float64-exact.
 
 
 # The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.
