@@ -65,4 +65,5 @@ def test_triton_without_a_vetted_gpu_config_is_unavailable_or_skipped_by_auto(mo
         resolve_impl("triton", here, torch.float32, 128)
     if not torch.cuda.is_available():  # auto moves on to cuda, then torch
         assert resolve_impl("auto", torch.device("cuda"), torch.float32, 128) == "torch"
-        assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 512) == "torch"
+        assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 512) == "triton"  # the widest entry
+        assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 600) == "torch"
