@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "adassl_generic.cuh"
+#include "adassl_sw128.cuh"
 
 namespace adassl {
 
@@ -44,6 +45,7 @@ constexpr int kMW = 4;              // warps per CTA
 constexpr int kMThreads = 32 * kMW;
 constexpr int kMRows = 16 * kMW;    // owned rows per CTA
 constexpr int kMCols = 64;          // streamed rows per tile (must equal kMRows: the owned tile reuses a buffer)
+static_assert(kMCols == kSwRows, "AsyncMma's swizzled tiles (adassl_sw128.cuh) hold kMCols rows");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -220,13 +222,6 @@ struct SyncMma {
 #define ADASSL_WGMMA 1
 #endif
 
-// Shared-memory matrix descriptor of a 128-byte-swizzled operand (PTX "Matrix Descriptor Format"):
-// start address, leading and stride byte offsets (all >> 4), swizzle mode 1 (128 B) in bits 62-63.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
-}
-
 // Keeps the compiler from moving accesses of an accumulator across the asynchronous product.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&c)[N][4]) {
@@ -280,14 +275,12 @@ __device__ __forceinline__ void wgmma_commit_and_wait() {
 }
 
 struct AsyncMma {
-  static constexpr int kAtomBytes = kMCols * 128;  // one 64-column atom of a 64-row tile
-
   template <int DP>
   static constexpr int kTileElems = kMCols * DP;
 
   template <int DP>
   __device__ static __forceinline__ int offset(int r, int c) {
-    return (c >> 6) * (kMCols * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+    return sw128_offset(r, c);
   }
 
   // The tensor cores read shared memory through the async proxy: each writing thread (cp.async and the
@@ -298,8 +291,7 @@ struct AsyncMma {
 #endif
   }
 
-  // acc[64 x 64] = U[64 x DP] (owned rows, A fragments in registers) * tile^T: B K-major, k-step kk at
-  // byte 32 kk of its atom (the hardware applies the swizzle to the address), 8-row groups 1024 B apart.
+  // acc[64 x 64] = U[64 x DP] (owned rows, A fragments in registers) * tile^T (B K-major)
   template <class T, int DP>
   __device__ static __forceinline__ void s_product(float (&acc)[kMCols / 8][4], const uint32_t (&qa)[DP / 16][4],
                                                    const T* sb) {
@@ -307,15 +299,12 @@ struct AsyncMma {
     fence_regs(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      wgmma_m64n64k16<T, 0>(acc, qa[kk], sw128_desc(base + (kk >> 2) * kAtomBytes + (kk & 3) * 32, 16, 1024));
-    }
+    for (int kk = 0; kk < DP / 16; ++kk) wgmma_m64n64k16<T, 0>(acc, qa[kk], s_operand_desc(base, kk));
     wgmma_commit_and_wait();
     fence_regs(acc);
   }
 
-  // dacc[64 x DP] += G[64 x 64] * tile[64 x DP]: B MN-major (d contiguous), k-step kk = tile rows
-  // 16 kk .. 16 kk + 15 (two 8-row groups, 1024 B apart), one 64-wide product per atom of d.
+  // dacc[64 x DP] += G[64 x 64] * tile[64 x DP] (B MN-major), one 64-wide product per atom of d
   template <class T, int DP>
   __device__ static __forceinline__ void grad_product(float (&dacc)[DP / 8][4], const float (&g)[kMCols / 8][4],
                                                       const T* sb) {
@@ -329,9 +318,7 @@ struct AsyncMma {
     for (int f = 0; f < DP / 64; ++f) {
       float(&blk)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dacc[8 * f]);
 #pragma unroll
-      for (int kk = 0; kk < kMCols / 16; ++kk) {
-        wgmma_m64n64k16<T, 1>(blk, a[kk], sw128_desc(base + f * kAtomBytes + kk * 2048, kAtomBytes, 1024));
-      }
+      for (int kk = 0; kk < kMCols / 16; ++kk) wgmma_m64n64k16<T, 1>(blk, a[kk], g_operand_desc(base, f, kk));
     }
     wgmma_commit_and_wait();
     fence_regs(dacc);

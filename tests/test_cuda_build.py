@@ -173,6 +173,7 @@ HOST_PROGRAM = r"""
 #include <string>
 #include <vector>
 #include "adassl_math.cuh"
+#include "adassl_sw128.cuh"
 #include <cstdlib>
 using namespace adassl;
 // operator>> does not parse "inf" / "-inf": read every number through strtod.
@@ -214,6 +215,20 @@ int main() {
     } else if (op == "st") {  // logits u -> mask, dy/dlogits
       double l = rd(), u = rd();
       printf("%.17g %.17g\n", st_mask(l, u), st_mask_grad(l, u));
+    } else if (op == "sw128") {  // base -> tile offsets (64 x 128), S descriptors (kk < 8), G descriptors (f < 2,
+                                 // kk < 4); descriptors as hi lo 32-bit halves
+      uint32_t base = (uint32_t)rd();
+      for (int r = 0; r < kSwRows; ++r)
+        for (int c = 0; c < 128; ++c) printf("%d\n", sw128_offset(r, c));
+      for (int kk = 0; kk < 8; ++kk) {
+        uint64_t d = s_operand_desc(base, kk);
+        printf("%u %u\n", (unsigned)(d >> 32), (unsigned)(d & 0xffffffffu));
+      }
+      for (int f = 0; f < 2; ++f)
+        for (int kk = 0; kk < 4; ++kk) {
+          uint64_t d = g_operand_desc(base, f, kk);
+          printf("%u %u\n", (unsigned)(d >> 32), (unsigned)(d & 0xffffffffu));
+        }
     } else if (op == "clamp") {  // s c -> clamped, indicator (double and float)
       double s = rd(), c = rd();
       printf("%.17g %.17g %.17g %.17g\n", clamp_logit(s, c), clamp_pass(s, c),
@@ -388,3 +403,40 @@ def test_cuda_host_clamp_indicator_at_boundary(host_math):
         assert clf == pytest.approx(cl, rel=1e-7)
     assert out[-2][:2] == [5.0, 1.0]
     assert out[-1][:2] == [-1e30, 1.0]
+
+
+def _wgmma_b_address(desc: int, mn_major: bool, k: int, n: int) -> int:
+    """Shared-memory byte address wgmma reads for element (k, n) of a 16 x 64 bf16 / fp16 B operand, decoded
+    from its descriptor as the PTX ISA defines the 128-byte-swizzle canonical layouts: K-major, 8-row (n)
+    groups `stride` bytes apart, 128-byte rows, k contiguous; MN-major, 64-element (n) atoms `leading` bytes
+    apart, 8-row (k) groups `stride` bytes apart, 128-byte rows, n contiguous. The swizzle XORs address bits
+    4-6 with bits 7-9."""
+    assert desc >> 62 == 1 and (desc >> 49) & 7 == 0, "128-byte swizzle, base offset 0"
+    start, leading, stride = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    if mn_major:
+        logical = start + (n // 64) * leading + (k // 8) * stride + (k % 8) * 128 + (n % 64) * 2
+    else:
+        logical = start + (n // 8) * stride + (n % 8) * 128 + k * 2
+    return logical ^ (((logical >> 7) & 7) << 4)
+
+
+def test_cuda_wgmma_descriptors_address_the_swizzled_tile(host_math):
+    """csrc/adassl_sw128.cuh: for every k-step, each element the S = U V^T product (B K-major) and the G V
+    product (B MN-major) read through their descriptors is the tile element they need, the tile being stored
+    at sw128_offset, which must also be a bijection onto the tile."""
+    base = 0x2400  # 1024-aligned, as the kernel checks
+    out = host_math(["sw128", str(base)])
+    offsets = [int(v[0]) for v in out[: 64 * 128]]
+    descs = [(int(hi) << 32) | int(lo) for hi, lo in out[64 * 128 :]]
+    assert sorted(offsets) == list(range(64 * 128))
+    at = lambda r, c: base + 2 * offsets[r * 128 + c]  # noqa: E731
+    s_descs, g_descs = descs[:8], descs[8:]
+    for kk, desc in enumerate(s_descs):  # B[k][n] = V[n][16 kk + k]
+        for n in range(64):
+            for k in range(16):
+                assert _wgmma_b_address(desc, False, k, n) == at(n, 16 * kk + k), (kk, n, k)
+    for i, desc in enumerate(g_descs):  # B[k][n] = V[16 kk + k][64 f + n]
+        f, kk = divmod(i, 4)
+        for n in range(64):
+            for k in range(16):
+                assert _wgmma_b_address(desc, True, k, n) == at(16 * kk + k, 64 * f + n), (f, kk, n, k)
