@@ -14,7 +14,8 @@
 # default 420), OUT (output folder), ADASSL_FAST_COMMIT (the commit, where the tree arrives without .git:
 # e.g. `ADASSL_FAST_COMMIT=<sha> bash bench/device_check.sh`), SKIP_BUILD=1, SKIP_TESTS=1, TEST_MARKERS (pytest -m
 # expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun),
-# SKIP_TUNE=1, TUNE_ARGS / TUNE_S (bench/tune_triton.py's arguments and time; its table then feeds the benchmark),
+# TUNE=1 with TUNE_ARGS / TUNE_S (first measure block configurations with bench/tune_triton.py; its table then
+# feeds the benchmark; off by default: the shipped table holds the last measurement and the lease is short),
 # SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
@@ -164,8 +165,8 @@ else
 fi
 
 # --- block configurations measured here (bench/tune_triton.py); the benchmark below runs with them ----------
-if [ "$DRY" = 1 ] || [ "${SKIP_TUNE:-0}" = 1 ]; then
-    say "tune: skipped (${SKIP_TUNE:+SKIP_TUNE=1}${SKIP_TUNE:-dry run})"
+if [ "$DRY" = 1 ] || [ "${TUNE:-0}" != 1 ]; then
+    say "tune: skipped (TUNE=1 runs it)"
 else
     read -r -a TUNE <<< "${TUNE_ARGS:---M 8192,65536 --d 128 --dtype bf16}"
     TUNE_S=$(clip "${TUNE_S:-200}" "$RESERVE")
@@ -184,10 +185,11 @@ else
     # (symmetric info_nce, the CLIP loss: at 8192 and 65536 only, so it adds no torch.compile row; the
     # diagnostics run last: triton_mma_sync says how much of cuda/triton is mma.sync against wgmma,
     # cuda_wgmma times the CUDA backend's opt-in wgmma path)
+    # (M = 262144 and 2^20 are left out to leave the diagnostics time; BENCH_ARGS brings them back)
     BENCH=(--op nt_xent,adassl,info_nce --impl triton,cuda,torch,reference,compile,cuda_wgmma,triton_mma_sync
-           --M 8192,32768,65536,262144,2097152,1048576
+           --M 8192,32768,65536,2097152
            --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
-           --sizes-for torch=8192,32768,65536,262144 --sizes-for info_nce=8192,65536
+           --sizes-for torch=8192,32768 --sizes-for info_nce=8192,65536
            --sizes-for triton_mma_sync=32768,65536 --sizes-for cuda_wgmma=8192,32768,65536
            --err-max-m 8192 --budget-s 0.5)
 fi
