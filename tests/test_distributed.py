@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import time
 
 import pytest
@@ -332,10 +333,13 @@ def test_ring_peak_memory_does_not_grow_with_world_size(tmp_path):
         sub = tmp_path / f"w{world}"
         sub.mkdir()
         res = _spawn(_memory_worker, world, sub, m_local, d)
-        peaks[world] = {s: max(r[s][0] for r in res) for s in ("ring", "gather")}
+        # the median rank: every rank runs the same schedule, and a max over 6 noisy RSS readings sits
+        # higher than one over 3 (a CI run saw 2.1 MiB of such drift)
+        peaks[world] = {s: statistics.median(r[s][0] for r in res) for s in ("ring", "gather")}
         peaks[world]["ring_buffers"] = res[0]["ring"][1]
     print(f"\npeak extra RSS per rank (MiB), block = {block_mib:.0f} MiB:", peaks)
-    assert peaks[6]["ring"] <= peaks[3]["ring"] + 0.5 * block_mib, peaks
+    # a ring that kept what passed through would hold 3 more blocks at 6 ranks than at 3
+    assert peaks[6]["ring"] <= peaks[3]["ring"] + block_mib, peaks
     assert peaks[6]["ring_buffers"] == peaks[3]["ring_buffers"], peaks
     # The measurement sees growth where there is some: gather holds every rank's columns.
     assert peaks[6]["gather"] >= peaks[3]["gather"] + 3 * block_mib, peaks
