@@ -41,6 +41,7 @@ IMPLS = ("reference", "compile", "torch", "triton", "cuda")
 DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"}),
                "cuda_wgmma": ("cuda", {"ADASSL_FAST_CUDA_WGMMA": "1"})}
 BENCH_IMPLS = IMPLS + tuple(DIAGNOSTICS)
+
 PHASES = ("fwd", "bwd", "full")
 ROW_KEYS = (
     "op", "impl", "M", "d", "dtype", "phase", "median_ms", "tflops", "floor_ratio", "extra_bytes",
@@ -66,6 +67,11 @@ _EXECUTED = {"fwd": 2, "bwd_det": 8, "bwd_atomic": 6}
 _FLOOR = {"fwd": 2, "bwd": 6, "full": 8}
 
 
+def _backend(impl: str) -> str:
+    """The library backend a benchmark impl runs (a diagnostic's, or the impl itself)."""
+    return DIAGNOSTICS.get(impl, (impl,))[0]
+
+
 # ----------------------------------------------------------------------------------------------------
 # FLOPs and the floor (pure functions).
 
@@ -82,7 +88,7 @@ def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = Tr
     both_ways = op == "info_nce" and symmetric
     fwd = _EXECUTED["fwd"] * (2 if both_ways else 1)
     bwd = _EXECUTED["bwd_atomic" if _runs_atomic(impl, d, deterministic) else "bwd_det"]
-    bwd *= 2 if both_ways and impl == "cuda" else 1
+    bwd *= 2 if both_ways and _backend(impl) == "cuda" else 1
     units = {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[phase]
     return units * m * m * d
 
@@ -90,7 +96,7 @@ def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = Tr
 def _runs_atomic(impl: str, d: int, deterministic: bool) -> bool:
     """Whether deterministic=False gets the atomic backward: only Triton has one, and only where its H200
     table ships a shape for it (kernels/configs.py); the others run the deterministic schedule."""
-    if deterministic or DIAGNOSTICS.get(impl, (impl,))[0] != "triton":
+    if deterministic or _backend(impl) != "triton":
         return False
     from adassl_fast.kernels.configs import atomic_shipped, block_d
 
@@ -241,7 +247,7 @@ def loss_function(op: str, impl: str, deterministic: bool = True):
     """A callable (*inputs) -> 0-dim loss for `impl` ("compile" = torch.compile of the reference)."""
     import adassl_fast
 
-    impl = DIAGNOSTICS.get(impl, (impl,))[0]
+    impl = _backend(impl)
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if impl == "reference":
@@ -626,7 +632,8 @@ def pre_skip_reason(spec: dict, settings: dict, probe: dict) -> str | None:
     """Why a row is not worth a process (decided from sizes and cheap probes), or None."""
     impl, m = spec["impl"], spec["M"]
     if impl in DIAGNOSTICS and not spec["device"].startswith("cuda"):
-        return f"{impl}: a GPU diagnostic (Triton's matrix-instruction switch), nothing to measure on CPU"
+        switches = " ".join(f"{k}={v}" for k, v in DIAGNOSTICS[impl][1].items())
+        return f"{impl}: a GPU diagnostic ({_backend(impl)} with {switches}), nothing to measure on CPU"
     if impl in ("reference", "compile") and m > settings["ref_max_m"]:
         return f"reference materialises M x M logits: not run above M = {settings['ref_max_m']} (--ref-max-m)"
     if impl == "torch" and m > settings["torch_max_m"]:

@@ -46,6 +46,7 @@ def test_executed_flops_per_phase():
     assert bench.phase_flops("info_nce", "full", m, d, deterministic=False) == 10 * unit  # PERF.md's 10 N^2 d
     assert bench.phase_flops("info_nce", "bwd", m, d) == 8 * unit  # one G for both directions
     assert bench.phase_flops("info_nce", "bwd", m, d, impl="cuda") == 16 * unit  # one backward per direction
+    assert bench.phase_flops("info_nce", "bwd", m, d, impl="cuda_wgmma") == 16 * unit
     # deterministic=False where there is no atomic schedule: the CUDA backend, Triton at d > 256
     assert bench.phase_flops("nt_xent", "bwd", m, d, deterministic=False, impl="cuda") == 8 * unit
     assert bench.phase_flops("nt_xent", "bwd", m, 512, deterministic=False) == 8 * m * m * 512
