@@ -12,8 +12,9 @@ Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomi
 The symmetric InfoNCE backward (SYM: one more exp tile live) runs the kinds "bwd_row_sym" / "bwd_col_sym":
 an entry names them only where the plain kind's shape spills with SYM; elsewhere they take the plain one.
 The atomic schedule runs the row kernel with ATOMIC (its (BLOCK_N, d) dV share live beside the (BLOCK_M, d)
-dU accumulator) at the "bwd_row" shape; an entry with "atomic": False has no shape where that fits without
-spills, and there deterministic=False runs the deterministic schedule (atomic_schedule()).
+dU accumulator) at the "bwd_row" shape; an entry with "atomic": False ships none (there that kernel fits
+without spills only at far smaller tiles), and there deterministic=False runs the deterministic schedule
+(atomic_schedule()).
 
 The sm90 d <= 128 entries were measured on an H200 (bench/tune_triton.py); the others come from the
 cross-compile table alone: larger d shrinks the blocks so the fp32 gradient accumulator

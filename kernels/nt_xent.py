@@ -20,7 +20,7 @@ Design (flash-attention style; see DESIGN.md "The kernels"):
 - Backward, deterministic: a row-owned kernel (sum_j G_ij v_j) and a column-owned kernel (sum_i G_ij u_i,
   from the transposed tile V U^T, so nothing is transposed on chip), both recomputing S from the
   saved LSE, no atomics. Non-deterministic: the row-owned kernel also adds G^T U into an fp32 (N, d)
-  buffer with atomics (6 instead of 8 M^2 d FLOPs); where no shipped shape fits that kernel without spills
+  buffer with atomics (6 instead of 8 M^2 d FLOPs); where the table ships no shape for that kernel
   (d > 256: configs.atomic_schedule), the deterministic schedule runs. dscale needs no per-element work:
   sum_ij G_ij C_ij = sum_i <u_i, sum_j G_ij v_j>.
 - SYM (symmetric InfoNCE, kernels/info_nce.py): both backward kernels also read the column LSEs and
