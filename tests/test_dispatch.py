@@ -31,8 +31,10 @@ def test_explicit_impl_beats_the_environment(monkeypatch):
     assert resolve_impl("torch", torch.device("cpu")) == "torch"
 
 
-def test_info_lists_every_backend_with_a_reason():
+def test_info_lists_every_backend_with_a_reason(monkeypatch):
+    monkeypatch.setenv("ADASSL_FAST_CUDA_WGMMA", "1")
     report = adassl_fast.info()
+    assert report["backends"]["cuda"]["wgmma"]  # the opt-in tile path is reported
     assert set(report["backends"]) == {"reference", "torch", "triton", "cuda"}
     for entry in report["backends"].values():
         assert entry["available"] == (entry["reason"] is None)
