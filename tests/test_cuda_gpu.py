@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adassl_fast import _cuda
+from tests.precision import rel_err
 
 pytestmark = [
     pytest.mark.cuda,
@@ -52,14 +53,6 @@ def _tol(dtype):
     return {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 2e-4)}.get(dtype, (2e-3, 3e-2))
 
 
-def _rel(a, b):
-    """Relative error norm; fp16 outputs of ~1e-6 are subnormal, so their quantum (6e-8) is discounted."""
-    quantum = 6e-8 if a.dtype == torch.float16 else 0.0
-    a, b = a.double(), b.double()
-    err = ((a - b).norm() - 2 * quantum * a.numel() ** 0.5).clamp_min(0)
-    return float(err / b.norm().clamp_min(1e-30))
-
-
 def _indices(M, device):
     pos = torch.arange(M, device=device)
     return pos, (pos + M // 2) % M
@@ -92,8 +85,8 @@ def test_cuda_nt_xent_matches_reference(dtype, M, d, lam):
     assert dcont.dtype == dtype and dtarg.dtype == dtype and dscale.dtype == scale.dtype
     ref = ref.detach()
     assert abs(float(loss) - float(ref)) <= ltol * max(1.0, abs(float(ref)))
-    assert _rel(dcont, rc) < gtol, _rel(dcont, rc)
-    assert _rel(dtarg, rt) < gtol, _rel(dtarg, rt)
+    assert rel_err(dcont, rc) < gtol, rel_err(dcont, rc)
+    assert rel_err(dtarg, rt) < gtol, rel_err(dtarg, rt)
     assert abs(float(dscale) - float(rs)) <= gtol * max(1e-3, abs(float(rs))) * 3
 
 
@@ -130,7 +123,7 @@ def test_cuda_symmetric_info_nce_matches_reference(dtype):
     ltol, gtol = _tol(dtype)
     assert abs(float(loss) - float(ref)) <= ltol * max(1.0, abs(float(ref)))
     for g, w in zip(got, want, strict=True):
-        assert _rel(g, w) < 3 * gtol, _rel(g, w)
+        assert rel_err(g, w) < 3 * gtol, rel_err(g, w)
 
 
 def test_cuda_info_nce_rectangular():
@@ -224,8 +217,8 @@ def test_cuda_core_arbitrary_indices(dtype, M, N, d, kind, clamp):
     ltol, gtol = _tol(dtype)
     assert abs(float(loss) - float(r_loss)) <= ltol * max(1.0, abs(float(r_loss)))
     assert float((lse.double() - r_lse).abs().max()) <= 5 * ltol * max(1.0, float(r_lse.abs().max()))
-    assert _rel(dcont, rc) < gtol, _rel(dcont, rc)
-    assert _rel(dtarg, rt) < gtol, _rel(dtarg, rt)
+    assert rel_err(dcont, rc) < gtol, rel_err(dcont, rc)
+    assert rel_err(dtarg, rt) < gtol, rel_err(dtarg, rt)
     assert abs(float(dscale) - float(rs)) <= gtol * max(1e-3, abs(float(rs))) * 3
 
 
@@ -318,7 +311,7 @@ def test_cuda_adassl_matches_reference(dtype, variant, M, d):
     got = list(grads[:6]) if variant == "v" else list(grads[:4])
     for name, g, r in zip(names, got, ref_grads[:-1], strict=False):
         assert g.shape == r.shape and g.dtype == dtype, name
-        assert _rel(g, r) < gtol, (name, _rel(g, r))
+        assert rel_err(g, r) < gtol, (name, rel_err(g, r))
     if variant == "s":
         assert grads[4].numel() == 0 and grads[5].numel() == 0
     assert abs(float(grads[6]) - float(ref_grads[-1])) <= 3 * gtol * max(1e-3, abs(float(ref_grads[-1])))

@@ -11,6 +11,7 @@ from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.nt_xent import nt_xent_reference
 from tests.kernels.sentinels import guards_intact, padded
+from tests.precision import rel_err
 
 pytestmark = pytest.mark.triton
 
@@ -26,6 +27,12 @@ def _poison(monkeypatch):
 def _nt_indices(M):
     idx = torch.arange(M)
     return idx, (idx + M // 2) % M
+
+
+def _problem(M, d, dtype=F64):
+    """Fresh random (cont, targ, pos, excl, scale) for nt_xent with the partner mask, scale 1."""
+    pos, excl = _nt_indices(M)
+    return torch.randn(M, d, dtype=dtype), torch.randn(M, d, dtype=dtype), pos, excl, torch.tensor(1.0, dtype=dtype)
 
 
 def _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
@@ -163,10 +170,6 @@ def _rounded_operands_reference(cont, targ, scale, temperature, clamp, dtype):
     return (loss.detach(), *torch.autograd.grad(loss, (c, t, s)))
 
 
-def _rel(a, b):
-    return ((a.to(F64) - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,deterministic", [(37, True), (300, False)])  # on a GPU: the d <= 128 / 512 entries
 def test_half_precision_through_upcast(dtype, d, deterministic):
@@ -175,21 +178,19 @@ def test_half_precision_through_upcast(dtype, d, deterministic):
     targ = (cont.float() + 0.5 * torch.randn(M, d)).to(dtype)
     scale = torch.tensor(1.5)
     pos, excl = _nt_indices(M)
-    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 10.0, 20.0, deterministic)
+    # grad_loss 2^12 lifts the fp16 gradients (~3e-8 at d = 300 for grad_loss 1) out of fp16's subnormal range,
+    # where no kernel could store them closer than tens of percent; dividing it out again is exact
+    lift = 2.0**12
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 10.0, 20.0, deterministic, grad=lift)
     assert dc.dtype == dtype and dt.dtype == dtype and loss.dtype == torch.float32
     assert all(torch.isfinite(x).all() for x in (loss, lse, dc, dt, ds))
+    dc, dt, ds = (g.to(F64) / lift for g in (dc, dt, ds))
     # Against float64 with the same operand rounding: only accumulation order (and, on a GPU, G rounded
     # to the input dtype for the second product) separates them.
     e_loss, e_dc, e_dt, e_ds = _rounded_operands_reference(cont, targ, scale, 0.1, 20.0, dtype)
     _close(loss, e_loss, 1e-5, 1e-5, what="loss vs rounded-operand float64")
-    # (fp16 outputs at d = 300 are ~3e-8, below fp16's subnormal quantum: the error of storing the exact
-    # gradient in the output dtype is added to the norm bound, and every element must be within 5e-3 of
-    # the largest plus one quantum)
     for got, want, what in ((dc, e_dc, "dcont"), (dt, e_dt, "dtarg"), (ds, e_ds, "dscale")):
-        bound = 5e-3 + _rel(want.to(got.dtype), want)
-        assert _rel(got, want) < bound, f"{what} vs rounded-operand float64: {_rel(got, want):.2e} >= {bound:.2e}"
-        quantum = torch.finfo(got.dtype).smallest_normal * torch.finfo(got.dtype).eps  # subnormal spacing
-        assert (got.to(F64) - want).abs().max() <= 5e-3 * want.abs().max() + quantum, what
+        assert rel_err(got, want) < 5e-3, f"{what} vs rounded-operand float64: {rel_err(got, want):.2e}"
     # Against float64 on the unrounded values: rounding unit vectors to bf16 moves each logit by ~2^-9
     # scale / tau, and the gradients (sums with heavy cancellation, sum_j G_ij ~ 0) by up to ~1 % at
     # scale / tau = 15 (bf16), as in an autocast run of the reference, which also rounds S itself.
@@ -197,16 +198,13 @@ def test_half_precision_through_upcast(dtype, d, deterministic):
     _close(loss, r_loss, 1e-4, 1e-5, what="loss")
     _close(ds, r_ds, 1e-4, 1e-3, what="dscale")
     for got, want, what in ((dc, r_dc, "dcont"), (dt, r_dt, "dtarg")):
-        bound = 3e-2 + _rel(want.to(got.dtype), want)
-        assert _rel(got, want) < bound, f"{what}: relative error {_rel(got, want):.2e} >= {bound:.2e}"
+        assert rel_err(got, want) < 3e-2, f"{what}: relative error {rel_err(got, want):.2e}"
 
 
 def test_deterministic_schedule_is_bitwise_reproducible():
-    M, d = 130, 24
-    cont, targ = torch.randn(M, d, dtype=torch.float32), torch.randn(M, d, dtype=torch.float32)
-    pos, excl = _nt_indices(M)
-    a = _run(cont, targ, pos, excl, torch.tensor(1.0), 5.0, None, True)
-    b = _run(cont, targ, pos, excl, torch.tensor(1.0), 5.0, None, True)
+    cont, targ, pos, excl, scale = _problem(130, 24, torch.float32)
+    a = _run(cont, targ, pos, excl, scale, 5.0, None, True)
+    b = _run(cont, targ, pos, excl, scale, 5.0, None, True)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
@@ -223,10 +221,7 @@ class _LaunchCounter:
 
 
 def test_without_an_atomic_shape_deterministic_false_runs_the_deterministic_schedule(monkeypatch):
-    M, d = 70, 24
-    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
-    pos, excl = _nt_indices(M)
-    scale = torch.tensor(1.0, dtype=F64)
+    cont, targ, pos, excl, scale = _problem(70, 24)
     want = _run(cont, targ, pos, excl, scale, 5.0, 20.0, True)
     column_kernel = _LaunchCounter(ntx._bwd_col_kernel)
     monkeypatch.setattr(ntx, "_bwd_col_kernel", column_kernel)
@@ -241,10 +236,7 @@ def test_without_an_atomic_shape_deterministic_false_runs_the_deterministic_sche
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_out_of_bounds_guarded_by_sentinels(deterministic):
-    M, d = 34, 37
-    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
-    pos, excl = _nt_indices(M)
-    scale = torch.tensor(1.0, dtype=F64)
+    cont, targ, pos, excl, scale = _problem(34, 37)
     clean = _run(cont, targ, pos, excl, scale, 4.0, 20.0, deterministic)
     # a block of 64 rows x 64 features reads far past both ends if any mask is wrong
     cbuf, cv = padded(cont, 64 * 64, 64 * 64)
@@ -259,12 +251,9 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
 
 
 def test_zero_rows_take_the_eps_branch():
-    M, d = 6, 5
-    cont, targ = torch.randn(M, d, dtype=F64), torch.randn(M, d, dtype=F64)
+    cont, targ, pos, excl, scale = _problem(6, 5)
     cont[2] = 0.0
     targ[4] = 1e-14  # below eps: the clamp_min branch of F.normalize
-    pos, excl = _nt_indices(M)
-    scale = torch.tensor(1.0, dtype=F64)
     loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 2.0, None)
     r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, 0.5, None)
     _close(loss, r_loss, 1e-12, what="loss")
