@@ -259,6 +259,11 @@ def available() -> tuple[bool, str]:
             f"torch.cuda.is_available() is False: no usable CUDA device/driver (torch {torch.__version__}, "
             f"built with CUDA {torch.version.cuda})"
         )
+    for i in range(torch.cuda.device_count()):  # nvcc builds for every visible GPU (_gencodes)
+        major, minor = torch.cuda.get_device_capability(i)
+        if major < 8:
+            return False, (f"the CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); GPU {i} "
+                           f"({torch.cuda.get_device_name(i)}) is {major}.{minor}")
     if _state["error"] is not None:
         return False, _state["error"]
     try:

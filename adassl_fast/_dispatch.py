@@ -24,8 +24,16 @@ def _triton_reason() -> str | None:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising anything else
         return f"triton is not importable ({type(exc).__name__}: {exc})"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA device (set TRITON_INTERPRET=1 before importing adassl_fast to run the kernels on CPU)"
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "no CUDA device (set TRITON_INTERPRET=1 before importing adassl_fast to run the kernels on CPU)"
+        return None
+    from adassl_fast.kernels.configs import arch_of
+
+    try:
+        arch_of(torch.device("cuda"))  # the block table's class for this GPU (cached)
+    except ValueError as exc:  # a GPU no class covers (pre-Ampere, ROCm)
+        return str(exc)
     return None
 
 

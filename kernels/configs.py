@@ -4,7 +4,8 @@ Every shipped configuration has a name; `shipped_configs()` enumerates them for 
 test (tests/test_cross_compile.py) and `pick_config()` is what the launchers (and bench/) use.
 
 Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
-- arch: "sm90" (H100/H200), "sm80" (A100 and anything else with a GPU), "interp" (TRITON_INTERPRET).
+- arch: the GPU class (arch_class()): "sm90" (H100 / H200), "sm80" (A100 and other parts with >= 163 KB of
+  shared memory a block), "sm86" (RTX 30 / 40 / 50, A10, L4, L40: 99 KB); "interp" (TRITON_INTERPRET).
 - dtype class: "16" (bf16 / fp16 operands), "32" (fp32, IEEE dot), "64" (fp64, interpreter only).
 - BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
@@ -79,7 +80,19 @@ _TABLE = {
                           "atomic": False},
     ("sm80", "16", 512): {"fwd": (64, 64, 8, 2), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 32, 8, 2),
                           "atomic": False},
+    # 99 KB of shared memory a block (compute capability 8.6 / 8.9 / 12.x; unmeasured): the sm80 shapes fit up
+    # to d = 256 (at most 99328 bytes); at d = 512 they need 103-132 KB. There the cross-compile sweep of
+    # 2026-11-29 (sm_86, 11 shapes) gave the largest owned blocks that fit without spills: 64 x 32 forward
+    # (98816 bytes), 64 x 16 backward (84-87 KB; 32 x 32 also fits, but re-reads the streamed side twice as
+    # often).
+    ("sm86", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 64, 4, 2)},
+    ("sm86", "16", 256): {"fwd": (128, 64, 8, 2), "bwd_row": (32, 32, 8, 2), "bwd_col": (64, 64, 8, 2)},
+    ("sm86", "16", 512): {"fwd": (64, 32, 8, 2), "bwd_row": (64, 16, 8, 2), "bwd_col": (64, 16, 8, 2),
+                          "atomic": False},
 }
+# Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin) on the GPUs of each class:
+# every entry of a class fits its budget (tests/test_cross_compile.py).
+SMEM_BUDGET = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
 # Not shipped (cross-compile sweep, 2026-11-28), so pick_config raises and dispatch falls back to the torch
 # backend:
 # - fp32 (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16 (row) and
@@ -106,11 +119,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _arch_of(device: torch.device) -> str:
+def arch_class(major: int, minor: int, smem_per_block: int) -> str:
+    """The table's class for a GPU of compute capability major.minor that offers `smem_per_block` bytes of
+    shared memory a block (opt-in). Raises ValueError, saying why, for a GPU no class covers."""
+    if major < 8:
+        raise ValueError(f"the Triton kernels need compute capability >= 8.0 (bf16 tensor cores); this GPU is "
+                         f"{major}.{minor}")
+    for cls in ("sm90", "sm80", "sm86") if major == 9 else ("sm80", "sm86"):
+        if smem_per_block >= SMEM_BUDGET[cls]:
+            return cls
+    raise ValueError(f"this GPU (compute capability {major}.{minor}) offers {smem_per_block} bytes of shared memory "
+                     f"a block; the Triton configs need at least {SMEM_BUDGET['sm86']}")
+
+
+def arch_of(device: torch.device) -> str:
+    """The table's class for `device`: "interp" under TRITON_INTERPRET or off the GPU, else arch_class()."""
     if interpreting() or device.type != "cuda":
         return "interp"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major == 9 else "sm80"
+    return _cuda_class(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache  # six lookups a step
+def _cuda_class(index: int) -> str:
+    if torch.version.hip:
+        raise ValueError("the Triton configs are vetted on NVIDIA GPUs only (this torch is a ROCm build)")
+    props = torch.cuda.get_device_properties(index)
+    # CUDA builds of torch report the opt-in limit; the fallback is each architecture's documented value
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 1024 * {
+        (8, 0): 163, (8, 7): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227}.get((props.major, props.minor), 99)
+    return arch_class(props.major, props.minor, smem)
 
 
 def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
@@ -142,7 +179,7 @@ def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> 
 
     A SYM kind takes its own table entry where there is one, else its plain kind's (tuned or shipped).
     """
-    return _pick(kind, _arch_of(device), dtype_class(dtype), block_d(d), os.environ.get(TUNED_ENV) or None)
+    return _pick(kind, arch_of(device), dtype_class(dtype), block_d(d), os.environ.get(TUNED_ENV) or None)
 
 
 @functools.cache  # six lookups a training step: small M is bound by host time
@@ -165,7 +202,7 @@ def _pick(kind: str, arch: str, dtc: str, bd: int, tuned: str | None) -> Config:
 def atomic_schedule(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     """Whether the atomic backward schedule has a shipped shape for inputs of `dtype` and width d on `device`
     (entries with "atomic": False do not: deterministic=False then runs the deterministic schedule)."""
-    return atomic_shipped(_arch_of(device), dtype_class(dtype), block_d(d))
+    return atomic_shipped(arch_of(device), dtype_class(dtype), block_d(d))
 
 
 @functools.cache  # asked once per backward

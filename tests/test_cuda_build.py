@@ -151,6 +151,17 @@ def test_cuda_binding_builds_and_imports(monkeypatch):
     assert _cuda.info()["wgmma"]
 
 
+def test_cuda_backend_refuses_a_pre_ampere_gpu_before_building(monkeypatch):
+    # a T4 (Colab's default): the kernels' bf16 mma.sync and cp.async need sm_80, so nvcc would fail there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    monkeypatch.setattr(_cuda, "build", lambda: pytest.fail("must not build for a GPU it cannot run on"))
+    ok, reason = _cuda.available()
+    assert not ok and reason.endswith("GPU 0 (Tesla T4) is 7.5") and "compute capability >= 8.0" in reason
+
+
 def test_cuda_toolkit_discovery_through_wrapper(tmp_path, monkeypatch):
     home = _cuda.find_cuda_home()
     assert home is not None and Path(home, "bin", "nvcc").is_file()

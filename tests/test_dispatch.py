@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adassl_fast
-from adassl_fast._dispatch import resolve_impl
+from adassl_fast._dispatch import _triton_reason, resolve_impl, unavailable_reason
 
 
 def test_auto_picks_torch_for_cpu_tensors(monkeypatch):
@@ -43,6 +43,24 @@ def test_info_lists_every_backend_with_a_reason(monkeypatch):
         assert "no CUDA device" in report["backends"]["cuda"]["reason"]
 
 
+def test_triton_is_unavailable_on_a_gpu_its_table_does_not_cover(monkeypatch):
+    from adassl_fast.kernels import configs
+
+    def t4(device):
+        return configs.arch_class(7, 5, 65536)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        for arch_of, expected in ((t4, "need compute capability >= 8.0 (bf16 tensor cores); this GPU is 7.5"),
+                                  (lambda device: "sm86", None)):
+            _triton_reason.cache_clear()  # probed once a process
+            monkeypatch.setattr(configs, "arch_of", arch_of)
+            reason = unavailable_reason("triton")
+            assert reason is None if expected is None else expected in reason
+    finally:
+        _triton_reason.cache_clear()
+
+
 def test_info_command_prints_json():
     out = subprocess.run([sys.executable, "-m", "adassl_fast", "info"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["backends"]["torch"]["available"] is True
@@ -60,7 +78,7 @@ def test_triton_without_a_vetted_gpu_config_is_unavailable_or_skipped_by_auto(mo
     from adassl_fast.kernels import configs
 
     monkeypatch.delenv("ADASSL_FAST_IMPL", raising=False)
-    monkeypatch.setattr(configs, "_arch_of", lambda device: "sm90")  # as on an H200
+    monkeypatch.setattr(configs, "arch_of", lambda device: "sm90")  # as on an H200
     here = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter runs Triton
     assert resolve_impl("triton", here, torch.bfloat16, 128) == "triton"
     with pytest.raises(adassl_fast.BackendUnavailable, match='impl="triton" cannot run: no vetted Triton config'):
