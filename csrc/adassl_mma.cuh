@@ -231,6 +231,16 @@ __device__ __forceinline__ void fence_regs(float (&c)[N][4]) {
   }
 }
 
+// The same for A fragments written just before a product: their writes stay ahead of wgmma.fence, which
+// PTX requires between ordinary register writes and the wgmma that reads them.
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    asm volatile("" : "+r"(a[n][0]), "+r"(a[n][1]), "+r"(a[n][2]), "+r"(a[n][3])::"memory");
+  }
+}
+
 // d[64 x 64] += A[64 x 16] (registers, this thread's fragment a) * B[16 x 64] (shared memory, desc);
 // TNSP_B 0: B K-major (its columns are rows of the tile), 1: MN-major (rows of the tile are B's rows).
 template <class T, int TNSP_B>
@@ -312,6 +322,7 @@ struct AsyncMma {
     uint32_t a[kMCols / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kMCols / 16; ++kk) pack_a<T>(a[kk], g, kk);
+    fence_regs(a);
     fence_regs(dacc);
     wgmma_fence();
 #pragma unroll

@@ -90,15 +90,19 @@ _TABLE = {
     ("sm86", "16", 512): {"fwd": (64, 32, 8, 2), "bwd_row": (64, 16, 8, 2), "bwd_col": (64, 16, 8, 2),
                           "atomic": False},
 }
-# Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin) on the GPUs of each class:
-# every entry of a class fits its budget (tests/test_cross_compile.py).
-SMEM_BUDGET = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
 # Not shipped (cross-compile sweep, 2026-11-28), so pick_config raises and dispatch falls back to the torch
 # backend:
 # - fp32 (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16 (row) and
 #   32 x 16 without wgmma (column, atomic row: 16 x 16); at d = 256 every backward shape spilled.
 # - fp64 compiles without spills at d = 128 (fp64 mma.sync, 64 x 32 tiles), but a Python float kernel
 #   argument (inv_temperature, the clamp) is fp32 on a GPU, so results would not be float64-exact.
+
+# Blackwell parts take the class their shared memory gives (B200: sm80, RTX 50: sm86), compiled by Triton for
+# their own arch and not in the cross-compile test: a one-off compile of the d = 128 (and sm86 d = 512) clamp
+# variants on 2026-11-29 found one 8-byte spill each (sm_100: the SYM column kernel; sm_120: the forward).
+# Shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin) on the GPUs of each class:
+# every entry of a class fits its budget (tests/test_cross_compile.py).
+SMEM_BUDGET = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
 
 
 # The interpreter costs ~3-4 ms per (program x loop step) whatever the block: big blocks, one stage.

@@ -94,6 +94,37 @@ def test_matches_reference_float64(M, d, clamp, deterministic, num_splits):
     _close(ds, r_ds, 1e-12, what="dscale")
 
 
+def _shipped_shapes():
+    """One Config per distinct (kernel, BLOCK_M, BLOCK_N) the GPU table ships (SYM kinds run the same
+    kernels), so the interpreter runs each block shape the GPUs will, not only its own 64 x 64."""
+    from adassl_fast.kernels import configs
+
+    shapes = {}
+    for arch, _, _, cfg in configs.shipped_configs():
+        kernel = configs.SYM_KINDS.get(cfg.name.split(f"_{arch}")[0], cfg.name.split(f"_{arch}")[0])
+        shapes.setdefault((kernel, cfg.block_m, cfg.block_n), cfg)
+    return sorted(shapes.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,cfg", [(k[0], c) for k, c in _shipped_shapes()], ids=lambda v: getattr(v, "name", v))
+def test_every_shipped_block_shape_matches_reference_float64(kernel, cfg):
+    # M = 150: two or more owned blocks of every shape, the last one partial, and column splits (auto: ~2 waves
+    # of 132 SMs); the backward shape runs in both schedules (the atomic one is the row kernel's)
+    M, d, clamp, temperature = 150, 24, 3.0, 0.3
+    cont, targ, pos, excl, _ = _problem(M, d)
+    scale = torch.tensor(1.7, dtype=F64)
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, temperature, clamp)
+    loss, lse = ntx.nt_xent_forward(cont, targ, pos, excl, scale, 1 / temperature, clamp,
+                                    config=cfg if kernel == "fwd" else None)
+    _close(loss, r_loss, 1e-12, what=f"{cfg.name}: loss")
+    for deterministic in (True, False) if kernel == "bwd_row" else (True,):
+        dc, dt, ds = ntx.nt_xent_backward(torch.tensor(1.0, dtype=F64), cont, targ, pos, excl, scale, lse,
+                                          1 / temperature, clamp, deterministic, configs={kernel: cfg})
+        for got, want, what in ((dc, r_dc, "dcont"), (dt, r_dt, "dtarg"), (ds, r_ds, "dscale")):
+            _close(got, want, 1e-12, what=f"{cfg.name} deterministic={deterministic}: {what}")
+
+
 def _formula(cont, targ, pos, excl, scale, inv_t, clamp):
     """docs/backends.md, written out with autograd: general pos (-1: none) and excl (-1: none)."""
     u = cont / cont.norm(dim=1, keepdim=True).clamp_min(1e-12)
