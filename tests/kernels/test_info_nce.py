@@ -11,6 +11,7 @@ from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.info_nce import info_nce_reference
 from tests.kernels.sentinels import guards_intact, padded
+from tests.kernels.shapes import shipped_block_shapes
 
 pytestmark = pytest.mark.triton
 
@@ -73,6 +74,27 @@ def test_matches_reference_float64(N, d, clamp, deterministic, num_splits):
     _close(dq, r_dq, 1e-12, "dquery")
     _close(dk, r_dk, 1e-12, "dkey")
     _close(ds, r_ds, 1e-12, "dscale")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,cfg", shipped_block_shapes(), ids=lambda v: getattr(v, "name", v))
+def test_every_shipped_block_shape_matches_reference_float64(kernel, cfg):
+    # the SYM kernels (column LSEs read per streamed tile) at each shape the GPU table ships, N = 150 as in
+    # tests/kernels/test_nt_xent.py; the forward shape runs both LSE passes
+    N, d, clamp, temperature = 150, 24, 3.0, 0.2
+    query = torch.randn(N, d, dtype=F64)
+    key = query + 0.7 * torch.randn(N, d, dtype=F64)
+    scale = torch.tensor(1.3, dtype=F64)
+    r_loss, r_dq, r_dk, r_ds = _reference(query, key, scale, temperature, clamp)
+    loss, lse = kin.info_nce_forward(query, key, scale, 1 / temperature, clamp,
+                                     config=cfg if kernel == "fwd" else None)
+    _close(loss, r_loss, 1e-12, f"{cfg.name}: loss")
+    _close(lse, _lse_reference(query, key, scale, temperature, clamp), 1e-12, f"{cfg.name}: row / column lse")
+    for deterministic in (True, False) if kernel == "bwd_row" else (True,):
+        dq, dk, ds = kin.info_nce_backward(torch.tensor(1.0, dtype=F64), query, key, scale, lse, 1 / temperature,
+                                           clamp, deterministic, configs={kernel: cfg})
+        for got, want, what in ((dq, r_dq, "dquery"), (dk, r_dk, "dkey"), (ds, r_ds, "dscale")):
+            _close(got, want, 1e-12, f"{cfg.name} deterministic={deterministic}: {what}")
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

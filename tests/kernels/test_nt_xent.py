@@ -11,6 +11,7 @@ from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.nt_xent import nt_xent_reference
 from tests.kernels.sentinels import guards_intact, padded
+from tests.kernels.shapes import shipped_block_shapes
 from tests.precision import rel_err
 
 pytestmark = pytest.mark.triton
@@ -94,20 +95,8 @@ def test_matches_reference_float64(M, d, clamp, deterministic, num_splits):
     _close(ds, r_ds, 1e-12, what="dscale")
 
 
-def _shipped_shapes():
-    """One Config per distinct (kernel, BLOCK_M, BLOCK_N) the GPU table ships (SYM kinds run the same
-    kernels), so the interpreter runs each block shape the GPUs will, not only its own 64 x 64."""
-    from adassl_fast.kernels import configs
-
-    shapes = {}
-    for arch, _, _, cfg in configs.shipped_configs():
-        kernel = configs.SYM_KINDS.get(cfg.name.split(f"_{arch}")[0], cfg.name.split(f"_{arch}")[0])
-        shapes.setdefault((kernel, cfg.block_m, cfg.block_n), cfg)
-    return sorted(shapes.items())
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel,cfg", [(k[0], c) for k, c in _shipped_shapes()], ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize("kernel,cfg", shipped_block_shapes(), ids=lambda v: getattr(v, "name", v))
 def test_every_shipped_block_shape_matches_reference_float64(kernel, cfg):
     # M = 150: two or more owned blocks of every shape, the last one partial, and column splits (auto: ~2 waves
     # of 132 SMs); the backward shape runs in both schedules (the atomic one is the row kernel's)
