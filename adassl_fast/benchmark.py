@@ -33,13 +33,17 @@ from pathlib import Path
 
 OPS = ("nt_xent", "info_nce", "adassl")
 IMPLS = ("reference", "compile", "torch", "triton", "cuda")
-# Diagnostic rows (GPU, asked for by name): a backend run in its own worker with extra environment.
+# Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
+# fixed backward schedule, as (backend, environment, deterministic: None = the run's --atomic setting).
 # "triton_mma_sync" is the Triton backend under Triton's own switch DISABLE_MMA_V3=1 (read by its compiler, part
 # of its cache key): the same kernels on Ampere's mma.sync (HMMA in SASS) instead of Hopper's wgmma (HGMMA), the
 # instruction class the CUDA backend uses by default. cuda against it says how much of cuda/triton that class
 # explains. "cuda_wgmma" is the CUDA backend with its opt-in wgmma tile path (ADASSL_FAST_CUDA_WGMMA=1).
-DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"}),
-               "cuda_wgmma": ("cuda", {"ADASSL_FAST_CUDA_WGMMA": "1"})}
+# "triton_atomic" is Triton's one-kernel backward with fp32 atomics (deterministic=False: 6 M^2 d, the work the
+# floor assumes) beside the default deterministic rows.
+DIAGNOSTICS = {"triton_mma_sync": ("triton", {"DISABLE_MMA_V3": "1"}, None),
+               "cuda_wgmma": ("cuda", {"ADASSL_FAST_CUDA_WGMMA": "1"}, None),
+               "triton_atomic": ("triton", {}, False)}
 BENCH_IMPLS = IMPLS + tuple(DIAGNOSTICS)
 
 PHASES = ("fwd", "bwd", "full")
@@ -534,7 +538,7 @@ def _worker(plan_path: str, out_path: str) -> int:
 
 def _worker_env(spec: dict) -> dict:
     """The environment a row's worker needs on top of ours (a diagnostic impl's switches)."""
-    return DIAGNOSTICS.get(spec["impl"], ("", {}))[1]
+    return DIAGNOSTICS.get(spec["impl"], ("", {}, None))[1]
 
 
 def _next_batch(todo: list[dict], isolate: str) -> list[dict]:
@@ -632,8 +636,9 @@ def pre_skip_reason(spec: dict, settings: dict, probe: dict) -> str | None:
     """Why a row is not worth a process (decided from sizes and cheap probes), or None."""
     impl, m = spec["impl"], spec["M"]
     if impl in DIAGNOSTICS and not spec["device"].startswith("cuda"):
-        switches = " ".join(f"{k}={v}" for k, v in DIAGNOSTICS[impl][1].items())
-        return f"{impl}: a GPU diagnostic ({_backend(impl)} with {switches}), nothing to measure on CPU"
+        backend, env, det = DIAGNOSTICS[impl]
+        how = " ".join([f"{k}={v}" for k, v in env.items()] + ([f"deterministic={det}"] if det is not None else []))
+        return f"{impl}: a GPU diagnostic ({backend} with {how}), nothing to measure on CPU"
     if impl in ("reference", "compile") and m > settings["ref_max_m"]:
         return f"reference materialises M x M logits: not run above M = {settings['ref_max_m']} (--ref-max-m)"
     if impl == "torch" and m > settings["torch_max_m"]:
@@ -677,8 +682,10 @@ def build_specs(ops, impls, ms, ds, dtype, phases, device, deterministic, sizes_
                     for impl in impls:
                         if any(key in sizes_for and m not in sizes_for[key] for key in (impl, op)):
                             continue
+                        det = DIAGNOSTICS.get(impl, ("", {}, None))[2]
                         specs.append({"op": op, "impl": impl, "M": m, "d": d, "dtype": dtype, "phase": phase,
-                                      "device": device, "deterministic": deterministic, "seed": len(specs)})
+                                      "device": device, "deterministic": deterministic if det is None else det,
+                                      "seed": len(specs)})
     return specs
 
 
@@ -866,12 +873,16 @@ def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
             verdicts.append(f"{'PASS' if ok(value) else 'FAIL'}  {name}: {value:.3g}")
 
     for op in ops:
-        for impl in ("triton", "cuda"):
+        # (triton_atomic: the same targets for Triton's deterministic=False schedule, where it was measured)
+        for impl in ("triton", "cuda", "triton_atomic"):
+            optional = impl in DIAGNOSTICS
             for m in [m for m in ms if m >= 65536] or [65536]:
                 r = _row(rows, op, impl, m)
-                verdict(f"{op} {impl} M={m} x floor <= 1.5", r and r["floor_ratio"], lambda v: v <= 1.5)
+                if r or not optional:
+                    verdict(f"{op} {impl} M={m} x floor <= 1.5", r and r["floor_ratio"], lambda v: v <= 1.5)
             r = _row(rows, op, impl, 8192)
-            verdict(f"{op} {impl} M=8192 x floor <= 2.5", r and r["floor_ratio"], lambda v: v <= 2.5)
+            if r or not optional:
+                verdict(f"{op} {impl} M=8192 x floor <= 2.5", r and r["floor_ratio"], lambda v: v <= 2.5)
         fused = _row(rows, op, "triton", 32768) or _row(rows, op, "cuda", 32768)
         e, k = _row(rows, op, "reference", 32768), _row(rows, op, "compile", 32768)
         verdict(f"{op} M=32768 eager/fused >= 5", e and fused and e["median_ms"] / fused["median_ms"], lambda v: v >= 5)

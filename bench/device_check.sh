@@ -183,13 +183,15 @@ elif [ -n "${BENCH_ARGS:-}" ]; then
     read -r -a BENCH <<< "$BENCH_ARGS"
 else
     # (symmetric info_nce, the CLIP loss: at 8192 and 65536 only, so it adds no torch.compile row; the
-    # diagnostics run last: triton_mma_sync says how much of cuda/triton is mma.sync against wgmma,
-    # cuda_wgmma times the CUDA backend's opt-in wgmma path)
+    # diagnostics: triton_atomic times Triton's deterministic=False backward (6 M^2 d, the floor's schedule);
+    # then, last, triton_mma_sync says how much of cuda/triton is mma.sync against wgmma and cuda_wgmma times
+    # the CUDA backend's opt-in wgmma path)
     # (M = 262144 and 2^20 are left out to leave the diagnostics time; BENCH_ARGS brings them back)
-    BENCH=(--op nt_xent,adassl,info_nce --impl triton,cuda,torch,reference,compile,cuda_wgmma,triton_mma_sync
+    BENCH=(--op nt_xent,adassl,info_nce
+           --impl triton,cuda,torch,reference,compile,triton_atomic,cuda_wgmma,triton_mma_sync
            --M 8192,32768,65536,2097152
            --d 128 --dtype bf16 --phase full --sizes-for reference=8192,32768 --sizes-for compile=32768
-           --sizes-for torch=8192,32768 --sizes-for info_nce=8192,65536
+           --sizes-for torch=8192,32768 --sizes-for info_nce=8192,65536 --sizes-for triton_atomic=8192,65536
            --sizes-for triton_mma_sync=32768,65536 --sizes-for cuda_wgmma=8192,32768,65536
            --err-max-m 8192 --budget-s 0.5)
 fi

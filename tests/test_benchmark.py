@@ -171,6 +171,23 @@ def test_diagnostic_rows_get_their_own_worker_environment():
     assert bench._parser().parse_args(["--impl", "triton,triton_mma_sync"]).impl == ["triton", "triton_mma_sync"]
 
 
+def test_atomic_diagnostic_times_the_one_kernel_backward_beside_the_default():
+    specs = bench.build_specs(["nt_xent"], ["triton", "triton_atomic"], [65536], [128], "bfloat16", ["full"],
+                              "cuda:0", True)
+    assert [(s["impl"], s["deterministic"]) for s in specs] == [("triton", True), ("triton_atomic", False)]
+    assert bench._worker_env(specs[1]) == {}  # no switches: it shares the targets' worker
+    m, d = 65536, 128
+    assert bench.phase_flops("nt_xent", "full", m, d, deterministic=False, impl="triton_atomic") == 8 * m * m * d
+    rows = [_row("nt_xent", "triton", 65536, 14.5), _row("nt_xent", "triton_atomic", 65536, 8.0)]
+    text = bench.summarize(rows)
+    assert "FAIL  nt_xent triton M=65536 x floor <= 1.5: 2.6" in text
+    assert "PASS  nt_xent triton_atomic M=65536 x floor <= 1.5: 1.44" in text  # 8.0 / 5.57
+    assert "triton_atomic M=8192" not in text  # a diagnostic without a row adds no UNMEASURED line
+    assert "triton_atomic" not in bench.summarize(rows[:1])
+    cpu = dict(specs[1], device="cpu")
+    assert "(triton with deterministic=False)" in bench.pre_skip_reason(cpu, {}, {})
+
+
 def test_cli_parsing_helpers():
     assert bench._ints("1024, 2^12,4096") == [1024, 4096, 4096]
     assert bench._sizes_for("compile=32768") == ("compile", [32768])
