@@ -54,11 +54,12 @@ EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
-def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d,
+def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
                      emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr):
-    """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (input dtype) and
-    1 / max(|x_i|, eps); returns the block's regulariser sum (0 for PROLOGUE 0)."""
+    """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (input dtype, row
+    stride ld, zeros in columns [d, ld)) and 1 / max(|x_i|, eps); returns the block's regulariser sum (0 for
+    PROLOGUE 0)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     x, reg = build_rows(rows, cols, half, n_rows, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
@@ -68,18 +69,18 @@ def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d,
     # EPS as an ACC tensor: tl.maximum rounds a bare constant to fp32
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), tl.zeros([], ACC) + EPS)
     tl.store(inv_ptr + rows, inv, mask=rows < n_rows)
-    store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, d, d, x * inv[:, None], False, False)
+    store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, ld, ld, x * inv[:, None], False, False)
     return tl.sum(reg, 0)
 
 
 @triton.jit
 def _normalize_kernel(
-    out_ptr,  # (n_rows, d) out, input dtype: the cont side's u, the matrix kernels' operand
+    out_ptr,  # (n_rows, ld) out, input dtype: the cont side's u, the matrix kernels' operand
     inv_ptr,  # (n_rows,) ACC out: its 1 / max(|x_i|, eps)
     reg_ptr,  # (grid_u,) ACC out: per-program regulariser sum (PROLOGUE != 0)
-    half, n_rows, d,
+    half, n_rows, d, ld,  # ld: d rounded up to 16, the row stride of u and v (see normalize_rows)
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
-    vout_ptr, vinv_ptr,  # (n_cols, d), (n_cols,) out: the same for the targ side (a plain two-part source)
+    vout_ptr, vinv_ptr,  # (n_cols, ld), (n_cols,) out: the same for the targ side (a plain two-part source)
     targ_a, targ_b, half_t, n_cols, grid_u,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
 ):
@@ -88,12 +89,12 @@ def _normalize_kernel(
     ACC: tl.constexpr = inv_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if pid < grid_u:
-        reg = _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, emb_a, emb_b, post_a, post_b,
+        reg = _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld, emb_a, emb_b, post_a, post_b,
                                prior_a, prior_b, noise_a, noise_b, ACC, BLOCK_M, BLOCK_D, PROLOGUE)
         if PROLOGUE != 0:
             tl.store(reg_ptr + pid, reg)
     else:
-        _normalize_block(vout_ptr, vinv_ptr, pid - grid_u, half_t, n_cols, d, targ_a, targ_b, targ_a, targ_b,
+        _normalize_block(vout_ptr, vinv_ptr, pid - grid_u, half_t, n_cols, d, ld, targ_a, targ_b, targ_a, targ_b,
                          targ_a, targ_b, targ_a, targ_b, ACC, BLOCK_T, BLOCK_D, 0)
 
 
@@ -360,7 +361,7 @@ def _normalize_backward(g, x, inv, ACC: tl.constexpr):
 @triton.jit
 def _finish_block(
     part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
-    half, R, d, nsplit, n_loss,
+    half, R, d, ld, nsplit, n_loss,
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
     dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
     inv_t,
@@ -373,11 +374,11 @@ def _finish_block(
     ok = (rows < R)[:, None] & (dd[None, :] < d)
     g = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for s in range(nsplit):
-        g += tl.load(part_ptr + (s * R + rows.to(tl.int64))[:, None] * d + dd[None, :], mask=ok,
+        g += tl.load(part_ptr + (s * R + rows.to(tl.int64))[:, None] * ld + dd[None, :], mask=ok,
                      other=0.0)
     gscale = tl.load(grad_ptr).to(ACC) / n_loss
     if DSCALE:
-        u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, d, False).to(ACC)
+        u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, ld, False).to(ACC)
         tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale * inv_t)
     g = g * (gscale * tl.load(scale_ptr) * inv_t)
     x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
@@ -395,11 +396,11 @@ def _finish_block(
 
 @triton.jit
 def _finish_kernel(
-    part_ptr,  # (nsplit, R, d) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
+    part_ptr,  # (nsplit, R, ld) ACC: sum_j G^_ij (other side)_j of each split, see the matmul kernels
     dsc_ptr,  # DSCALE: (grid_r,) ACC out, this program's share of dscale = inv_t sum_ij G_ij C_ij; else unused
-    u_ptr,  # DSCALE: (R, d) the normalised rows the matmul kernels used; else unused
+    u_ptr,  # DSCALE: (R, ld) the normalised rows the matmul kernels used; else unused
     rinv_ptr, scale_ptr, grad_ptr, greg_ptr,
-    half, R, d, nsplit, n_loss,
+    half, R, d, ld, nsplit, n_loss,  # ld: the row stride of u and the partials (normalize_rows)
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
     dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b,
     inv_t,
@@ -416,12 +417,13 @@ def _finish_kernel(
     pid = tl.program_id(0)
     if BOTH and pid >= grid_r:
         _finish_block(cpart_ptr, dsc_ptr, u_ptr, cinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid - grid_r,
-                      half_c, N, d, nsplit_c, n_loss, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b,
+                      half_c, N, d, ld, nsplit_c, n_loss,
+                      targ_a, targ_b, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b,
                       cdst_a, cdst_b, cdst_a, cdst_b, cdst_a, cdst_b, inv_t,
                       ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False)
     else:
         _finish_block(part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
-                      half, R, d, nsplit, n_loss, emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
+                      half, R, d, ld, nsplit, n_loss, emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                       dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b, inv_t,
                       ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE)
 
@@ -518,28 +520,36 @@ def rows_per_program(d: int, prologue: int, finishing: bool) -> int:
 
     Their whole tile lives in registers: the AdaSSL latent math keeps ~10 (rows x BLOCK_D) fp32 temporaries
     live (its backward more), so each kind gets a fixed element budget and the rows shrink as d grows
-    (tests/test_cross_compile.py compiles exactly these shapes and checks them for spills).
+    (tests/test_cross_compile.py compiles exactly these shapes and checks them for spills). The finishing
+    kernel writes the caller's (rows, d) gradients: where d is not a multiple of 16 those rows are not
+    16-byte aligned, each element takes its own address, and it gets half the budget (at d = 100 the full
+    one spilled 912 bytes on sm_80; a quarter left an 8-byte stack frame on sm_90; tests/test_launch_path.py).
     """
     budget = (1024 if finishing else 2048) if prologue else 8192
+    if finishing and d % 16:
+        budget //= 2
     return max(1, min(64, budget // block_d(d)))
 
 
 def normalize_rows(src: RowSource, M: int, targ_a, targ_b, half_c: int, N: int, d: int, stat: torch.dtype):
-    """(u (M, d), 1/|x| (M,), per-program regulariser sums, v (N, d), 1/|t| (N,)) of both sides, one launch.
+    """(u (M, ld), 1/|x| (M,), per-program regulariser sums, v (N, ld), 1/|t| (N,)) of both sides, one launch.
 
     src gives the cont rows (for AdaSSL formed from emb / post / prior / noise), (targ_a, targ_b, half_c)
     the targ rows (a plain two-part source). u and v, in the input dtype, are what the matrix kernels
     stream: O((M + N) d) bytes, written once per call, so the column kernel never re-forms AdaSSL's edited
-    rows per tile (that multiplied its exp / log work by ~8).
+    rows per tile (that multiplied its exp / log work by ~8). Their rows are ld = d rounded up to 16 wide,
+    zero-padded: the matrix kernels then see 16-divisible strides and widths whatever d is (Triton's
+    aligned, vectorised code; with d = 100, 200 or 300 the sm_90 kernels spilled up to 736 bytes).
     """
     dev, dtype = src.emb_a.device, src.emb_a.dtype
-    u, inv_u = _empty((M, d), dtype, dev), _empty(M, stat, dev)
-    v, inv_v = _empty((N, d), dtype, dev), _empty(N, stat, dev)
+    ld = _cdiv(d, 16) * 16
+    u, inv_u = _empty((M, ld), dtype, dev), _empty(M, stat, dev)
+    v, inv_v = _empty((N, ld), dtype, dev), _empty(N, stat, dev)
     block, block_t = rows_per_program(d, src.prologue, finishing=False), rows_per_program(d, 0, finishing=False)
     grid_u = _cdiv(M, block)
     reg = _empty(grid_u, stat, dev)
     _normalize_kernel[(grid_u + _cdiv(N, block_t),)](
-        u, inv_u, reg, src.half, M, d, *src.args(), v, inv_v, targ_a, targ_b, half_c, N, grid_u,
+        u, inv_u, reg, src.half, M, d, ld, *src.args(), v, inv_v, targ_a, targ_b, half_c, N, grid_u,
         BLOCK_M=block, BLOCK_T=block_t, BLOCK_D=block_d(d), PROLOGUE=src.prologue, num_warps=4)
     return u, inv_u, reg, v, inv_v
 
@@ -611,6 +621,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     inv_t = float(inv_temperature)
     targ_src = _column_source(targ_a, targ_b, half_c)
     u, rinv, _, v, cinv = normalize_rows(src, M, targ_a, targ_b, half_c, N, d, stat)
+    ld = u.shape[1]  # the matrix kernels' width: d padded to 16 (normalize_rows)
     if grad_reg is None:
         grad_reg = scale
     lsec = col_lse if sym else lse
@@ -630,7 +641,7 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         block_c = rows_per_program(d, 0, finishing=True)
         grid = grid_r + (_cdiv(N_c, block_c) if both else 0)
         _finish_kernel[(grid,)](
-            part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, nsplit, n_loss, *s.args(),
+            part, dsc, u, inv, scale, grad_loss, grad_reg, s.half, R, d, ld, nsplit, n_loss, *s.args(),
             sink.a, sink.b, sink.dpost_a, sink.dpost_b, sink.dprior_a, sink.dprior_b, inv_t,
             cpart, cinv_, csrc.emb_a, csrc.emb_b, csink.a, csink.b, csrc.half, N_c, cnsplit, grid_r,
             BLOCK_M=block, BLOCK_D=bd, PROLOGUE=s.prologue, TWO_PART=two_part, ACCUM=accum,
@@ -642,10 +653,10 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         n_cb = _cdiv(N, cfg_r.block_n)
         per = _splits(n_rb, n_cb, device, num_splits)
         nsplit = _cdiv(n_cb, per)
-        part = _empty((nsplit, M, d), stat, device)
-        dv = torch.zeros((N, d), dtype=stat, device=device) if atomic else part
+        part = _empty((nsplit, M, ld), stat, device)
+        dv = torch.zeros((N, ld), dtype=stat, device=device) if atomic else part
         _bwd_row_kernel[(n_rb, nsplit)](
-            part, dv, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
+            part, dv, u, v, pos, excl, lse, lsec, scale, M, N, ld, inv_t, clamp_v, per * cfg_r.block_n, nsplit,
             BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic,
             num_warps=cfg_r.num_warps, num_stages=cfg_r.num_stages, **common)
         return (part, nsplit, rinv, M, src, row_sink, True), dv
@@ -656,9 +667,9 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
         n_loop = _cdiv(M, cfg_c.block_n)
         per = _splits(n_own, n_loop, device, num_splits)
         nsplit = _cdiv(n_loop, per)
-        part = _empty((nsplit, N, d), stat, device)
+        part = _empty((nsplit, N, ld), stat, device)
         _bwd_col_kernel[(n_own, nsplit)](
-            part, u, v, pos, excl, lse, lsec, scale, M, N, d, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
+            part, u, v, pos, excl, lse, lsec, scale, M, N, ld, inv_t, clamp_v, per * cfg_c.block_n, nsplit,
             BLOCK_M=cfg_c.block_n, BLOCK_N=cfg_c.block_m,
             num_warps=cfg_c.num_warps, num_stages=cfg_c.num_stages, **common)
         return part, nsplit

@@ -36,7 +36,7 @@ _X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "no
       "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b", "vout_ptr", "targ_a", "targ_b",
       "cdst_a", "cdst_b"}
 _FLOATS = {"inv_t", "clamp2"}
-_ALIGNED_INTS = {"d"}  # a launch with d % 16 == 0 specialises d like this (vectorised row loads)
+_ALIGNED_INTS = {"d", "ld"}  # d % 16 == 0 specialises d like this; ld (normalize_rows) always is
 
 
 _ROW_SYM = [("_bwd_row_kernel", "sym", dict(ATOMIC=False, SYM=True)),
