@@ -8,8 +8,9 @@ dU = s G V, dV = s G^T U, dscale = 1/tau sum G * C, then the normalisation backw
 Design (flash-attention style; see DESIGN.md "The kernels"):
 - A pre-kernel writes the normalised rows u = x / max(|x|, eps) of both sides in the input dtype
   (O(M d) bytes; for AdaSSL it forms the edited rows first, see kernels/adassl.py) and their inverse
-  norms, its rows zero-padded to a multiple of 16 so that every d compiles to the same aligned code. The matmul kernels stream only u and v, so one lean set of kernels serves nt_xent, info_nce
-  and AdaSSL, and S = scale / tau * <u_i, v_j> is one multiply per element.
+  norms, its rows zero-padded to a multiple of 16 (aligned matrix-kernel code for every d). The matmul
+  kernels stream only u and v, so one lean set of kernels serves nt_xent, info_nce and AdaSSL, and
+  S = scale / tau * <u_i, v_j> is one multiply per element.
 - Logits are kept in log2 units (log2(e) folded into the scale) so the softmax uses exp2.
 - A tile that holds no positive column, no excluded column and (forward) no padding column skips
   every mask: with 128-row blocks that is all but ~2 tiles per block row. Rows past the end need no
