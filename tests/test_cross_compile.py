@@ -86,7 +86,7 @@ def jobs():
                 consts = dict(BLOCK_D=bd, CLAMP=clamp, UPCAST=False, PREC=prec, **blocks, **extra)
                 out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
-    # (they use at most 256 bytes of shared memory, and Triton emits the same code for sm_86 as for sm_80)
+    # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
     from adassl_fast.kernels.nt_xent import rows_per_program
 
     for arch in ("sm90", "sm80"):
