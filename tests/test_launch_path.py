@@ -9,8 +9,8 @@ these specialisations: split counts of 1 (M = 65536) and widths that are not mul
 where the caller's rows are not 16-byte aligned. Asserts: every step runs, and every kernel it compiled fits
 its class's shared memory without spilling.
 
-The stand-in replaces two pieces of Triton's runtime (`driver.set_active`, `CompiledKernel._init_handles`,
-both in triton 3.6 and 3.7); the worker runs in a subprocess without TRITON_INTERPRET.
+The stand-in replaces two pieces of Triton's runtime (`driver.set_active`, `CompiledKernel._init_handles`; read
+in triton 3.7.1, the version CI pins); the worker runs in a subprocess without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import pytest
 from adassl_fast.kernels.configs import SMEM_BUDGET
 
 # (GPU class, op, M, d, deterministic): odd M with column splits, M = 65536 with one split, d = 100 and 300
-# (not multiples of 16; BLOCK_D 128 and 512). sm_80 and sm_86 compile what differs from sm_90 the most: the
-# finishing kernel's unaligned rows, and the 99 KB class's d = 512 shapes.
+# (not multiples of 16; BLOCK_D 128 and 512); bf16, and one fp16 case ("nt_xent_f16"). sm_80 and sm_86 compile
+# what differs from sm_90 the most: the finishing kernel's unaligned rows, and the 99 KB class's d = 512 shapes.
 CASES = [("sm90", "nt_xent", 1030, 96, True), ("sm90", "nt_xent", 1030, 100, False),
+         ("sm90", "nt_xent_f16", 1030, 100, True),
          ("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True),
          ("sm90", "info_nce", 1030, 100, True), ("sm90", "info_nce", 65536, 128, True),
          ("sm90", "adassl_v", 1030, 100, True), ("sm90", "adassl_s", 1030, 300, True),
@@ -41,8 +42,11 @@ def _step(op: str, M: int, d: int, deterministic: bool):
 
     import adassl_fast
 
+    dtype = torch.float16 if op.endswith("_f16") else torch.bfloat16
+    op = op.removesuffix("_f16")
+
     def leaf(*shape):
-        return torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
+        return torch.randn(*shape, dtype=dtype, requires_grad=True)
 
     if op in ("nt_xent", "info_nce"):
         a, b = leaf(M, d), leaf(M, d)
@@ -53,7 +57,7 @@ def _step(op: str, M: int, d: int, deterministic: bool):
     emb, post = [leaf(B, d) for _ in range(2)], [leaf(B, 2 * d) for _ in range(2)]
     prior = [leaf(B, 2 * d) for _ in range(2)] if variant == "v" else [None, None]
     draw = torch.randn if variant == "v" else torch.rand
-    noise = [draw(B, d, dtype=torch.bfloat16) for _ in range(2)]
+    noise = [draw(B, d, dtype=dtype) for _ in range(2)]
     l_ssl, l_reg = adassl_fast.adassl_nt_xent(*emb, *post, *prior, variant=variant, noise_xy=noise[0],
                                               noise_yx=noise[1], impl="triton", deterministic=deterministic)
     torch.autograd.grad(l_ssl + l_reg, [*emb, *post] + ([*prior] if variant == "v" else []))
@@ -142,10 +146,11 @@ def test_public_ops_launch_through_triton_jit(report, case):
 
 @pytest.mark.slow
 def test_every_case_compiled_its_own_specialisations(report):
-    # each class's first case compiles a whole forward + backward; one split and each width add their own
-    for case in (CASES[0], CASES[8], CASES[10]):
+    # each class's first case compiles a whole forward + backward; one split, each width and fp16 add their own
+    for case in (CASES[0], CASES[9], CASES[11]):
         assert len(report[case]["launches_compiled"]) >= 6, case
-    for case in (("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True)):
+    for case in (("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True),
+                 ("sm90", "nt_xent_f16", 1030, 100, True)):
         assert report[case]["launches_compiled"], case
 
 
