@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 from adassl_fast.kernels.configs import SMEM_BUDGET
+
+from tests.compiled import resource_usage, run_worker
 
 ARCH_CC = {"sm90": 90, "sm80": 80, "sm86": 86}
 DTYPES = {"16": "bf16", "32": "fp32"}
@@ -124,9 +125,6 @@ def diagnostic_jobs():
 
 
 def _compile_one(job):
-    import re
-    import tempfile
-
     import triton
     from adassl_fast.kernels import nt_xent as ntx
     from triton.backends.compiler import GPUTarget
@@ -162,13 +160,7 @@ def _compile_one(job):
     finally:  # the pool's processes compile other jobs next
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    field = lambda key: int(re.search(rf"\b{key}:(\d+)", usage).group(1))  # noqa: E731
-    row.update(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"), shared=int(k.metadata.shared),
+    row.update(**resource_usage(k.asm["cubin"]), shared=int(k.metadata.shared),
                wgmma="wgmma.mma_async" in k.asm["ptx"], mma_sync="mma.sync.aligned" in k.asm["ptx"])
     return row
 
@@ -185,11 +177,7 @@ def _worker():
 
 @pytest.fixture(scope="module")
 def table():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    proc = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = {r["id"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    rows = {r["id"]: r for r in run_worker("tests.test_cross_compile")}
     lines = [f"{'kernel':<18} {'variant':<16} {'config':<36} {'arch':<5} {'regs':>4} {'spill':>5} {'smem':>7} wgmma"]
     for r in rows.values():
         if "error" in r:

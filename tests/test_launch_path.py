@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 from adassl_fast.kernels.configs import SMEM_BUDGET
+
+from tests.compiled import resource_usage, run_worker
 
 # (GPU class, op, M, d, deterministic): odd M with column splits, M = 65536 with one split, d = 100 and 300
 # (not multiples of 16; BLOCK_D 128 and 512); bf16, and one fp16 case ("nt_xent_f16"). sm_80 and sm_86 compile
@@ -64,11 +65,7 @@ def _step(op: str, M: int, d: int, deterministic: bool):
 
 
 def _worker():
-    import re
-    import tempfile
-
     import torch
-    import triton
     import triton.compiler.compiler as compiler
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -103,7 +100,6 @@ def _worker():
     configs.arch_of = lambda device: arch[0]  # CPU tensors stand for that GPU's
     for name in ("nt_xent", "info_nce", "adassl"):  # the ops' dispatch: "triton" on CPU tensors
         sys.modules[f"adassl_fast.{name}"].resolve_impl = lambda impl, *args: "triton"
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = []
     for case in CASES:
         before = len(compiled)
@@ -115,24 +111,15 @@ def _worker():
             error = f"{type(exc).__name__}: {str(exc)[-1500:]}"
         kernels = []
         for k in compiled[before:]:
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
-                                       check=True).stdout
-            spill = sum(int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("STACK", "LOCAL"))
-            kernels.append(dict(name=k.name, shared=int(k.metadata.shared), spill=spill))
+            usage = resource_usage(k.asm["cubin"])
+            kernels.append(dict(name=k.name, shared=int(k.metadata.shared), spill=usage["stack"] + usage["local"]))
         out.append(dict(case=list(case), error=error, launches_compiled=kernels))
     print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    proc = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {tuple(r["case"]): r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {tuple(r["case"]): r for r in run_worker("tests.test_launch_path")}
 
 
 @pytest.mark.slow
