@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from adassl_fast.nt_xent import partner_indices
 
-from .nt_xent import RowSink, RowSource, _empty, _stat_dtype, backward_core, forward_core
+from .nt_xent import RowSink, RowSource, _empty, _stat_dtype, backward_core, forward_core, on_input_device
 
 PROLOGUES = {"v": 1, "s": 2}
 
@@ -44,6 +44,7 @@ def _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise
     return src, B, d
 
 
+@on_input_device
 def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
                    inv_temperature, clamp, variant, *, num_splits=None, config=None):
     """One-pass AdaSSL forward.
@@ -61,6 +62,7 @@ def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     return l_ssl, reg_sums.sum() / M, lse
 
 
+@on_input_device
 def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
                     noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic, *,
                     num_splits=None, configs=None):

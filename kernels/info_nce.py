@@ -25,9 +25,11 @@ from .nt_xent import (
     _stat_dtype,
     backward_core,
     normalize_rows,
+    on_input_device,
 )
 
 
+@on_input_device
 def info_nce_forward(query, key, scale, inv_temperature, clamp, *, num_splits=None, config=None):
     """Fused forward of the symmetric InfoNCE loss.
 
@@ -51,6 +53,7 @@ def info_nce_forward(query, key, scale, inv_temperature, clamp, *, num_splits=No
     return loss_part.sum(), lse
 
 
+@on_input_device
 def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *,
                       num_splits=None, configs=None):
     """Fused backward of the symmetric InfoNCE loss.

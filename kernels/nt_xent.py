@@ -35,6 +35,7 @@ Design (flash-attention style; see DESIGN.md "The kernels"):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -690,6 +691,20 @@ def backward_core(grad_loss, grad_reg, src: RowSource, row_sink: RowSink, M: int
     return dsc.sum().to(scale.dtype)
 
 
+def on_input_device(launcher):
+    """Run a Triton entry point on its first argument's CUDA device. Triton launches on the current device (and
+    its current stream): in a process whose current device is another GPU it would launch there."""
+
+    @functools.wraps(launcher)
+    def run(first, *args, **kwargs):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return run
+
+
 def _check(cont, targ, pos, excl, scale):
     assert cont.dim() == 2 and targ.dim() == 2 and cont.shape[1] == targ.shape[1], (cont.shape, targ.shape)
     assert cont.dtype == targ.dtype and cont.is_contiguous() and targ.is_contiguous()
@@ -698,6 +713,7 @@ def _check(cont, targ, pos, excl, scale):
     assert cont.shape[1] <= 512, "the Triton backend tiles d <= 512 in one block"
 
 
+@on_input_device
 def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, *, num_splits=None,
                     config=None):
     """Fused forward of the nt_xent core (docs/backends.md).
@@ -716,6 +732,7 @@ def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, *, num
     return loss, lse
 
 
+@on_input_device
 def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp,
                      deterministic, *, num_splits=None, configs=None):
     """Fused backward of the nt_xent core (docs/backends.md).
