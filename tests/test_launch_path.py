@@ -38,7 +38,8 @@ CLASSES = {"sm90": 90, "sm80": 80, "sm86": 86}  # -> compute capability; the sta
 
 
 def _step(op: str, M: int, d: int, deterministic: bool):
-    """Forward + backward of `op` through the public API, bf16 CPU tensors (nothing is computed)."""
+    """Forward + backward of `op` through the public API on CPU tensors, bf16 (fp16 for "*_f16"); nothing is
+    computed."""
     import torch
 
     import adassl_fast
