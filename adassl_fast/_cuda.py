@@ -19,6 +19,7 @@ Entry points (same signatures as every backend):
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import io
@@ -252,6 +253,17 @@ def build(force: bool = False):
         return mod
 
 
+@functools.cache  # available() runs on every call that resolves impl="cuda"
+def _capability_reason() -> str | None:
+    """Why a visible GPU cannot run the kernels (nvcc builds for each of them, _gencodes), or None."""
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        if major < 8:
+            return (f"the CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); GPU {i} "
+                    f"({torch.cuda.get_device_name(i)}) is {major}.{minor}")
+    return None
+
+
 def available() -> tuple[bool, str]:
     """(True, "") when the CUDA backend can run here, else (False, why)."""
     if not torch.cuda.is_available():
@@ -259,11 +271,9 @@ def available() -> tuple[bool, str]:
             f"torch.cuda.is_available() is False: no usable CUDA device/driver (torch {torch.__version__}, "
             f"built with CUDA {torch.version.cuda})"
         )
-    for i in range(torch.cuda.device_count()):  # nvcc builds for every visible GPU (_gencodes)
-        major, minor = torch.cuda.get_device_capability(i)
-        if major < 8:
-            return False, (f"the CUDA kernels need compute capability >= 8.0 (bf16 mma.sync, cp.async); GPU {i} "
-                           f"({torch.cuda.get_device_name(i)}) is {major}.{minor}")
+    reason = _capability_reason()
+    if reason is not None:
+        return False, reason
     if _state["error"] is not None:
         return False, _state["error"]
     try:
@@ -274,6 +284,11 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def wgmma_requested() -> bool:
+    """Whether ADASSL_FAST_CUDA_WGMMA=1 asks for the wgmma tile path (the launcher takes it on sm_90 devices)."""
+    return os.environ.get(WGMMA_ENV) == "1"
+
+
 def info() -> dict:
     """Backend status: availability, reason, the tensor-core path on sm_90 ("wgmma": asked for with
     ADASSL_FAST_CUDA_WGMMA=1, else mma.sync), toolkit, build directory and the build log text."""
@@ -281,7 +296,7 @@ def info() -> dict:
     return {
         "available": ok,
         "reason": reason,
-        "wgmma": os.environ.get(WGMMA_ENV) == "1",
+        "wgmma": wgmma_requested(),
         "cuda_home": _state.get("cuda_home") or find_cuda_home(),
         "build_dir": _state["build_dir"],
         "gencodes": _state.get("gencodes"),

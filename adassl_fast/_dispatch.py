@@ -112,10 +112,10 @@ def info() -> dict:
         except Exception as exc:  # a failing probe is itself a reason, never a crash
             reason = f"probe failed: {type(exc).__name__}: {exc}"
         backends[impl] = {"available": reason is None, "reason": reason}
-    from adassl_fast._cuda import WGMMA_ENV
+    from adassl_fast._cuda import wgmma_requested
 
     # the CUDA backend's opt-in wgmma tile path on sm_90 devices (adassl_fast/_cuda.py)
-    backends["cuda"]["wgmma"] = os.environ.get(WGMMA_ENV) == "1"
+    backends["cuda"]["wgmma"] = wgmma_requested()
     return {
         "adassl_fast": adassl_fast.__version__,
         "torch": torch.__version__,

@@ -158,7 +158,11 @@ def test_cuda_backend_refuses_a_pre_ampere_gpu_before_building(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
     monkeypatch.setattr(_cuda, "build", lambda: pytest.fail("must not build for a GPU it cannot run on"))
-    ok, reason = _cuda.available()
+    _cuda._capability_reason.cache_clear()  # probed once a process
+    try:
+        ok, reason = _cuda.available()
+    finally:
+        _cuda._capability_reason.cache_clear()
     assert not ok and reason.endswith("GPU 0 (Tesla T4) is 7.5") and "compute capability >= 8.0" in reason
 
 
