@@ -3,7 +3,7 @@
 Every matrix kernel (kernels/forward.py, kernels/backward.py) streams normalised rows u (M, ld) against
 v (N, ld) and scores them the same way: S_ij = scale / tau * <u_i, v_j>, clamped to +-clamp, row i's
 positive column pos_i and excluded column excl_i (-1: none). Logits carries that scoring on the host and
-hands every matrix kernel the same leading arguments (u, v, pos, excl, scale, M, N, ld, 1 / tau, clamp);
+hands every matrix kernel the same run of arguments (u, v, pos, excl, scale, M, N, ld, 1 / tau, clamp);
 the Triton helpers below find the tiles that need masks and the blocks where the clamp can bind.
 Logits are kept in log2 units (log2(e) folded into the scale) so the softmax uses exp2.
 """
@@ -36,7 +36,7 @@ class Logits:
     clamp: float | None
 
     def args(self, u: torch.Tensor, v: torch.Tensor) -> tuple:
-        """The leading arguments of every matrix kernel, scoring u (M, ld) against v (N, ld)."""
+        """The arguments every matrix kernel takes from u_ptr to clamp2, scoring u (M, ld) against v (N, ld)."""
         # the clamp in log2 units, formed in double precision on the host (a kernel's float argument is fp32)
         clamp2 = float(self.clamp) * 1.4426950408889634 if self.clamp is not None else 0.0
         return (u, v, self.pos, self.excl, self.scale, u.shape[0], v.shape[0], u.shape[1],
