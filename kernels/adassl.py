@@ -1,12 +1,12 @@
 """The one-pass AdaSSL op in Triton (docs/backends.md "The one-pass AdaSSL op", docs/spec.md 2.4, 2.6, 3.3-3.6).
 
-No matmul kernel of its own: the nt_xent core (kernels/forward.py, kernels/backward.py) runs on the edited rows
-`cont = [emb_y + r_yx; emb_x + r_xy]` against `targ = [emb_x; emb_y]`, both read through two-part row
+No matmul kernel of its own: the nt_xent core (kernels/forward.py, kernels/backward.py) runs on the edited
+rows `cont = [emb_y + r_yx; emb_x + r_xy]` against `targ = [emb_x; emb_y]`, both read through two-part row
 sources (no concatenation of the inputs):
 - the normalising pre-kernel forms the edited rows from emb / post / prior / noise in registers
   (PROLOGUE 1 = "v", 2 = "s"; kernels/latent.py), sums the KL / L0 regulariser, and writes the
   *normalised* edited rows u (M x d, input dtype) that the matmul kernels stream. That O(M d) buffer is
-  the one departure from "the edited rows never reach HBM" (docs/architecture.md): without it the column-owned
+  the one departure from "the edited rows never reach HBM" (docs/backends.md): without it the column-owned
   backward kernel re-formed every streamed row tile (softplus, exp, log per element: ~8x the exp work
   of its own tile at d = 128, 128-row blocks), which made AdaSSL 2.4x slower than nt_xent on an H200.
   No M x M matrix is ever written.
