@@ -36,7 +36,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v", "-Xcompiler", "-fPIC")
 DEFAULT_GENCODES = ("arch=compute_80,code=sm_80", "arch=compute_90a,code=sm_90a")
 
 _lock = threading.Lock()
-_state: dict = {"module": None, "log": "", "build_dir": None, "nvcc_logs": {}}
+_state: dict = {"module": None, "log": "", "build_dir": None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,7 +225,6 @@ def build(force: bool = False):
         _state.update(
             module=mod,
             build_dir=str(bdir),
-            nvcc_logs=logs,
             log="\n".join(logs.values()) + "\n" + buf.getvalue(),
             cuda_home=cuda_home,
             gencodes=gencodes,
