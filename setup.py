@@ -1,7 +1,8 @@
 """Metadata lives in pyproject.toml. This file adds one optional step: when the build environment has a
 CUDA build of torch and a CUDA toolkit (`pip install --no-build-isolation .` on a GPU machine), the CUDA
 C++ backend is compiled ahead of time as adassl_fast._C_cuda. Everywhere else it is skipped, and the
-backend builds itself with ninja on first use instead (adassl_fast/_cuda.py).
+backend builds itself with ninja on first use instead, from the sources the package ships
+(adassl_fast/_cuda_build.py).
 ADASSL_FAST_SKIP_CUDA_BUILD=1 skips it on a CUDA machine too (a Triton-only install, ~1 minute faster)."""
 
 import os

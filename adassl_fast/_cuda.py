@@ -1,12 +1,6 @@
-"""CUDA C++ backend: builds csrc/ on first use and exposes the backend entry points (docs/backends.md).
+"""CUDA C++ backend: the backend entry points (docs/backends.md) over the module adassl_fast/_cuda_build.py builds.
 
-The kernels (``csrc/*.cu``) are compiled by nvcc into objects; the thin binding ``csrc/binding.cpp``
-(which includes only ``<torch/extension.h>``) is built with ninja through
-``torch.utils.cpp_extension.load`` and linked against those objects and the static CUDA runtime. This
-works unchanged with a CUDA torch and with the CPU wheel (where the module imports but no kernel can
-launch). Builds are cached under ``$TORCH_EXTENSIONS_DIR/adassl_fast`` or ``~/.cache/adassl_fast``,
-keyed by the sources, the flags, the torch version and the toolkit.
-
+The module is built (or loaded from the build cache, or the one setup.py built ahead of time) on first use.
 On sm_90 devices the bf16 / fp16 tiles run on mma.sync unless ``ADASSL_FAST_CUDA_WGMMA=1`` (read at each
 launch) selects the wgmma path (csrc/adassl_mma.cuh, AsyncMma): opt-in until it has been checked and timed
 on a GPU; ``info()["wgmma"]`` says which one runs.
@@ -18,239 +12,25 @@ Entry points (same signatures as every backend):
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import glob
-import hashlib
-import io
 import os
-import re
-import shutil
-import subprocess
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+
+from adassl_fast import _cuda_build
 
 __all__ = [
     "available",
     "info",
-    "build",
-    "find_cuda_home",
     "nt_xent_forward",
     "nt_xent_backward",
     "adassl_forward",
     "adassl_backward",
 ]
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 WGMMA_ENV = "ADASSL_FAST_CUDA_WGMMA"
-KERNEL_SOURCES = ("nt_xent.cu", "adassl.cu")
-BINDING_SOURCE = "binding.cpp"
-NVCC_FLAGS = ("-std=c++17", "-O3", "-Xptxas", "-v", "-Xcompiler", "-fPIC")
-# Targets when no GPU is visible (build checks on CPU machines): Ampere and Hopper (wgmma-capable).
-DEFAULT_GENCODES = ("arch=compute_80,code=sm_80", "arch=compute_90a,code=sm_90a")
 
-_lock = threading.Lock()
-_state: dict = {"module": None, "error": None, "log": "", "build_dir": None, "nvcc_logs": {}}
-
-
-# ------------------------------------------------------------------------------------------------
-# Toolkit discovery (as torch does: CUDA_HOME / CUDA_PATH, then the standard prefix; `nvcc` on PATH
-# may be a wrapper script, so ask nvcc itself where its toolkit is).
-# ------------------------------------------------------------------------------------------------
-def _is_toolkit(path: str | None) -> bool:
-    return (
-        bool(path)
-        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
-        and os.path.isdir(os.path.join(path, "include"))
-    )
-
-
-def find_cuda_home() -> str | None:
-    """The CUDA toolkit root, or None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        p = os.environ.get(var)
-        if _is_toolkit(p):
-            return os.path.realpath(p)
-    if _is_toolkit("/usr/local/cuda"):
-        return os.path.realpath("/usr/local/cuda")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # A wrapper script (exec /opt/.../nvcc "$@") hides the toolkit; `nvcc -dryrun` prints TOP=.
-        try:
-            out = subprocess.run(
-                [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
-            if m and _is_toolkit(os.path.realpath(m.group(1))):
-                return os.path.realpath(m.group(1))
-        except (OSError, subprocess.SubprocessError):
-            pass
-        cand = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if _is_toolkit(cand):
-            return cand
-    found = sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for p in found:
-        if _is_toolkit(p):
-            return p
-    return None
-
-
-def _static_cudart(cuda_home: str) -> str | None:
-    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-        p = os.path.join(cuda_home, sub, "libcudart_static.a")
-        if os.path.isfile(p):
-            return p
-    return None
-
-
-def _gencodes() -> tuple[str, ...]:
-    env = os.environ.get("ADASSL_CUDA_GENCODES")
-    if env:
-        return tuple(g for g in env.split(";") if g)
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        out = []
-        for major, minor in caps:
-            cc = f"{major}{minor}"
-            if cc == "90":
-                out.append("arch=compute_90a,code=sm_90a")
-            else:
-                out.append(f"arch=compute_{cc},code=sm_{cc}")
-        return tuple(out)
-    return DEFAULT_GENCODES
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if env:
-        return Path(env) / "adassl_fast"
-    return Path(os.path.expanduser("~")) / ".cache" / "adassl_fast"
-
-
-def _build_key(cuda_home: str, gencodes: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(CSRC.glob("*")):
-        if f.suffix in (".cu", ".cuh", ".h"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    h.update(repr((NVCC_FLAGS, gencodes, torch.__version__, os.path.realpath(cuda_home))).encode())
-    return h.hexdigest()[:16]
-
-
-def compile_cu(src: Path, obj: Path, gencodes: tuple[str, ...], cuda_home: str, extra=()) -> str:
-    """nvcc -c one kernel source; returns the compiler output (ptxas -v report). Raises on error."""
-    nvcc = os.path.join(cuda_home, "bin", "nvcc")
-    cmd = [
-        nvcc,
-        *NVCC_FLAGS,
-        *extra,
-        *(f"-gencode={g}" for g in gencodes),
-        "-I",
-        str(CSRC),
-        "-c",
-        str(src),
-        "-o",
-        str(obj),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    log = " ".join(cmd) + "\n" + res.stdout + res.stderr
-    if res.returncode != 0:
-        raise RuntimeError(f"nvcc failed on {src.name}:\n{log[-6000:]}")
-    return log
-
-
-def compile_kernels(
-    gencodes: tuple[str, ...] = DEFAULT_GENCODES, cuda_home: str | None = None, force: bool = False
-) -> tuple[Path, list[str], dict[str, str]]:
-    """nvcc-compile every kernel source (cached); -> (build dir, object paths, {source: nvcc/ptxas log})."""
-    cuda_home = cuda_home or find_cuda_home()
-    if cuda_home is None:
-        raise RuntimeError("no CUDA toolkit found (set CUDA_HOME; nvcc was not found either)")
-    key = _build_key(cuda_home, gencodes)
-    bdir = _cache_root() / f"build_{key}"
-    bdir.mkdir(parents=True, exist_ok=True)
-
-    def one(name: str) -> tuple[str, str]:
-        obj = bdir / (Path(name).stem + ".o")
-        logf = bdir / (Path(name).stem + ".nvcc.log")
-        if obj.is_file() and logf.is_file() and not force:
-            return name, logf.read_text()
-        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        log = compile_cu(CSRC / name, tmp, gencodes, cuda_home)
-        os.replace(tmp, obj)
-        logf.write_text(log)
-        return name, log
-
-    with ThreadPoolExecutor(max_workers=len(KERNEL_SOURCES)) as ex:
-        logs = dict(ex.map(one, KERNEL_SOURCES))
-    return bdir, [str(bdir / (Path(n).stem + ".o")) for n in KERNEL_SOURCES], logs
-
-
-def build(force: bool = False):
-    """Build (or load the cached build of) the extension module; raises RuntimeError on failure."""
-    jit = bool(os.environ.get("ADASSL_CUDA_JIT"))
-    with _lock:
-        # ADASSL_CUDA_JIT asks for the ninja build even when the prebuilt module was loaded first
-        if _state["module"] is not None and not force and (not jit or _state.get("jit")):
-            return _state["module"]
-        if not force and not jit:
-            # Prebuilt by setup.py (CUDAExtension "adassl_fast._C_cuda") when a CUDA torch was present.
-            try:
-                from adassl_fast import _C_cuda as prebuilt  # type: ignore[attr-defined]
-            except ImportError:
-                prebuilt = None
-            if prebuilt is not None:
-                _state.update(
-                    module=prebuilt,
-                    error=None,
-                    build_dir=os.path.dirname(prebuilt.__file__),
-                    log="prebuilt by setup.py (adassl_fast._C_cuda)",
-                    jit=False,
-                )
-                return prebuilt
-        cuda_home = find_cuda_home()
-        if cuda_home is None:
-            raise RuntimeError("no CUDA toolkit found (set CUDA_HOME; nvcc was not found either)")
-        cudart = _static_cudart(cuda_home)
-        if cudart is None:
-            raise RuntimeError(f"libcudart_static.a not found under {cuda_home}")
-        gencodes = _gencodes()
-        bdir, objs, logs = compile_kernels(gencodes, cuda_home, force=force)
-        key = bdir.name.removeprefix("build_")
-
-        from torch.utils import cpp_extension
-
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf):
-                mod = cpp_extension.load(
-                    name=f"adassl_fast_cuda_{key}",
-                    sources=[str(CSRC / BINDING_SOURCE)],
-                    extra_cflags=["-O2", "-std=c++17"],
-                    extra_ldflags=[*objs, cudart, "-ldl", "-lrt", "-lpthread"],
-                    build_directory=str(bdir),
-                    with_cuda=False,
-                    verbose=False,
-                )
-        except Exception as e:  # noqa: BLE001 - reported through available()/info()
-            raise RuntimeError(f"building the binding failed: {e}\n{buf.getvalue()[-6000:]}") from e
-        _state.update(
-            module=mod,
-            error=None,
-            build_dir=str(bdir),
-            nvcc_logs=logs,
-            log="\n".join(logs.values()) + "\n" + buf.getvalue(),
-            cuda_home=cuda_home,
-            gencodes=gencodes,
-            jit=True,
-        )
-        return mod
+_build_error: str | None = None  # why the build failed, once it has: available() does not try again
 
 
 @functools.cache  # available() runs on every call that resolves impl="cuda"
@@ -274,14 +54,13 @@ def available() -> tuple[bool, str]:
     reason = _capability_reason()
     if reason is not None:
         return False, reason
-    if _state["error"] is not None:
-        return False, _state["error"]
-    try:
-        build()
-    except Exception as e:  # noqa: BLE001
-        _state["error"] = f"adassl_fast CUDA extension build failed: {e}"
-        return False, _state["error"]
-    return True, ""
+    global _build_error
+    if _build_error is None:
+        try:
+            _cuda_build.build()
+        except Exception as e:  # noqa: BLE001 - reported through available() / info()
+            _build_error = f"adassl_fast CUDA extension build failed: {e}"
+    return _build_error is None, _build_error or ""
 
 
 def wgmma_requested() -> bool:
@@ -293,14 +72,15 @@ def info() -> dict:
     """Backend status: availability, reason, the tensor-core path on sm_90 ("wgmma": asked for with
     ADASSL_FAST_CUDA_WGMMA=1, else mma.sync), toolkit, build directory and the build log text."""
     ok, reason = available()
+    built = _cuda_build.build_info()
     return {
         "available": ok,
         "reason": reason,
         "wgmma": wgmma_requested(),
-        "cuda_home": _state.get("cuda_home") or find_cuda_home(),
-        "build_dir": _state["build_dir"],
-        "gencodes": _state.get("gencodes"),
-        "build_log": _state["log"],
+        "cuda_home": built["cuda_home"] or _cuda_build.find_cuda_home(),
+        "build_dir": built["build_dir"],
+        "gencodes": built["gencodes"],
+        "build_log": built["build_log"],
     }
 
 
@@ -308,7 +88,7 @@ def _module():
     ok, reason = available()
     if not ok:
         raise RuntimeError(reason)
-    return _state["module"]
+    return _cuda_build.build()
 
 
 def _stream(t: torch.Tensor) -> int:

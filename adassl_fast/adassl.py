@@ -157,7 +157,15 @@ def _kernels(impl: str):
     if impl == "triton":
         from adassl_fast.kernels import adassl as triton_kernels
 
-        return triton_kernels.adassl_forward, triton_kernels.adassl_backward
+        # the kernels take nt_xent's partner columns as arguments (they import nothing of the library)
+        def forward(emb_x, *args):
+            return triton_kernels.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+        def backward(grad_ssl, grad_reg, emb_x, *args):
+            return triton_kernels.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
+                                                  indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+        return forward, backward
     if impl == "cuda":
         from adassl_fast import _cuda
 

@@ -104,7 +104,15 @@ def _kernels(impl: str):
     if impl == "triton":
         from adassl_fast.kernels import info_nce as triton_kernels
 
-        return triton_kernels.info_nce_forward, triton_kernels.info_nce_backward
+        # the kernels take the diagonal indices as arguments (they import nothing of the library)
+        def forward(query, *args):
+            return triton_kernels.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+
+        def backward(grad_loss, query, *args):
+            return triton_kernels.info_nce_backward(grad_loss, query, *args,
+                                                    indices=diagonal_indices(len(query), query.device))
+
+        return forward, backward
     if impl == "cuda":
         from adassl_fast import _cuda
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one script a lent GPU machine runs (DESIGN.md "On a GPU machine"; PERF.md says what it measures):
+# The one script a lent GPU machine runs (docs/perf.md says what it measures and how):
 #   environment -> install this tree (no network) -> CUDA extension build -> GPU tests -> benchmark sweep for
-#   the PERF.md targets -> plots -> summary, printed LAST (the device tool returns only the output's tail).
+#   the docs/perf.md targets -> plots -> summary, printed LAST (the device tool returns only the output's tail).
 #
 #   bash bench/device_check.sh             # GPU: files in $OUT, else bench/results/<date>-<device>/
 #   bash bench/device_check.sh --dry-run   # the same path on CPU with tiny sizes; files in a temp dir (CI runs it)
@@ -19,10 +19,10 @@
 # SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
-# non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels only in an install),
-# with a copy of the files as the fallback; $SITE/csrc links to this tree's csrc/ (adassl_fast/_cuda.py
-# builds from <package>/../csrc). PYTHONPATH=$SITE and PYTHONSAFEPATH=1, so this tree's own adassl_fast/
-# (which lacks kernels/) never shadows the install; the tests run from a copy in $SITE for the same reason
+# non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels and csrc/ to
+# adassl_fast.csrc, whose sources the CUDA backend builds from), with a copy of the files laid out the same
+# way as the fallback. PYTHONPATH=$SITE and PYTHONSAFEPATH=1, so this tree's own adassl_fast/ (which lacks
+# kernels/ and csrc/) never shadows the install; the tests run from a copy in $SITE for the same reason
 # (tests/__init__.py makes pytest put the tests' parent folder first on sys.path).
 set -u
 set -o pipefail
@@ -118,11 +118,10 @@ install_pkg() {
     if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target "$SITE" "$REPO"; then
         echo "installed: pip install --no-deps --no-build-isolation --no-index --target $SITE (non-editable)"
     else
-        echo "pip install failed: copying adassl_fast/ and kernels/ into $SITE instead"
+        echo "pip install failed: copying adassl_fast/, kernels/ and csrc/ into $SITE instead"
         rm -rf "$SITE/adassl_fast" && cp -r "$REPO/adassl_fast" "$SITE/adassl_fast" &&
-            rm -rf "$SITE/adassl_fast/kernels" && cp -r "$REPO/kernels" "$SITE/adassl_fast/kernels" || return 1
+            cp -r "$REPO/kernels" "$SITE/adassl_fast/kernels" && cp -r "$REPO/csrc" "$SITE/adassl_fast/csrc" || return 1
     fi
-    ln -sfn "$REPO/csrc" "$SITE/csrc"
     rm -rf "$SITE/tests" && cp -r "$REPO/tests" "$SITE/tests" && cp "$REPO/pyproject.toml" "$SITE/"
     find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
 }
@@ -174,7 +173,7 @@ else
     if [ -f "$OUT/tune.json" ]; then export ADASSL_FAST_TRITON_CONFIGS="$OUT/tune.json"; say "bench uses $OUT/tune.json"; fi
 fi
 
-# --- the benchmark sweep the PERF.md targets need -----------------------------------------------------------
+# --- the benchmark sweep the docs/perf.md targets need -----------------------------------------------------
 if [ "$DRY" = 1 ]; then
     BENCH=(--device cpu --op nt_xent,adassl --impl triton,cuda,torch,reference --M 128,256 --d 32 --dtype fp32
            --phase full --err-max-m 256 --budget-s 0.2 --min-reps 2 --interpret-max-m 128 --isolate run)

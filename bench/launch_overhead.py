@@ -95,14 +95,15 @@ def measure(step, steps: int) -> dict:
 def python_only(ops: list[str], M: int, d: int) -> int:
     """Host time per step of the Triton path with every kernel launch a no-op (any machine)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated: no driver needed
-    from adassl_fast.kernels import nt_xent as kernels
+    from adassl_fast.kernels import backward, forward, normalize
 
     class _NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    for name in [n for n in dir(kernels) if n.startswith("_") and n.endswith("_kernel")]:
-        setattr(kernels, name, _NoLaunch())
+    for stage in (normalize, forward, backward):  # the modules that launch kernels
+        for name in [n for n in dir(stage) if n.startswith("_") and n.endswith("_kernel")]:
+            setattr(stage, name, _NoLaunch())
     print(f"{'op':<8} {'M':>7} {'min ms':>7} {'median ms':>9}  (host path only, Triton launches stubbed)")
     for op in ops:
         step = _step_fn(op, "triton", M, d, "cpu")

@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(256) norm_backward_kernel(Src src, int64_t row
 }
 
 // AdaSSL: normalisation backward of the four rows that touch pair b, then the chain rule into
-// emb_x, emb_y, post_*, prior_* (SPEC 3.3, 3.4, 3.6), plus the regulariser gradient. One warp per b.
+// emb_x, emb_y, post_*, prior_* (docs/spec.md 3.3, 3.4, 3.6), plus the regulariser gradient. One warp per b.
 template <class T, class A, int VAR>
 __global__ void __launch_bounds__(256)
     ada_backward_kernel(AdaRows<T, VAR> src, const A* gU, const A* gV, const A* grad_reg_p, T* demb_x,

@@ -63,7 +63,7 @@ ADASSL_HD T lse_value(LseState<T> a) {
 
 // ---------------------------------------------------------------------------------------------
 // Logit clamp. Forward: S^ = min(max(S, -c), c). Backward indicator is inclusive (torch 2.3 semantics,
-// SPEC 2.1): an entry exactly at +-c passes its gradient. c = +inf means "no clamp".
+// docs/spec.md 2.1): an entry exactly at +-c passes its gradient. c = +inf means "no clamp".
 // ---------------------------------------------------------------------------------------------
 template <class T>
 ADASSL_HD T clamp_logit(T s, T c) {
@@ -101,7 +101,7 @@ ADASSL_HD T log_sigmoid(T x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AdaSSL-V (SPEC 2.4, 3.3). sigma = softplus(a) + 1e-6; logvar = clamp(2 log sigma, -10, 10).
+// AdaSSL-V (docs/spec.md 2.4, 3.3). sigma = softplus(a) + 1e-6; logvar = clamp(2 log sigma, -10, 10).
 // ---------------------------------------------------------------------------------------------
 template <class T>
 ADASSL_HD T gauss_logvar_raw(T a) {
@@ -140,7 +140,7 @@ ADASSL_HD T gauss_kl(T mu_q, T a_q, T mu_p, T a_p) {
   return T(0.5) * (lp - lq + exp(lq - lp) + dlt * dlt * exp(-lp) - T(1));
 }
 
-// Gradients of c * KL (one element) with respect to mu_q, a_q, mu_p, a_p (SPEC 3.3).
+// Gradients of c * KL (one element) with respect to mu_q, a_q, mu_p, a_p (docs/spec.md 3.3).
 template <class T>
 struct KlGrad {
   T mu_q, a_q, mu_p, a_p;
@@ -167,7 +167,7 @@ ADASSL_HD T gauss_sample_grad_a(T a, T eps) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AdaSSL-S (SPEC 2.6, 3.4). u clamped to [1e-6, 1 - 1e-6]; logistic noise g = log u - log(1 - u);
+// AdaSSL-S (docs/spec.md 2.6, 3.4). u clamped to [1e-6, 1 - 1e-6]; logistic noise g = log u - log(1 - u);
 // hard mask 1[logits + g > 0] (strict); straight-through gradient of y = sigmoid(logits + g).
 // ---------------------------------------------------------------------------------------------
 template <class T>

@@ -1,7 +1,7 @@
 """Symmetric InfoNCE (CLIP) in Triton: both directions' cross-entropies through one set of kernels.
 
 loss = (mean_i [lse_i - S_ii] + mean_j [lse'_j - S_jj]) / 2 over S = scale / tau * u v^T (N x N), with
-lse the row LSEs and lse' the column LSEs. No kernel of its own (kernels/nt_xent.py):
+lse the row LSEs and lse' the column LSEs. No kernel of its own (kernels/forward.py, kernels/backward.py):
 - forward: the rows are normalised once, then the forward matmul kernel runs on (u, v) for the row
   LSEs and on (v, u) for the column LSEs: 4 N^2 d FLOPs, 2 N^2 exps.
 - backward: dL/dS = (P + P' - 2 I) / 2N holds both directions (P row softmax, P' column softmax), so
@@ -11,64 +11,63 @@ lse the row LSEs and lse' the column LSEs. No kernel of its own (kernels/nt_xent
 
 from __future__ import annotations
 
-from adassl_fast.nt_xent import diagonal_indices
-
+from .backward import backward_core
 from .configs import pick_config
-from .nt_xent import (
-    _MERGE_BLOCK,
-    RowSink,
-    RowSource,
-    _cdiv,
-    _check,
-    _empty,
-    _row_lse,
-    _stat_dtype,
-    backward_core,
-    normalize_rows,
-    on_input_device,
-)
+from .forward import MERGE_BLOCK, row_lse
+from .launch import cdiv, check_core_inputs, empty, on_input_device, stat_dtype
+from .normalize import normalize_rows
+from .rows import RowSink, RowSource
+from .tiles import Logits
+
+
+def _diagonal(query, key, indices, scale, inv_temperature, clamp) -> Logits:
+    """The logits of S = scale / tau * u v^T with positives on the diagonal and nothing excluded.
+
+    indices: (pos, excl) = (arange(N), -1 everywhere) as (N,) int64 tensors (the caller keeps one pair per N:
+    adassl_fast.nt_xent.diagonal_indices). The same indices serve the column direction.
+    """
+    pos, excl = indices
+    check_core_inputs(query, key, pos, excl, scale)
+    assert key.shape == query.shape, (query.shape, key.shape)
+    return Logits(pos, excl, scale, inv_temperature, clamp)
 
 
 @on_input_device
-def info_nce_forward(query, key, scale, inv_temperature, clamp, *, num_splits=None, config=None):
+def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, num_splits=None, config=None):
     """Fused forward of the symmetric InfoNCE loss.
 
     query, key (N, d): same floating dtype, contiguous; scale () float32 (float64 for float64 inputs);
-    inv_temperature float; clamp float or None.
+    inv_temperature float; clamp float or None; indices: the diagonal (pos, excl) (N,) int64 (see _diagonal).
     Returns (loss (), lse (2, N): row LSEs then column LSEs), float32 (float64 for float64 inputs).
     """
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    _check(query, key, pos, excl, scale)
-    assert key.shape == query.shape, (query.shape, key.shape)
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
     N, d = query.shape
     dtype, device = query.dtype, query.device
-    stat = _stat_dtype(dtype)
-    u, _, _, v, _ = normalize_rows(RowSource.plain(query), N, key, key, N, N, d, stat)
+    stat = stat_dtype(dtype)
+    u, _, _, v, _ = normalize_rows(RowSource.plain(query), RowSource.plain(key), stat)
     cfg = config or pick_config("fwd", device, dtype, d)
-    lse = _empty((2, N), stat, device)
-    loss_part = _empty((2, _cdiv(N, _MERGE_BLOCK)), stat, device)
+    lse = empty((2, N), stat, device)
+    loss_part = empty((2, cdiv(N, MERGE_BLOCK)), stat, device)
     # each direction's terms are divided by 2N: the loss is the sum of both directions' parts
-    _row_lse(u, v, pos, excl, scale, inv_temperature, clamp, lse[0], loss_part[0], 2 * N, cfg, num_splits)
-    _row_lse(v, u, pos, excl, scale, inv_temperature, clamp, lse[1], loss_part[1], 2 * N, cfg, num_splits)
+    row_lse(u, v, logits, lse[0], loss_part[0], 2 * N, cfg, num_splits)
+    row_lse(v, u, logits, lse[1], loss_part[1], 2 * N, cfg, num_splits)
     return loss_part.sum(), lse
 
 
 @on_input_device
-def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *,
+def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *, indices,
                       num_splits=None, configs=None):
     """Fused backward of the symmetric InfoNCE loss.
 
-    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward.
+    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward; indices as there.
     deterministic as in nt_xent_backward. Returns (dquery, dkey (N, d)) in the input dtype and dscale ().
     """
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    _check(query, key, pos, excl, scale)
-    N, d = query.shape
-    assert lse.shape == (2, N), lse.shape
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
+    assert lse.shape == (2, query.shape[0]), lse.shape
     lse = lse.contiguous()
-    dquery = _empty(query.shape, query.dtype, query.device)
-    dkey = _empty(key.shape, key.dtype, key.device)
-    dscale = backward_core(grad_loss.reshape(()), None, RowSource.plain(query), RowSink.plain(dquery), N,
-                           key, key, N, N, RowSink.plain(dkey), d, pos, excl, scale, lse[0], inv_temperature,
-                           clamp, bool(deterministic), col_lse=lse[1], num_splits=num_splits, configs=configs)
+    dquery = empty(query.shape, query.dtype, query.device)
+    dkey = empty(key.shape, key.dtype, key.device)
+    dscale = backward_core(grad_loss.reshape(()), RowSource.plain(query), RowSink.plain(dquery), RowSource.plain(key),
+                           RowSink.plain(dkey), logits, lse[0], bool(deterministic), col_lse=lse[1],
+                           num_splits=num_splits, configs=configs)
     return dquery, dkey, dscale

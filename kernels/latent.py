@@ -1,11 +1,7 @@
-"""Triton helpers shared by every kernel: two-part row sources and the AdaSSL latent prologue/epilogue.
+"""The AdaSSL latent prologue and epilogue in Triton: edited rows formed, and differentiated, in registers.
 
-The nt_xent kernels in nt_xent.py stream rows of `cont` (M x d) against rows of `targ` (N x d). Both
-sides are read through a "two-part source": rows r < half come from `a + r * stride`, rows r >= half
-from `b + (r - half) * stride`. Plain nt_xent passes a == b and half = M; the one-pass AdaSSL op uses it
-to read `targ = [emb_x; emb_y]` and `cont = [emb_y + r_yx; emb_x + r_xy]` without concatenating.
-
-PROLOGUE selects how a tile of `cont` rows is formed (constexpr, so each mode compiles to its own kernel):
+The kernels read a side's rows through two-part sources (kernels/rows.py). PROLOGUE selects how a tile of
+`cont` rows is formed (constexpr, so each mode compiles to its own kernel):
   0: plain load of cont;
   1: AdaSSL-V: r = mu + eps * exp(clamp(2 log(softplus(a) + 1e-6), -10, 10) / 2), cont = emb + r;
   2: AdaSSL-S: mask = [logits + log u - log(1 - u) > 0], r = mask * rt, cont = emb + r.
@@ -16,57 +12,7 @@ because libdevice does not exist in the interpreter.
 import triton
 import triton.language as tl
 
-from .configs import interpreting
-
-# The interpreter converts fp32 -> bf16 by truncation (a GPU rounds to nearest even): round_to
-# rounds explicitly there, so interpreter tests see the rounding the GPU kernels do.
-_TRUNCATING_BF16 = tl.constexpr(interpreting())
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr):
-    """x rounded to `dtype` to nearest even, on a GPU and in the interpreter alike."""
-    if _TRUNCATING_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART: tl.constexpr):
-    """(len(rows), len(cols)) tile of a two-part source; zeros outside [0, n_rows) x [0, n_cols)."""
-    # int64: M * d reaches 2^30 at M = 2^21, d = 512, and the partial buffers multiply that again.
-    r64 = rows.to(tl.int64)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    if TWO_PART:
-        # Two masked loads rather than one load through a per-row select of the base pointer: a select
-        # hides the column contiguity from the compiler (scalar loads, one 64-bit pointer per element,
-        # spills); each half here is base + offsets and vectorises. Memory traffic is the same.
-        top = (rows < half)[:, None]
-        va = tl.load(a_ptr + (r64 * stride)[:, None] + cols[None, :], mask=mask & top, other=0.0)
-        vb = tl.load(b_ptr + ((r64 - half) * stride)[:, None] + cols[None, :], mask=mask & (~top), other=0.0)
-        return tl.where(top, va, vb)
-    else:
-        return tl.load(a_ptr + (r64 * stride)[:, None] + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def store_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, val, TWO_PART: tl.constexpr,
-               ACCUM: tl.constexpr):
-    r64 = rows.to(tl.int64)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    if ACCUM:
-        # The other side's kernel already wrote its share of this gradient (emb_x / emb_y appear both
-        # as rows and as columns); add in fp32 and round once more.
-        val += load_rows(a_ptr, b_ptr, rows, cols, half, n_rows, n_cols, stride, TWO_PART).to(val.dtype)
-    val = round_to(val, a_ptr.dtype.element_ty)
-    if TWO_PART:
-        top = (rows < half)[:, None]
-        tl.store(a_ptr + (r64 * stride)[:, None] + cols[None, :], val, mask=mask & top)
-        tl.store(b_ptr + ((r64 - half) * stride)[:, None] + cols[None, :], val, mask=mask & (~top))
-    else:
-        tl.store(a_ptr + (r64 * stride)[:, None] + cols[None, :], val, mask=mask)
+from .rows import load_rows, round_to, store_rows
 
 
 @triton.jit
@@ -148,7 +94,7 @@ def latent_epilogue(dc, rows, cols, half, n_rows, d,
                     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                     demb_a, demb_b, dpost_a, dpost_b, dprior_a, dprior_b, reg_grad,
                     ACC: tl.constexpr, PROLOGUE: tl.constexpr, ACCUM: tl.constexpr):
-    """Turn dcont rows (ACC) into d emb (+=, additive editor) and d post / d prior (SPEC 3.3, 3.4, 3.6).
+    """Turn dcont rows (ACC) into d emb (+=, additive editor) and d post / d prior (docs/spec.md 3.3, 3.4, 3.6).
 
     reg_grad = grad_reg / (2B): the regulariser's share, one factor per element.
     """

@@ -57,7 +57,7 @@ def jobs():
         prec = "tf32" if dt == "16" else "tf32x3"
         base = dict(arch=arch, dtype=DTYPES[dt], config=cfg.name, matmul=True,
                     options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        # what the launchers run with this config (kernels/nt_xent.py forward_core / backward_core);
+        # what the launchers run with this config (kernels/forward.py forward_core, kernels/backward.py backward_core);
         # nt_xent and AdaSSL share these kernels (both stream normalised rows)
         # (symmetric info_nce's SYM variants run with the plain kind's config unless the entry names a
         # "<kind>_sym" config of their own; kernels/configs.py)
@@ -88,7 +88,7 @@ def jobs():
                 out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
     # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
-    from adassl_fast.kernels.nt_xent import rows_per_program
+    from adassl_fast.kernels.launch import rows_per_program
 
     for arch in ("sm90", "sm80"):
         small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
@@ -126,10 +126,10 @@ def diagnostic_jobs():
 
 def _compile_one(job):
     import triton
-    from adassl_fast.kernels import nt_xent as ntx
+    from adassl_fast.kernels import backward, forward, normalize
     from triton.backends.compiler import GPUTarget
 
-    fn = getattr(ntx, job["kernel"])
+    fn = next(getattr(m, job["kernel"]) for m in (forward, backward, normalize) if hasattr(m, job["kernel"]))
     consts = job["constexprs"]
     stat = "fp32"
     sig = {}

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adassl_fast import _cuda
+from adassl_fast import _cuda, _cuda_build
+from adassl_fast._cuda_build import CSRC
 
 pytestmark = pytest.mark.cuda
-
-CSRC = Path(_cuda.__file__).resolve().parent.parent / "csrc"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -25,9 +24,9 @@ CSRC = Path(_cuda.__file__).resolve().parent.parent / "csrc"
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kernel_build():
-    if _cuda.find_cuda_home() is None:
+    if _cuda_build.find_cuda_home() is None:
         pytest.fail("no CUDA toolkit found: the CUDA backend cannot be built on this machine")
-    _, objs, logs = _cuda.compile_kernels(_cuda.DEFAULT_GENCODES)
+    _, objs, logs = _cuda_build.compile_kernels(_cuda_build.DEFAULT_GENCODES)
     return objs, logs
 
 
@@ -86,7 +85,7 @@ def _short(name: str) -> str:
 
 
 def test_cuda_every_cu_is_built():
-    assert sorted(p.name for p in CSRC.glob("*.cu")) == sorted(_cuda.KERNEL_SOURCES)
+    assert sorted(p.name for p in CSRC.glob("*.cu")) == sorted(_cuda_build.KERNEL_SOURCES)
 
 
 def test_cuda_ptxas_no_spills_sm80_sm90a(kernel_logs):
@@ -107,7 +106,7 @@ def test_cuda_ptxas_no_spills_sm80_sm90a(kernel_logs):
 
 def _cuobjdump() -> str:
     """The toolkit's cuobjdump, else the one the triton wheel ships (this machine's toolkit has none)."""
-    for candidate in (Path(_cuda.find_cuda_home() or "/nonexistent") / "bin" / "cuobjdump",):
+    for candidate in (Path(_cuda_build.find_cuda_home() or "/nonexistent") / "bin" / "cuobjdump",):
         if candidate.exists():
             return str(candidate)
     try:
@@ -135,7 +134,7 @@ def test_cuda_wgmma_only_in_the_sm90a_code(kernel_build):
 # ------------------------------------------------------------------------------------------------
 def test_cuda_binding_builds_and_imports(monkeypatch):
     monkeypatch.setenv("ADASSL_CUDA_JIT", "1")  # the JIT path even where setup.py prebuilt the module
-    mod = _cuda.build()
+    mod = _cuda_build.build()
     for name in ("nt_xent_forward", "nt_xent_backward", "adassl_forward", "adassl_backward"):
         assert hasattr(mod, name)
     ok, reason = _cuda.available()
@@ -157,7 +156,7 @@ def test_cuda_backend_refuses_a_pre_ampere_gpu_before_building(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
-    monkeypatch.setattr(_cuda, "build", lambda: pytest.fail("must not build for a GPU it cannot run on"))
+    monkeypatch.setattr(_cuda_build, "build", lambda: pytest.fail("must not build for a GPU it cannot run on"))
     _cuda._capability_reason.cache_clear()  # probed once a process
     try:
         ok, reason = _cuda.available()
@@ -167,7 +166,7 @@ def test_cuda_backend_refuses_a_pre_ampere_gpu_before_building(monkeypatch):
 
 
 def test_cuda_toolkit_discovery_through_wrapper(tmp_path, monkeypatch):
-    home = _cuda.find_cuda_home()
+    home = _cuda_build.find_cuda_home()
     assert home is not None and Path(home, "bin", "nvcc").is_file()
     # A wrapper script on PATH and no CUDA_HOME: discovery must still find the real toolkit.
     wrapper = tmp_path / "nvcc"
@@ -176,7 +175,7 @@ def test_cuda_toolkit_discovery_through_wrapper(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{tmp_path}")
-    assert _cuda.find_cuda_home() == home
+    assert _cuda_build.find_cuda_home() == home
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +265,7 @@ def host_math(tmp_path_factory):
         cmd = [cxx, "-O2", "-std=c++17", "-x", "c++", str(src), "-I", str(CSRC), "-o", str(exe)]
     else:  # fall back to nvcc as the host compiler driver
         cmd = [
-            str(Path(_cuda.find_cuda_home(), "bin", "nvcc")),
+            str(Path(_cuda_build.find_cuda_home(), "bin", "nvcc")),
             "-x",
             "cu",
             "-std=c++17",

@@ -7,9 +7,10 @@ deterministic and atomic schedules, fused and split epilogues, bf16 through the 
 import pytest
 import torch
 from adassl_fast.kernels import adassl as ak
-from adassl_fast.kernels import nt_xent as ntx
+from adassl_fast.kernels import launch
 
 from adassl_fast.adassl import adassl_nt_xent_reference
+from adassl_fast.nt_xent import partner_indices
 
 pytestmark = pytest.mark.triton
 
@@ -18,7 +19,7 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ntx, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def _inputs(B, d, variant, dtype):
@@ -51,11 +52,13 @@ def _reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg):
 
 
 def _kernel(ins, variant, scale, temperature, clamp, g_ssl, g_reg, deterministic, num_splits):
-    l_ssl, l_reg, lse = ak.adassl_forward(*ins, scale, 1 / temperature, clamp, variant, num_splits=num_splits)
+    partners = partner_indices(2 * ins[0].shape[0], ins[0].device)
+    l_ssl, l_reg, lse = ak.adassl_forward(*ins, scale, 1 / temperature, clamp, variant, indices=partners,
+                                          num_splits=num_splits)
     st = l_ssl.dtype
     out = ak.adassl_backward(
         torch.tensor(g_ssl, dtype=st), torch.tensor(g_reg, dtype=st), *ins, scale, lse, 1 / temperature, clamp,
-        variant, deterministic, num_splits=num_splits,
+        variant, deterministic, indices=partners, num_splits=num_splits,
     )
     grads = list(out[:4]) + (list(out[4:6]) if variant == "v" else []) + [out[6]]
     if variant == "s":

@@ -6,10 +6,12 @@ through the fp32-upcast path. Sizes are odd: N not a multiple of any block, d no
 
 import pytest
 import torch
+from adassl_fast.kernels import backward, launch
 from adassl_fast.kernels import info_nce as kin
 from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.info_nce import info_nce_reference
+from adassl_fast.nt_xent import diagonal_indices
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes
 
@@ -20,14 +22,18 @@ F64 = torch.float64
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(ntx, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
+
+
+def _diagonal(query):
+    return diagonal_indices(query.shape[0], query.device)
 
 
 def _run(query, key, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
-    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, num_splits=num_splits)
+    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, indices=_diagonal(query), num_splits=num_splits)
     g = torch.tensor(grad, dtype=loss.dtype)
     dq, dk, ds = kin.info_nce_backward(g, query, key, scale, lse, inv_t, clamp, deterministic,
-                                       num_splits=num_splits)
+                                       indices=_diagonal(query), num_splits=num_splits)
     return loss, lse, dq, dk, ds
 
 
@@ -86,13 +92,13 @@ def test_every_shipped_block_shape_matches_reference_float64(kernel, cfg):
     key = query + 0.7 * torch.randn(N, d, dtype=F64)
     scale = torch.tensor(1.3, dtype=F64)
     r_loss, r_dq, r_dk, r_ds = _reference(query, key, scale, temperature, clamp)
-    loss, lse = kin.info_nce_forward(query, key, scale, 1 / temperature, clamp,
+    loss, lse = kin.info_nce_forward(query, key, scale, 1 / temperature, clamp, indices=_diagonal(query),
                                      config=cfg if kernel == "fwd" else None)
     _close(loss, r_loss, 1e-12, f"{cfg.name}: loss")
     _close(lse, _lse_reference(query, key, scale, temperature, clamp), 1e-12, f"{cfg.name}: row / column lse")
     for deterministic in (True, False) if kernel == "bwd_row" else (True,):
         dq, dk, ds = kin.info_nce_backward(torch.tensor(1.0, dtype=F64), query, key, scale, lse, 1 / temperature,
-                                           clamp, deterministic, configs={kernel: cfg})
+                                           clamp, deterministic, indices=_diagonal(query), configs={kernel: cfg})
         for got, want, what in ((dq, r_dq, "dquery"), (dk, r_dk, "dkey"), (ds, r_ds, "dscale")):
             _close(got, want, 1e-12, f"{cfg.name} deterministic={deterministic}: {what}")
 
@@ -152,8 +158,9 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
     qbuf, qv = padded(query, 64 * 64, 64 * 64, 1.0e30)
     kbuf, kv = padded(key, 64 * 64, 64 * 64, 1.0e30)
     lbuf, lse = padded(clean[1], 64, 64, -1.0e30)  # a sentinel LSE read as a column's would blow up P
-    loss, _ = kin.info_nce_forward(qv, kv, scale, 4.0, 20.0)
-    grads = kin.info_nce_backward(torch.tensor(1.0, dtype=F64), qv, kv, scale, lse, 4.0, 20.0, deterministic)
+    loss, _ = kin.info_nce_forward(qv, kv, scale, 4.0, 20.0, indices=_diagonal(qv))
+    grads = kin.info_nce_backward(torch.tensor(1.0, dtype=F64), qv, kv, scale, lse, 4.0, 20.0, deterministic,
+                                  indices=_diagonal(qv))
     assert torch.equal(loss, clean[0])
     for x, y in zip(grads, clean[2:], strict=True):
         assert torch.equal(x, y)
@@ -164,13 +171,13 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
 def test_backward_asks_for_the_sym_configs(monkeypatch):
     # the SYM kernels hold one more exp tile: the table may give them their own shapes (kernels/configs.py)
     asked = []
-    real = ntx.pick_config
+    real = backward.pick_config
 
     def spy(kind, device, dtype, d):
         asked.append(kind)
         return real(kind, device, dtype, d)
 
-    monkeypatch.setattr(ntx, "pick_config", spy)
+    monkeypatch.setattr(backward, "pick_config", spy)
     query, key = torch.randn(20, 8, dtype=F64), torch.randn(20, 8, dtype=F64)
     _run(query, key, torch.tensor(1.0, dtype=F64), 5.0, None)
     assert asked == ["bwd_row_sym", "bwd_col_sym"]  # (the forward looks up "fwd" in kernels/info_nce.py)

@@ -7,6 +7,7 @@ Sizes are odd on purpose: M not a multiple of any block, d not a power of two.
 
 import pytest
 import torch
+from adassl_fast.kernels import launch
 from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.nt_xent import nt_xent_reference
@@ -22,7 +23,7 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # every buffer the launchers allocate starts as NaN: unwritten elements cannot pass unnoticed
-    monkeypatch.setattr(ntx, "POISON", True)
+    monkeypatch.setattr(launch, "POISON", True)
 
 
 def _nt_indices(M):
@@ -229,31 +230,6 @@ def test_deterministic_schedule_is_bitwise_reproducible():
         assert torch.equal(x, y)
 
 
-class _LaunchCounter:
-    """Stands in for a @triton.jit kernel: counts its launches (kernel[grid](...)) and runs them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-def test_without_an_atomic_shape_deterministic_false_runs_the_deterministic_schedule(monkeypatch):
-    cont, targ, pos, excl, scale = _problem(70, 24)
-    want = _run(cont, targ, pos, excl, scale, 5.0, 20.0, True)
-    column_kernel = _LaunchCounter(ntx._bwd_col_kernel)
-    monkeypatch.setattr(ntx, "_bwd_col_kernel", column_kernel)
-    for shipped, column_launches in ((True, 0), (False, 1)):  # False: as at d > 256 on a GPU
-        column_kernel.launches = 0
-        monkeypatch.setattr(ntx, "atomic_schedule", lambda *args, shipped=shipped: shipped)
-        got = _run(cont, targ, pos, excl, scale, 5.0, 20.0, False)
-        assert column_kernel.launches == column_launches, shipped
-    for x, y in zip(got, want, strict=True):
-        assert torch.equal(x, y)  # bitwise: the same kernels in the same order
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_out_of_bounds_guarded_by_sentinels(deterministic):
     cont, targ, pos, excl, scale = _problem(34, 37)
@@ -280,38 +256,3 @@ def test_zero_rows_take_the_eps_branch():
     _close(dc, r_dc, 1e-12 * max(1.0, r_dc.abs().max().item()), what="dcont")
     _close(dt, r_dt, 1e-12 * max(1.0, r_dt.abs().max().item()), what="dtarg")
     _close(ds, r_ds, 1e-12, what="dscale")
-
-
-def test_entry_points_run_on_their_inputs_device(monkeypatch):
-    # Triton launches on the current device: inputs on another GPU must switch to theirs (no second GPU here,
-    # so the switch is recorded rather than made)
-    from adassl_fast.kernels import adassl as kad
-    from adassl_fast.kernels import info_nce as kin
-
-    entered = []
-
-    class Switch:
-        def __init__(self, device):
-            self.device = device
-
-        def __enter__(self):
-            entered.append(self.device)
-
-        def __exit__(self, *exc):
-            return False
-
-    class OnGpu1:  # what the wrapper reads of a tensor on cuda:1
-        is_cuda, device = True, torch.device("cuda", 1)
-
-    monkeypatch.setattr(torch.cuda, "device", Switch)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    launcher = ntx.on_input_device(lambda first, *args, **kwargs: (first, args, kwargs))
-    assert launcher(OnGpu1, 2, k=3) == (OnGpu1, (2,), {"k": 3}) and entered == [torch.device("cuda", 1)]
-    entered.clear()
-    OnGpu1.device = torch.device("cuda", 0)  # already current: no switch
-    launcher(OnGpu1)
-    launcher(torch.zeros(1, device="cpu"))  # the interpreter's CPU tensors
-    assert entered == []
-    for entry in (ntx.nt_xent_forward, ntx.nt_xent_backward, kin.info_nce_forward, kin.info_nce_backward,
-                  kad.adassl_forward, kad.adassl_backward):
-        assert entry.__wrapped__, entry  # every Triton entry point goes through the wrapper
