@@ -131,3 +131,16 @@ def test_latent_ops_check_their_inputs():
         adassl_fast.bernoulli_mask(torch.randn(3, 4), torch.rand(4, 3))
     with pytest.raises(TypeError, match="noise has dtype torch.float64 but the latent inputs has torch.float32"):
         adassl_fast.gaussian_sample(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_info_into_a_closed_pipe_exits_quietly():
+    """`adassl-fast info | head`: the reader is gone before the JSON is written; no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "adassl_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported torch, let alone printed
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
