@@ -49,8 +49,7 @@ class Option:
         name = f"{name} " if name else ""
         expected = (int, float) if self.kind is float else self.kind
         if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, expected):
-            wanted = "sizes (a list of integers)" if self.kind is tuple else "a " + self.kind.__name__
-            raise ValueError(f"{name}must be {wanted}, got {value!r}")
+            raise ValueError(f"{name}must be {_KIND_NAMES[self.kind]}, got {value!r}")
         items = value if self.kind is tuple else (value,)
         for item in items:
             self._check_item(name, item)
@@ -68,12 +67,24 @@ class Option:
         if self.maximum is not None and not item <= self.maximum:
             raise ValueError(f"{name}must be <= {self.maximum}, got {item}")
 
+    def allowed(self) -> str:
+        """The values `check` accepts, in words for --help: "one of ...", ">= 1", "in [0, 1]" or ""."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
+        bounds = [f"{op} {bound}" for op, bound in ((">=", self.minimum), (">", self.above), ("<=", self.maximum))
+                  if bound is not None]
+        return ", ".join(bounds)
+
     def parse(self, text: str):
         """The argparse `type`: command-line text -> a checked value (argparse reports the error)."""
         try:
             return self.check("", _from_text(self.kind, text))
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "text", bool: "a boolean",
+               tuple: "sizes like 128-128 (a list of integers)"}
 
 
 def _from_text(kind: type, text: str):
@@ -88,8 +99,31 @@ def _from_text(kind: type, text: str):
             return tuple(int(s) for s in text.replace(",", "-").split("-") if s)
         return kind(text)
     except ValueError:
-        raise ValueError(f"expected {'sizes like 128-128' if kind is tuple else 'a ' + kind.__name__}, "
-                         f"got {text!r}") from None
+        raise ValueError(f"expected {_KIND_NAMES[kind]}, got {text!r}") from None
+
+
+def check_device(name: str) -> str:
+    """`name` if it is auto, cpu, cuda or cuda:N with that GPU visible to torch, else ValueError saying why."""
+    if name in ("auto", "cpu"):
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    import torch  # (here, not at the top: `adassl-fast --help` stays fast)
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device here (use cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return name
+
+
+def device_flag(text: str) -> str:
+    """argparse `type` of a --device flag (check_device)."""
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def info_main(argv: list[str]) -> int:

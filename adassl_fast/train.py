@@ -41,7 +41,7 @@ from adassl_fast import data as data_mod
 from adassl_fast import metrics as metrics_mod
 from adassl_fast._dispatch import IMPLS, BackendUnavailable, resolve_impl
 from adassl_fast.cached import cached_backward
-from adassl_fast.cli import Option, Parser
+from adassl_fast.cli import Option, Parser, check_device
 from adassl_fast.nn import AdaSSL, InfoNCELoss, NTXentLoss, build_mlp, byol_tau, ema_update
 
 METHODS = ("simclr", "infonce", "byol", "adassl-v", "adassl-s")
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = "-".join(map(str, default)) if option.kind is tuple else default
-        help_text = f"{option.help} (default: {shown!r})".replace("%", "%%")
+        allowed = f"; {option.allowed()}" if option.allowed() else ""
+        help_text = f"{option.help}{allowed} (default: {shown!r})".replace("%", "%%")
         # default=None: only the flags given override the preset and the config file
         extra = dict(nargs="?", const=True, metavar="BOOL") if option.kind is bool else {}
         p.add_argument(flag, default=None, type=option.parse, help=help_text, **extra)
@@ -217,25 +218,12 @@ def make_config(**values) -> Config:
     if cfg.data == "synthetic" and cfg.eval_samples < 10 * fitted:
         raise ValueError(f"eval_samples must be >= 10 x max(n_latents, emb_dim) = {10 * fitted} for R^2 / MCC / DCI "
                          f"to mean anything, got {cfg.eval_samples}")
-    _check_device(cfg.device)
+    check_device(cfg.device)
     try:
         resolve_impl(cfg.impl, _device(cfg.device, 0))
     except BackendUnavailable as e:
         raise ValueError(f"--impl {cfg.impl} cannot run with --device {cfg.device}: {e}") from None
     return cfg
-
-
-def _check_device(device: str) -> None:
-    """auto, cpu, cuda or cuda:N, and CUDA only where torch sees a device."""
-    if device in ("auto", "cpu"):
-        return
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not (index == "" or index.isdigit()):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device here (use --device cpu)")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 # ----------------------------------------------------------------------------------------------------
