@@ -978,7 +978,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write rows.json and rows.csv here (default: print only)")
     p.add_argument("--atomic", action="store_true",
                    help="non-deterministic backward (fp32 atomics) in fused backends (default: off)")
-    p.add_argument("--budget-s", type=seconds, help="timed seconds per row (default 1 GPU, 2 CPU)")
+    p.add_argument("--budget-s", type=Option("", float, minimum=0).parse,
+                   help="timed seconds per row, 0 for one timed call (default 1 GPU, 2 CPU)")
     p.add_argument("--min-reps", type=count(), default=3, help="timed repetitions at least (default: 3)")
     p.add_argument("--max-reps", type=count(), default=100,
                    help="timed repetitions at most, >= --min-reps (default: 100)")
@@ -1031,12 +1032,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         ops, impls = args.op or ["nt_xent", "adassl"], args.impl or list(IMPLS)
         ms, ds, phases = args.ms or [1024, 4096], args.ds or [128], args.phase or ["full"]
-        budget = args.budget_s or (0.5 if gpu else 1.0)
+        budget = args.budget_s if args.budget_s is not None else (0.5 if gpu else 1.0)
     else:
         ops, impls = args.op or list(OPS), args.impl or list(IMPLS)
         ms = args.ms or ([4096 << k for k in range(10)] if gpu else [1024, 2048, 4096, 8192, 16384])
         ds, phases = args.ds or [128], args.phase or ["full"]
-        budget = args.budget_s or (1.0 if gpu else 2.0)
+        budget = args.budget_s if args.budget_s is not None else (1.0 if gpu else 2.0)
     dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if gpu else "float32")
     settings = {
         "budget_s": budget, "min_reps": args.min_reps, "max_reps": args.max_reps, "quick": args.quick,

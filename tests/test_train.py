@@ -1,5 +1,6 @@
 """The trainer end to end: every method learns, resume is exact, checkpoints are safe, torchrun works."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adassl_fast import train
 
@@ -129,3 +131,55 @@ def test_image_pairs_train_with_the_small_resnet(tmp_path):
                   augment="weak", batch_size=4, steps=2, method="adassl-s", threads=1)
     assert result["step"] == 2 and result["eval"] == {}
     assert "SmallResNet" not in str(train.make_encoder(train.make_config(method="simclr")).__class__)
+
+
+BAD_FLAGS = [
+    (["--impl", "cuda"], "--impl cuda cannot run"),  # (no GPU in this test environment: skipped on one)
+    (["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
+    (["--log-every", "0"], "--log-every: must be >= 1"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--threads", "-1"], "--threads: must be >= 0"),
+    (["--encoder", "resnet"], "--encoder resnet cannot take --data synthetic"),
+    (["--chunk-size", "-5"], "--chunk-size: must be >= 0"),
+    (["--ema-tau", "2"], "--ema-tau: must be <= 1"),
+    (["--weight-decay", "-1"], "--weight-decay: must be >= 0"),
+    (["--augment", "foo"], "--augment: must be one of 'none', 'weak', 'strong'"),
+    (["--n-latents", "0"], "--n-latents: must be >= 1"),
+    (["--eval-samples", "2"], "eval_samples must be >= 10 x max(n_latents, emb_dim) = 160"),
+    (["--temperature", "0"], "--temperature: must be > 0"),
+    (["--steps", "1.5"], "--steps: expected an integer, got '1.5'"),
+    (["--latent-hidden", "8-x"], "--latent-hidden: expected sizes like 128-128"),
+    (["--learnable-scale", "maybe"], "--learnable-scale: expected a boolean"),
+    (["--method", "nope"], "--method: must be one of 'simclr'"),
+    (["--data", "csv"], "--data csv needs --data-path"),
+    (["--config", "/no/such.json"], "--config /no/such.json"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flags_are_one_line_errors_exit_2_before_training(tmp_path, capsys, flags, message):
+    if flags == ["--impl", "cuda"] and torch.cuda.is_available():
+        pytest.skip("the CUDA backend may run here")
+    try:
+        rc = train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("adassl-fast train: error: ") and message in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_every_field_has_an_option_its_default_passes_and_help_shows_it():
+    fields = {f.name: getattr(train.Config(), f.name) for f in dataclasses.fields(train.Config)}
+    assert set(train.OPTIONS) == set(fields)
+    for name, default in fields.items():
+        assert train.OPTIONS[name].check(name, default) == default
+    helps = {a.dest: a.help for a in train.build_parser()._actions if a.dest != "help"}
+    for name in fields:
+        assert train.OPTIONS[name].help in helps[name] and "(default: " in helps[name], name
+    # the same checks refuse values that come from a config file or keyword arguments
+    with pytest.raises(ValueError, match="ema_tau must be <= 1"):
+        train.make_config(ema_tau=2.0)
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        train.make_config(batch_size=64.0)
