@@ -9,10 +9,12 @@ the model (encoder + loss head, one forward per step so DDP sees one call), chec
 
 Runs on CPU or GPU (bf16 autocast on CUDA), in one process or under torchrun (DDP; with
 adassl_fast.distributed present the loss takes the negatives of every rank). A run directory holds
-config.json (the resolved config), metrics.jsonl (one line per logged step) and checkpoint.pt (written to
-a temp file then renamed, so a crash never leaves a half-written checkpoint). `--resume` reloads it with
-the RNG states: the continued run reproduces the uninterrupted one step for step (every batch is a
-function of (seed, rank, step), so no loader state is needed).
+config.json (the resolved config), metrics.jsonl (one line per logged step) and checkpoint.pt (a SHA-256
+digest line, then the torch.save bytes; written to a temp file, verified, then renamed, the checkpoint it
+replaces kept as checkpoint.prev.pt). `--resume` reloads it (or, when it is missing or fails its digest,
+the previous one, saying so) with the RNG states: the continued run reproduces the uninterrupted one step
+for step (every batch is a function of (seed, rank, step), so no loader state is needed). It refuses a
+changed config, world size, or `--steps` below the checkpoint's step.
 """
 
 from __future__ import annotations
