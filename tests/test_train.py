@@ -145,7 +145,7 @@ BAD_FLAGS = [
     (["--weight-decay", "-1"], "--weight-decay: must be >= 0"),
     (["--augment", "foo"], "--augment: must be one of 'none', 'weak', 'strong'"),
     (["--n-latents", "0"], "--n-latents: must be >= 1"),
-    (["--eval-samples", "2"], "eval_samples must be >= 10 x max(n_latents, emb_dim) = 160"),
+    (["--eval-samples", "2"], "eval_samples must be >= max(100, 10 x n_latents) = 100"),
     (["--temperature", "0"], "--temperature: must be > 0"),
     (["--steps", "1.5"], "--steps: expected an integer, got '1.5'"),
     (["--latent-hidden", "8-x"], "--latent-hidden: expected sizes like 128-128"),
