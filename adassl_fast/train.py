@@ -222,10 +222,11 @@ def make_config(**values) -> Config:
         raise ValueError(f"eval_samples must be >= max(100, 10 x n_latents) = {least} for R^2 / MCC / DCI to mean "
                          f"anything, got {cfg.eval_samples}")
     check_device(cfg.device)
-    try:
-        resolve_impl(cfg.impl, _device(cfg.device, 0))
-    except BackendUnavailable as e:
-        raise ValueError(f"--impl {cfg.impl} cannot run with --device {cfg.device}: {e}") from None
+    if cfg.impl != "auto":  # ("auto" always finds a backend)
+        try:
+            resolve_impl(cfg.impl, _device(cfg.device, 0))
+        except BackendUnavailable as e:
+            raise ValueError(f"--impl {cfg.impl} cannot run with --device {cfg.device}: {e}") from None
     return cfg
 
 
@@ -538,12 +539,18 @@ def train(cfg: Config) -> dict:
     if cfg.resume:
         resume_payload = load_checkpoint(ckpt_path)
         _check_resumable(resume_payload, cfg, world_size, ckpt_path)
-    elif ckpt_path.exists() and not cfg.overwrite:
-        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over")
+    else:
+        existing = [p for p in (ckpt_path, previous_checkpoint(ckpt_path)) if p.exists()]
+        if existing and not cfg.overwrite:
+            raise CheckpointError(f"{existing[0]} exists: pass --resume to continue that run or --overwrite to start "
+                                  "over")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(CHECKPOINT + ".tmp*"):  # left by a process killed mid-write
             stale.unlink()
+        if not cfg.resume:  # --overwrite: no checkpoint of the old run may be resumed (or fallen back to) later
+            for old in (ckpt_path, previous_checkpoint(ckpt_path)):
+                old.unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(cfg)), indent=2) + "\n")
 
     threads = cfg.threads or (1 if device.type == "cpu" and cfg.data == "synthetic" else 0)

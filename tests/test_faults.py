@@ -205,3 +205,16 @@ def test_bad_image_files_stop_the_run_at_startup_listing_them(tmp_path, capsys):
     assert "line 2: " in err and "missing.png: no such file" in err
     assert "line 3: " in err and "fake.png: not a readable image" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before step 1
+
+
+def test_overwrite_leaves_no_checkpoint_of_the_old_run_to_fall_back_to(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _run(run_dir, stop_after=4)  # the old run: checkpoints of steps 2 and 4
+    (run_dir / "checkpoint.pt").unlink()  # as after a kill between the renames: only the previous one is left
+    with pytest.raises(train.CheckpointError, match=r"checkpoint.prev.pt exists: pass --resume"):
+        _run(run_dir, steps=2, temperature=0.2)  # a fresh run would have rotated the old run's checkpoint away
+    _run(run_dir, steps=2, temperature=0.2, overwrite=True)
+    assert not train.previous_checkpoint(run_dir / "checkpoint.pt").exists()
+    _damage(run_dir / "checkpoint.pt", "flipped")
+    err = _main_error(capsys, _argv(run_dir, "--resume", "--steps", "2", "--temperature", "0.2"))
+    assert "is corrupted" in err and "previous" not in err
