@@ -134,6 +134,9 @@ def test_meta_and_fake_tensors_get_the_fake_implementation_with_checks_on(checks
     with FakeTensorMode():
         for out in losses("cpu"):
             assert out.shape == () and out.dtype == torch.float32
+    # and no fake tensor outlives the mode in the ops' cached constants (index vectors, the unit scale)
+    for out in losses("cpu"):
+        assert torch.isfinite(out)
 
 
 def test_checks_still_reject_nan_inside_a_compiled_graph(checks_on):
