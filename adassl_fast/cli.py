@@ -68,7 +68,7 @@ class Option:
             raise ValueError(f"{name}must be <= {self.maximum}, got {item}")
 
     def allowed(self) -> str:
-        """The values `check` accepts, in words for --help: "one of ...", ">= 1", "in [0, 1]" or ""."""
+        """The values `check` accepts, in words for --help: "one of ...", ">= 1", ">= 0, <= 1" or ""."""
         if self.choices:
             return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
         bounds = [f"{op} {bound}" for op, bound in ((">=", self.minimum), (">", self.above), ("<=", self.maximum))
