@@ -7,6 +7,7 @@ import math
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _checks_enabled = os.environ.get("ADASSL_FAST_CHECKS", "0") not in ("", "0")
@@ -28,9 +29,22 @@ def matrix(name: str, t, *, min_rows: int = 1) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(t.shape)}")
     if t.shape[0] < min_rows or t.shape[1] < 1:
         raise ValueError(f"{name} must have at least {min_rows} rows and 1 column, got shape {tuple(t.shape)}")
-    if _checks_enabled and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf (checks enabled by set_checks / ADASSL_FAST_CHECKS)")
+    if _checks_enabled:
+        _require_finite(t, f"{name} contains NaN or Inf (checks enabled by set_checks / ADASSL_FAST_CHECKS)")
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _require_finite(t: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) if `t` holds NaN or Inf (a device sync).
+
+    Meta and fake tensors (shape propagation) hold no values to check; a graph torch.compile traces
+    cannot branch on a value, so there the check is an assertion inside the graph.
+    """
+    finite = torch.isfinite(t).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(finite, message)
+    elif not (t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t)) and not bool(finite):
+        raise ValueError(message)
 
 
 def same_layout(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, *, shape=None) -> None:
@@ -48,7 +62,8 @@ def positive_float(name: str, value) -> float:
     if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
-    if not (value > 0 and math.isfinite(value)):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces them on a symbolic float
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
@@ -72,12 +87,12 @@ def scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"scale must be a floating tensor, got {scale.dtype}")
         if scale.device != like.device:
             raise ValueError(f"scale is on {scale.device} but the embeddings are on {like.device}")
-        if _checks_enabled and not bool(torch.isfinite(scale)):
-            raise ValueError("scale is NaN or Inf (checks enabled)")
+        if _checks_enabled:
+            _require_finite(scale, "scale is NaN or Inf (checks enabled)")
         return scale.to(acc)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:  # (comparisons: traceable on a symbolic float, as above)
         raise ValueError(f"scale must be finite, got {scale}")
     return constant(float(scale), acc, like.device)
 
@@ -87,13 +102,16 @@ def reused(make):
 
     For the constants every step needs (index vectors, a fixed scale): made anew they cost a few small
     kernels a step, and small M is bound by its launches (bench/launch_overhead.py). Made afresh while
-    torch.compile traces, so no cached tensor is baked into a graph.
+    torch.compile traces, so no cached tensor is baked into a graph, and under a dispatch mode such as
+    FakeTensorMode, whose tensors must not outlive it in the cache.
     """
     cached = functools.lru_cache(maxsize=8)(make)
 
     @functools.wraps(make)
     def get(*key):
-        return make(*key) if torch.compiler.is_compiling() else cached(*key)
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return make(*key)
+        return cached(*key)
 
     return get
 

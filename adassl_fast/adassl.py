@@ -20,7 +20,7 @@ from torch import Tensor
 
 from adassl_fast import _checks, latent
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import define_op
+from adassl_fast._library import define_op, differentiable_backward
 from adassl_fast.nt_xent import _torch_backward, _torch_forward, nt_xent_reference, partner_indices
 
 VARIANTS = ("v", "s")
@@ -211,11 +211,34 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled (2B,) gradient for lse, which nothing differentiates
 
 
+def _reference_losses(inv_temperature, clamp, variant):
+    """(l_ssl, l_reg) of the op's tensor inputs by composing the reference ops (differentiable throughout)."""
+
+    def losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale):
+        none_if_empty = lambda t: t if t.numel() else None
+        return adassl_nt_xent_reference(
+            emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
+            temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
+        )
+
+    return losses
+
+
 def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
+    if grad_ssl is None and grad_reg is None:  # neither loss was differentiated
+        return (None,) * 14
     *tensors, lse = ctx.saved_tensors
     # a loss the caller did not differentiate arrives as None (grads are not materialised)
     grad_ssl = lse.new_zeros(()) if grad_ssl is None else grad_ssl
     grad_reg = lse.new_zeros(()) if grad_reg is None else grad_reg
+    inv_temperature, clamp, variant, impl, _ = ctx.options
+    # The kernels give no gradient for the noise (sampled, rarely differentiated): the reference's does.
+    noise_grad = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
+    if torch.is_grad_enabled() or noise_grad:
+        why = "double backward" if torch.is_grad_enabled() else "a gradient for noise_xy / noise_yx"
+        grads = differentiable_backward("adassl_nt_xent", impl, _reference_losses(inv_temperature, clamp, variant),
+                                        tensors, (grad_ssl, grad_reg), why)
+        return (*grads, None, None, None, None, None)
     grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
     demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
     has_prior = tensors[4].numel() > 0

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from adassl_fast.cli import Option, Parser, device_flag
+
 OPS = ("nt_xent", "info_nce", "adassl")
 IMPLS = ("reference", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
@@ -916,14 +918,20 @@ def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
 # CLI.
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, minimum: int = 1) -> list[int]:
+    """A comma list of integers >= minimum, 2^k allowed (an argparse `type`, through functools.partial)."""
     out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part.startswith("2^"):
-            out.append(2 ** int(part[2:]))
-        elif part:
-            out.append(int(float(part)))
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        try:
+            value = 2 ** int(part[2:]) if part.startswith("2^") else int(float(part))
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers (2^k allowed), got {text!r}") \
+                from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"every value must be >= {minimum}, got {value}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
     return out
 
 
@@ -933,6 +941,8 @@ def _names(allowed):
         for n in names:
             if n not in allowed:
                 raise argparse.ArgumentTypeError(f"{n!r} is not one of {', '.join(allowed)}")
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}")
         return names
 
     return parse
@@ -943,48 +953,66 @@ def _sizes_for(text: str) -> tuple[str, list[int]]:
     if key not in BENCH_IMPLS + OPS or not sizes:
         raise argparse.ArgumentTypeError(f"expected IMPL=M1,M2 or OP=M1,M2 with IMPL in {BENCH_IMPLS}, OP in {OPS}, "
                                          f"got {text!r}")
-    return key, _ints(sizes)
+    return key, _ints(sizes, minimum=2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adassl-fast bench", description=(
+    p = Parser(prog="adassl-fast bench", description=(
         "Time, peak extra memory and error vs the float64 reference of every backend (PERF.md). "
         "impl 'compile' is torch.compile of the reference."))
+    # (the help text goes to add_argument; an Option here only checks the value)
+    count = lambda minimum=1: Option("", int, minimum=minimum).parse
+    seconds = Option("", float, above=0).parse
     p.add_argument("--op", type=_names(OPS), help=f"comma list of {OPS} (default: all)")
     p.add_argument("--impl", type=_names(BENCH_IMPLS),
                    help=f"comma list of {IMPLS} (default: all), or the GPU diagnostic {tuple(DIAGNOSTICS)}")
-    p.add_argument("--M", "-M", dest="ms", type=_ints, help="comma list of row counts, 2^k allowed "
-                   "(default CPU 1024..16384, GPU 4096..2^21)")
+    p.add_argument("--M", "-M", dest="ms", type=functools.partial(_ints, minimum=2),
+                   help="comma list of row counts >= 2, 2^k allowed (default CPU 1024..16384, GPU 4096..2^21)")
     p.add_argument("--d", "-d", dest="ds", type=_ints, help="comma list of feature dims (default 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--phase", type=_names(PHASES), help="comma list of fwd, bwd, full (default full)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--quick", action="store_true", help="short comparison: nt_xent, adassl; M 1024,4096; d 128; full")
-    p.add_argument("--out", help="write rows.json and rows.csv here")
-    p.add_argument("--atomic", action="store_true", help="non-deterministic backward (fp32 atomics) in fused backends")
-    p.add_argument("--budget-s", type=float, help="timed seconds per row (default 1 GPU, 2 CPU)")
-    p.add_argument("--min-reps", type=int, default=3)
-    p.add_argument("--max-reps", type=int, default=100)
-    p.add_argument("--ref-max-m", type=int, help="largest M for reference / compile (default CPU 16384, GPU 32768)")
-    p.add_argument("--torch-max-m", type=int, help="largest M for the torch backend (default CPU 16384, GPU 262144)")
-    p.add_argument("--err-max-m", type=int, help="largest M checked against the float64 reference (default 4096 "
-                   "CPU, 8192 GPU)")
-    p.add_argument("--interpret-max-m", type=int, default=256, help="largest M for Triton's CPU interpreter")
+    p.add_argument("--device", default="auto", type=device_flag,
+                   help="auto (cuda if available), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="short comparison: nt_xent, adassl; M 1024,4096; d 128; full (default: off)")
+    p.add_argument("--out", help="write rows.json and rows.csv here (default: print only)")
+    p.add_argument("--atomic", action="store_true",
+                   help="non-deterministic backward (fp32 atomics) in fused backends (default: off)")
+    p.add_argument("--budget-s", type=Option("", float, minimum=0).parse,
+                   help="timed seconds per row, 0 for one timed call (default 1 GPU, 2 CPU)")
+    p.add_argument("--min-reps", type=count(), default=3, help="timed repetitions at least (default: 3)")
+    p.add_argument("--max-reps", type=count(), default=100,
+                   help="timed repetitions at most, >= --min-reps (default: 100)")
+    p.add_argument("--ref-max-m", type=count(2),
+                   help="largest M for reference / compile (default CPU 16384, GPU 32768)")
+    p.add_argument("--torch-max-m", type=count(2),
+                   help="largest M for the torch backend (default CPU 16384, GPU 262144)")
+    p.add_argument("--err-max-m", type=count(0), help="largest M checked against the float64 reference, 0 for "
+                   "none (default 4096 CPU, 8192 GPU)")
+    p.add_argument("--interpret-max-m", type=count(2), default=256,
+                   help="largest M for Triton's CPU interpreter (default: 256)")
     p.add_argument("--sizes-for", action="append", type=_sizes_for, default=[], metavar="IMPL=M1,M2",
                    help="run an impl or an op only at these M (repeatable), e.g. compile=32768, info_nce=8192")
-    p.add_argument("--deadline-s", type=float, default=math.inf, help="stop starting rows after this many seconds")
-    p.add_argument("--grace-s", type=float, default=30.0, help="kill the worker this long after the deadline")
-    p.add_argument("--row-timeout-s", type=float, default=600.0, help="kill a worker stuck this long on one row")
-    p.add_argument("--isolate", choices=("row", "run"), help="a fresh process per row (CPU default) or per run (GPU)")
-    p.add_argument("--threads", type=int, help="torch CPU threads in each worker (default: torch's)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--deadline-s", type=seconds, default=math.inf,
+                   help="stop starting rows after this many seconds (default: none)")
+    p.add_argument("--grace-s", type=Option("", float, minimum=0).parse, default=30.0,
+                   help="kill the worker this long after the deadline (default: 30)")
+    p.add_argument("--row-timeout-s", type=seconds, default=600.0,
+                   help="kill a worker stuck this long on one row (default: 600)")
+    p.add_argument("--isolate", choices=("row", "run"),
+                   help="a fresh process per row (CPU default) or per run (GPU default)")
+    p.add_argument("--threads", type=count(), help="torch CPU threads in each worker (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     p.add_argument("--summary", nargs="+", metavar="ROWS_JSON", help="print the PERF-target summary of saved rows")
     p.add_argument("--worker", nargs=2, metavar=("PLAN", "OUT"), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.max_reps < args.min_reps:
+        parser.error(f"--max-reps {args.max_reps} is below --min-reps {args.min_reps}")
     if args.worker:
         return _worker(*args.worker)
     if args.summary:
@@ -1000,19 +1028,16 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = "cuda:0"
-    gpu = device.startswith("cuda")
-    if gpu and not torch.cuda.is_available():
-        print("adassl-fast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+    gpu = device.startswith("cuda")  # (a CUDA device that is not there was refused by the parser)
     if args.quick:
         ops, impls = args.op or ["nt_xent", "adassl"], args.impl or list(IMPLS)
         ms, ds, phases = args.ms or [1024, 4096], args.ds or [128], args.phase or ["full"]
-        budget = args.budget_s or (0.5 if gpu else 1.0)
+        budget = args.budget_s if args.budget_s is not None else (0.5 if gpu else 1.0)
     else:
         ops, impls = args.op or list(OPS), args.impl or list(IMPLS)
         ms = args.ms or ([4096 << k for k in range(10)] if gpu else [1024, 2048, 4096, 8192, 16384])
         ds, phases = args.ds or [128], args.phase or ["full"]
-        budget = args.budget_s or (1.0 if gpu else 2.0)
+        budget = args.budget_s if args.budget_s is not None else (1.0 if gpu else 2.0)
     dtype = DTYPES[args.dtype] if args.dtype else ("bfloat16" if gpu else "float32")
     settings = {
         "budget_s": budget, "min_reps": args.min_reps, "max_reps": args.max_reps, "quick": args.quick,

@@ -196,17 +196,62 @@ def augment(img: Tensor, size: int, g: torch.Generator, strength: str = "strong"
 # The user's natural pairs.
 
 
-def load_image(path) -> Tensor:
-    """(3, H, W) float in [0, 1]."""
+def _pil_image():
     try:
         from PIL import Image
     except ImportError as e:
         raise ImportError("reading image pairs needs Pillow (pip install pillow); the synthetic benchmark does "
                           "not") from e
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
-        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
+    return Image
+
+
+def load_image(path) -> Tensor:
+    """(3, H, W) float in [0, 1]; ValueError naming the file when it does not decode."""
+    Image = _pil_image()
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on a bad file
+        raise ValueError(f"image {path} cannot be read ({type(e).__name__}: {e})") from None
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` is no usable image (missing, unreadable, not an image PIL knows), or None.
+
+    Cheap: PIL reads the header and checks the file's structure (verify) without decoding the pixels.
+    """
+    Image = _pil_image()
+    if not path.is_file():
+        return "no such file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # (as in load_image: any failure means the file is unusable)
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+def check_pairs(pairs, rows, source) -> None:
+    """Every file of every pair must be a readable image: else one ValueError listing the first bad ones.
+
+    rows[i] names where pair i comes from (a CSV line, a clip folder), for the message. Run at startup so a
+    bad file stops the run before step 1, not at the step that first draws it.
+    """
+    problems, seen = [], set()
+    for pair, row in zip(pairs, rows, strict=True):
+        for path in pair:
+            if path in seen:
+                continue
+            seen.add(path)
+            problem = image_problem(path)
+            if problem is not None:
+                problems.append(f"{row}: {path}: {problem}")
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{source}: {len(problems)} of {len(seen)} image files are unusable: {shown}{more}")
 
 
 def frame_pairs(root, gap: int = 1) -> list[tuple[Path, Path]]:
@@ -216,12 +261,15 @@ def frame_pairs(root, gap: int = 1) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"frame folder {root} does not exist")
     if gap < 1:
         raise ValueError(f"frame gap must be >= 1, got {gap}")
-    pairs = []
+    pairs, rows = [], []
     for clip in sorted(p for p in root.iterdir() if p.is_dir()):
         frames = sorted(p for p in clip.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        pairs += list(zip(frames[:-gap], frames[gap:], strict=True))
+        clip_pairs = list(zip(frames[:-gap], frames[gap:], strict=True))
+        pairs += clip_pairs
+        rows += [f"clip {clip.name}"] * len(clip_pairs)
     if not pairs:
         raise ValueError(f"no frame pairs {gap} apart under {root}: expected {root}/<clip>/<frame images>")
+    check_pairs(pairs, rows, f"frame folder {root}")
     return pairs
 
 
@@ -230,7 +278,7 @@ def csv_pairs(csv_path) -> list[tuple[Path, Path]]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"pairs CSV {csv_path} does not exist")
-    pairs = []
+    pairs, rows = [], []
     with open(csv_path, newline="") as f:
         for i, row in enumerate(csv.reader(f)):
             if not row or row[0].startswith("#"):
@@ -242,8 +290,10 @@ def csv_pairs(csv_path) -> list[tuple[Path, Path]]:
             if i == 0 and not a.exists() and not b.exists():
                 continue  # header
             pairs.append((a, b))
+            rows.append(f"line {i + 1}")
     if not pairs:
         raise ValueError(f"{csv_path} holds no image pairs")
+    check_pairs(pairs, rows, f"pairs CSV {csv_path}")
     return pairs
 
 

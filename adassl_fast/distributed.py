@@ -67,6 +67,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from adassl_fast import _checks
+from adassl_fast._library import unsupported_backward
 from adassl_fast.nt_xent import nt_xent_backward_op, nt_xent_forward_op
 
 SCHEDULES = ("gather", "ring")
@@ -424,6 +425,13 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
     return grads, dscale
 
 
+def _refuse_double_backward(op: str) -> None:
+    """With grad mode on in backward (create_graph=True) the analytic backward would be differentiated as a
+    constant: refuse instead of returning wrong second-order gradients."""
+    if torch.is_grad_enabled():
+        raise unsupported_backward(op, "with process_group (the distributed backward is not differentiable)")
+
+
 class _DistributedContrastive(torch.autograd.Function):
     """Global loss of the plan's problems; gradients world_size x the global ones for the local rows."""
 
@@ -440,6 +448,7 @@ class _DistributedContrastive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         plan = ctx.plan
+        _refuse_double_backward(plan.comm.op)
         scale, *rest = ctx.saved_tensors
         n = len(rest) - len(plan.problems)
         tensors, lses = rest[:n], rest[n:]
@@ -526,6 +535,9 @@ class _EditedRows(torch.autograd.Function):
     def backward(ctx, dcont, dtarg, dreg):
         from adassl_fast.adassl import _direction_backward
 
+        _refuse_double_backward("adassl_nt_xent")
+        if ctx.needs_input_grad[7] or ctx.needs_input_grad[8]:
+            raise unsupported_backward("adassl_nt_xent", "with process_group", "a gradient for noise_xy / noise_yx")
         emb_x, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx = ctx.saved_tensors
         acc = _checks.accumulation_dtype(emb_x.dtype)
         up = lambda t: t.to(acc) if t.numel() else None

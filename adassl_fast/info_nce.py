@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import define_op
+from adassl_fast._library import define_op, differentiable_backward
 from adassl_fast.nt_xent import (
     NORM_EPS,
     _fixed_shift,
@@ -28,6 +28,7 @@ from adassl_fast.nt_xent import (
     _torch_forward,
     clamp_inclusive,
     contrastive_loss,
+    contrastive_reference,
     diagonal_indices,
 )
 
@@ -151,11 +152,26 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled (2, N) gradient for lse, which nothing differentiates
 
 
+def _symmetric_reference(query, key, scale, inv_temperature, clamp):
+    """The symmetric loss by materialising S: both directions of the core's reference."""
+    pos, excl = diagonal_indices(query.shape[0], query.device)
+    forward = contrastive_reference(query, key, pos, excl, scale, inv_temperature, clamp)
+    return (forward + contrastive_reference(key, query, pos, excl, scale, inv_temperature, clamp)) / 2
+
+
 def _autograd_backward(ctx, grad_loss, _grad_lse):
+    if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
+        return (None,) * 7
     query, key, scale, lse = ctx.saved_tensors
     inv_temperature, clamp, impl, deterministic = ctx.options
-    dquery, dkey, dscale = info_nce_backward_op(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl,
-                                                deterministic)
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+        dquery, dkey, dscale = differentiable_backward(
+            "info_nce", impl, lambda q, k, s: _symmetric_reference(q, k, s, inv_temperature, clamp),
+            (query, key, scale), grad_loss,
+        )
+    else:
+        dquery, dkey, dscale = info_nce_backward_op(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl,
+                                                    deterministic)
     return dquery, dkey, dscale, None, None, None, None
 
 

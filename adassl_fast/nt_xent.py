@@ -15,7 +15,7 @@ from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import define_op
+from adassl_fast._library import define_op, differentiable_backward
 
 NORM_EPS = 1e-12
 
@@ -57,6 +57,24 @@ def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, s
     negatives = logits[correlated_mask(n // 2, logits.device)].view(n, n - 2)
     labels = torch.zeros(n, dtype=torch.long, device=logits.device)
     return F.cross_entropy(torch.cat([positives, negatives], dim=1), labels)
+
+
+def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) -> Tensor:
+    """The nt_xent core's loss mean_i [lse_i - S^_{i,pos_i}] (docs/backends.md) by materialising S (M, N).
+
+    Plain autograd ops: the ops' registered backward differentiates it for second-order gradients.
+    """
+    acc = _checks.accumulation_dtype(cont.dtype)
+    u = F.normalize(cont.to(acc), dim=1, eps=NORM_EPS)
+    v = F.normalize(targ.to(acc), dim=1, eps=NORM_EPS)
+    logits = u @ v.t() * (scale * inv_temperature)
+    if clamp is not None:
+        logits = clamp_inclusive(logits, clamp)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    excluded = (columns == excl.unsqueeze(1)) & (excl >= 0).unsqueeze(1)
+    lse = torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+    positive = logits.gather(1, pos.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return (lse - torch.where(pos >= 0, positive, 0.0)).mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,11 +277,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, grad_loss, _grad_lse):
+    if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
+        return (None,) * 9
     cont, targ, pos, excl, scale, lse = ctx.saved_tensors
     inv_temperature, clamp, impl, deterministic = ctx.options
-    dcont, dtarg, dscale = nt_xent_backward_op(
-        grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
-    )
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+        dcont, dtarg, dscale = differentiable_backward(
+            "nt_xent", impl, lambda c, t, s: contrastive_reference(c, t, pos, excl, s, inv_temperature, clamp),
+            (cont, targ, scale), grad_loss,
+        )
+    else:
+        dcont, dtarg, dscale = nt_xent_backward_op(
+            grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
+        )
     return dcont, dtarg, None, None, dscale, None, None, None, None
 
 

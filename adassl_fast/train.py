@@ -9,10 +9,12 @@ the model (encoder + loss head, one forward per step so DDP sees one call), chec
 
 Runs on CPU or GPU (bf16 autocast on CUDA), in one process or under torchrun (DDP; with
 adassl_fast.distributed present the loss takes the negatives of every rank). A run directory holds
-config.json (the resolved config), metrics.jsonl (one line per logged step) and checkpoint.pt (written to
-a temp file then renamed, so a crash never leaves a half-written checkpoint). `--resume` reloads it with
-the RNG states: the continued run reproduces the uninterrupted one step for step (every batch is a
-function of (seed, rank, step), so no loader state is needed).
+config.json (the resolved config), metrics.jsonl (one line per logged step) and checkpoint.pt (a SHA-256
+digest line, then the torch.save bytes; written to a temp file, verified, then renamed, the checkpoint it
+replaces kept as checkpoint.prev.pt). `--resume` reloads it (or, when it is missing or fails its digest,
+the previous one, saying so) with the RNG states: the continued run reproduces the uninterrupted one step
+for step (every batch is a function of (seed, rank, step), so no loader state is needed). It refuses a
+changed config, world size, or `--steps` below the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -37,12 +41,14 @@ from torch import nn
 
 from adassl_fast import data as data_mod
 from adassl_fast import metrics as metrics_mod
+from adassl_fast._dispatch import IMPLS, BackendUnavailable, resolve_impl
 from adassl_fast.cached import cached_backward
+from adassl_fast.cli import Option, Parser, check_device
 from adassl_fast.nn import AdaSSL, InfoNCELoss, NTXentLoss, build_mlp, byol_tau, ema_update
 
 METHODS = ("simclr", "infonce", "byol", "adassl-v", "adassl-s")
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: a digest header before the torch.save bytes
 
 
 @dataclass
@@ -107,64 +113,120 @@ PRESETS = {
 RESUMABLE = {"threads", "steps", "resume", "stop_after", "progress", "log_every", "ckpt_every", "eval_every",
              "overwrite", "device", "impl", "out"}
 
+_SIZES = dict(kind=tuple, minimum=1)
+# Every Config field's type, range or choices and help: the one place a value is accepted or refused,
+# whether it comes from a flag, a --config file or make_config's keyword arguments.
+OPTIONS = {
+    "method": Option("what to train", choices=METHODS),
+    "objective": Option("AdaSSL's SSL loss", choices=("simclr", "byol")),
+    "editor": Option("AdaSSL editor ('' = add for adassl-v, modular for adassl-s)",
+                     choices=("", "add", "mlp", "modular")),
+    "emb_dim": Option("embedding width d", int, minimum=1),
+    "latent_dim": Option("latent width d_r (== emb_dim for the add editor)", int, minimum=1),
+    "latent_hidden": Option("hidden sizes of the posterior / prior networks, as 128-128", **_SIZES),
+    "editor_hidden": Option("hidden sizes of the mlp editor, as 128-128 (empty: none)", **_SIZES),
+    "beta": Option("weight of the latent regulariser", float, minimum=0),
+    "beta_warmup_steps": Option("steps over which beta ramps up from 0", int, minimum=0),
+    "temperature": Option("contrastive temperature tau", float, above=0),
+    "learnable_scale": Option("learn the logit scale lambda", bool),
+    "ema_tau": Option("BYOL target network base EMA rate", float, minimum=0, maximum=1),
+    "data": Option("training pairs", choices=("synthetic", "frames", "csv")),
+    "data_path": Option("frames: a folder of clip folders; csv: a file of path_a,path_b rows"),
+    "frame_gap": Option("frames: pair frame i with frame i + gap", int, minimum=1),
+    "image_size": Option("images are resized / cropped to this square size", int, minimum=8),
+    "augment": Option("image augmentation strength", choices=("none", "weak", "strong")),
+    "n_latents": Option("synthetic: number of latent factors", int, minimum=1),
+    "keep_prob": Option("synthetic: probability a latent is shared by the pair", float, minimum=0, maximum=1),
+    "mixing_layers": Option("synthetic: layers of the mixing MLP", int, minimum=1),
+    "data_seed": Option("synthetic: seed of the mixing function", int, minimum=0),
+    "encoder": Option("mlp (vectors) or resnet (images); auto picks by --data", choices=("auto", "mlp", "resnet")),
+    "encoder_hidden": Option("hidden sizes of the mlp encoder, as 256-256", **_SIZES),
+    "steps": Option("total optimisation steps of the run", int, minimum=1),
+    "batch_size": Option("pairs per step per rank", int, minimum=2),
+    "lr": Option("AdamW learning rate", float, above=0),
+    "weight_decay": Option("AdamW weight decay (not on 1-D parameters)", float, minimum=0),
+    "grad_clip": Option("clip the gradient norm to this (0: off)", float, minimum=0),
+    "seed": Option("seed of initialisation and batches", int, minimum=0),
+    "chunk_size": Option("> 0: cached (GradCache) backward through the encoder, this many rows at a time", int,
+                         minimum=0),
+    "eval_samples": Option("synthetic: samples per split for R^2 / MCC / DCI, >= max(100, 10 x n_latents)", int,
+                           minimum=1),
+    "eval_every": Option("evaluate every this many steps (0: only at the end)", int, minimum=0),
+    "log_every": Option("write metrics.jsonl every this many steps", int, minimum=1),
+    "ckpt_every": Option("write the checkpoint every this many steps", int, minimum=1),
+    "out": Option("run directory (config.json, metrics.jsonl, checkpoint.pt)"),
+    "resume": Option("continue the run in --out from its checkpoint", bool),
+    "overwrite": Option("start over in an --out that holds a run", bool),
+    "stop_after": Option("stop this invocation after this many steps (0: never; simulates a preemption)", int,
+                         minimum=0),
+    "device": Option("auto (cuda if available), cpu, cuda or cuda:N"),
+    "threads": Option("torch CPU threads (0: 1 for the synthetic MLP on CPU, torch's default otherwise)", int,
+                      minimum=0),
+    "impl": Option("loss backend", choices=("auto",) + IMPLS),
+    "progress": Option("show a progress bar", bool),
+}
+
 
 # ----------------------------------------------------------------------------------------------------
 # Config from the command line.
 
 
-def _parse_value(kind, text: str):
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-    if kind is tuple:
-        return tuple(int(s) for s in text.replace(",", "-").split("-") if s)
-    return kind(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adassl-fast train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic")
-    p.add_argument("--config", help="a JSON file of config fields (flags override it)")
+    p = Parser(prog="adassl-fast train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic",
+                   help="starting values of the fields (default: synthetic)")
+    p.add_argument("--config", metavar="JSON", help="a JSON file of config fields (flags override it)")
     defaults = Config()
     for f in dataclasses.fields(Config):
-        kind = type(getattr(defaults, f.name))
+        option = OPTIONS[f.name]
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, nargs="?", const=True, default=None, type=lambda t: _parse_value(bool, t),
-                           metavar="BOOL")
-        else:
-            p.add_argument(flag, default=None, type=lambda t, k=kind: _parse_value(k, t),
-                           help="sizes as 128-128" if kind is tuple else None)
+        default = getattr(defaults, f.name)
+        shown = "-".join(map(str, default)) if option.kind is tuple else default
+        allowed = f"; {option.allowed()}" if option.allowed() else ""
+        help_text = f"{option.help}{allowed} (default: {shown!r})".replace("%", "%%")
+        # default=None: only the flags given override the preset and the config file
+        extra = dict(nargs="?", const=True, metavar="BOOL") if option.kind is bool else {}
+        p.add_argument(flag, default=None, type=option.parse, help=help_text, **extra)
     return p
 
 
 def config_from_args(argv) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset])
     if args.config:
-        values.update(json.loads(Path(args.config).read_text()))
+        try:
+            values.update(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError) as e:
+            parser.error(f"--config {args.config}: {e}")
     values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "config")})
     return make_config(**values)
 
 
 def make_config(**values) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = set(values) - names
+    """A checked Config: every field per OPTIONS, then the rules that tie fields together (ValueError)."""
+    unknown = set(values) - set(OPTIONS)
     if unknown:
         raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.data not in ("synthetic", "frames", "csv"):
-        raise ValueError(f"data must be synthetic, frames or csv, got {cfg.data!r}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    cfg = Config(**{k: OPTIONS[k].check(k, v) for k, v in values.items()})
     if cfg.data != "synthetic" and not cfg.data_path:
         raise ValueError(f"--data {cfg.data} needs --data-path")
-    if cfg.steps < 1 or cfg.batch_size < 2:
-        raise ValueError("steps must be >= 1 and batch_size >= 2")
+    encoder = _encoder_kind(cfg)
+    if (encoder == "mlp") != (cfg.data == "synthetic"):
+        raise ValueError(f"--encoder {encoder} cannot take --data {cfg.data}: the mlp encoder takes the synthetic "
+                         "benchmark's vectors, the resnet encoder takes images")
+    # With a handful of samples MCC and R^2 come out near 1 whatever the encoder (2 samples: MCC 1.0).
+    least = max(100, 10 * cfg.n_latents)
+    if cfg.data == "synthetic" and cfg.eval_samples < least:
+        raise ValueError(f"eval_samples must be >= max(100, 10 x n_latents) = {least} for R^2 / MCC / DCI to mean "
+                         f"anything, got {cfg.eval_samples}")
+    check_device(cfg.device)
+    if cfg.impl != "auto":  # ("auto" always finds a backend)
+        try:
+            resolve_impl(cfg.impl, _device(cfg.device, 0))
+        except BackendUnavailable as e:
+            raise ValueError(f"--impl {cfg.impl} cannot run with --device {cfg.device}: {e}") from None
     return cfg
 
 
@@ -280,29 +342,121 @@ def _rng_state(device) -> dict:
     return state
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: the old file stays until the new
-    one is complete."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
+# A checkpoint file: one header line with the SHA-256 of the torch.save bytes that follow it. A file torn by
+# a crash, truncated or with flipped bytes fails the digest instead of resuming from garbage.
+_MAGIC = b"adassl-fast checkpoint"
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where the last verified checkpoint stays while the next one is written (and after, as a fallback)."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _serialize(payload: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    return b"%s %d sha256=%s\n" % (_MAGIC, CHECKPOINT_FORMAT, hashlib.sha256(body).hexdigest().encode()) + body
+
+
+def _verified_body(path: Path) -> bytes:
+    """The torch.save bytes of a checkpoint file whose digest matches, else CheckpointError saying why."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from e
+    header, _, body = data.partition(b"\n")
+    fields = header.split(b" ")
+    if not header.startswith(_MAGIC) or len(fields) != 4 or not fields[3].startswith(b"sha256="):
+        raise CheckpointError(f"{path} is not an adassl-fast checkpoint of format {CHECKPOINT_FORMAT} "
+                              "(or its header is damaged)")
+    if fields[2] != str(CHECKPOINT_FORMAT).encode():
+        raise CheckpointError(f"{path} has checkpoint format {fields[2].decode(errors='replace')}, this adassl-fast "
+                              f"reads format {CHECKPOINT_FORMAT}")
+    if hashlib.sha256(body).hexdigest().encode() != fields[3][len(b"sha256="):]:
+        raise CheckpointError(f"{path} is corrupted: its SHA-256 does not match the digest written with it "
+                              "(truncated, or bytes changed on disk)")
+    return body
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write `payload` with its digest to a temp file, read it back and verify it, then make it `path`.
+
+    The checkpoint it replaces becomes previous_checkpoint(path) (when it verifies: a damaged one never
+    displaces a good previous one), so a crash at any point leaves a verified checkpoint to resume from.
+    """
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    _write_file(tmp, _serialize(payload))
+    _verified_body(tmp)  # what the disk gives back is what was written
+    try:
+        _verified_body(path)
+        os.replace(path, previous_checkpoint(path))
+    except CheckpointError:
+        pass  # nothing (or nothing good) to keep
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the renames durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict:
-    if not path.exists():
+    """The payload of `path`, or of the previous checkpoint (with a message on stderr) when `path` is missing
+    or fails its digest; CheckpointError naming both files when neither verifies."""
+    previous = previous_checkpoint(path)
+    if not path.exists() and not previous.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path} (start without --resume, or point --out at the "
                               "run directory)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / garbage files raise many different errors
-        raise CheckpointError(f"--resume: checkpoint {path} is corrupted or unreadable ({type(e).__name__}: {e}); "
-                              "it was left untouched") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"--resume: {path} is not an adassl-fast checkpoint (format {CHECKPOINT_FORMAT})")
-    return payload
+        body = _verified_body(path)
+    except CheckpointError as problem:
+        if not previous.exists():
+            raise CheckpointError(f"--resume: {problem}; it was left untouched") from None
+        try:
+            body = _verified_body(previous)
+        except CheckpointError as second:
+            raise CheckpointError(f"--resume: {problem}; the previous checkpoint is no good either: {second}; both "
+                                  "were left untouched") from None
+        print(f"adassl-fast train: warning: {problem}; resuming from the previous checkpoint {previous}",
+              file=sys.stderr)
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+
+
+def _check_resumable(payload: dict, cfg: Config, world_size: int, path: Path) -> None:
+    """Refuse a resumption that would silently change the run: its config, its world size (the global batch
+    and every rank's data), or a --steps below the step the checkpoint already reached."""
+    saved = payload["config"]
+    changed = {k for k in saved if k not in RESUMABLE and saved[k] != _jsonable(getattr(cfg, k, None))}
+    if changed:
+        raise CheckpointError(f"--resume: config differs from the checkpoint's in {', '.join(sorted(changed))}")
+    saved_world = len(payload["rng"])
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"--resume: {path} was written by {saved_world} rank(s) but this run has {world_size}: the global batch "
+            f"would change from {saved_world} x {cfg.batch_size} to {world_size} x {cfg.batch_size} pairs and every "
+            f"rank's data would differ; resume with {saved_world} rank(s)"
+        )
+    if cfg.steps < payload["step"]:
+        raise CheckpointError(f"--resume: {path} is at step {payload['step']} but --steps is {cfg.steps}; pass "
+                              f"--steps {payload['step']} or more")
+
+
+def _restore(payload: dict, path: Path, modules: dict) -> None:
+    """load_state_dict of each named module (model, optimizer, target); a mismatch is a CheckpointError."""
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(payload[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"--resume: the {name} state in {path} does not fit this {name}: {first}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,16 +466,18 @@ def load_checkpoint(path: Path) -> dict:
 def setup_distributed(cfg: Config):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def make_data(cfg: Config, rank: int, world_size: int):
@@ -333,15 +489,15 @@ def make_data(cfg: Config, rank: int, world_size: int):
     return data_mod.ImagePairs(pairs, cfg.image_size, cfg.augment, cfg.seed, rank, world_size)
 
 
+def _encoder_kind(cfg: Config) -> str:
+    return cfg.encoder if cfg.encoder != "auto" else ("mlp" if cfg.data == "synthetic" else "resnet")
+
+
 def make_encoder(cfg: Config) -> nn.Module:
-    kind = cfg.encoder if cfg.encoder != "auto" else ("mlp" if cfg.data == "synthetic" else "resnet")
-    if kind == "mlp":
-        if cfg.data != "synthetic":
-            raise ValueError("the mlp encoder takes the synthetic benchmark's vectors; use --encoder resnet for images")
+    """The encoder of a checked config: the mlp for the synthetic vectors, the small ResNet for images."""
+    if _encoder_kind(cfg) == "mlp":
         return mlp_encoder(cfg.n_latents, cfg.encoder_hidden, cfg.emb_dim)
-    if kind == "resnet":
-        return SmallResNet(cfg.emb_dim)
-    raise ValueError(f"encoder must be mlp, resnet or auto, got {cfg.encoder!r}")
+    return SmallResNet(cfg.emb_dim)
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -382,14 +538,19 @@ def train(cfg: Config) -> dict:
     resume_payload = None
     if cfg.resume:
         resume_payload = load_checkpoint(ckpt_path)
-        saved = resume_payload["config"]
-        changed = {k for k in saved if k not in RESUMABLE and saved[k] != _jsonable(getattr(cfg, k, None))}
-        if changed:
-            raise CheckpointError(f"--resume: config differs from the checkpoint's in {', '.join(sorted(changed))}")
-    elif ckpt_path.exists() and not cfg.overwrite:
-        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run or --overwrite to start over")
+        _check_resumable(resume_payload, cfg, world_size, ckpt_path)
+    else:
+        existing = [p for p in (ckpt_path, previous_checkpoint(ckpt_path)) if p.exists()]
+        if existing and not cfg.overwrite:
+            raise CheckpointError(f"{existing[0]} exists: pass --resume to continue that run or --overwrite to start "
+                                  "over")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(CHECKPOINT + ".tmp*"):  # left by a process killed mid-write
+            stale.unlink()
+        if not cfg.resume:  # --overwrite: no checkpoint of the old run may be resumed (or fallen back to) later
+            for old in (ckpt_path, previous_checkpoint(ckpt_path)):
+                old.unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(_jsonable(dataclasses.asdict(cfg)), indent=2) + "\n")
 
     threads = cfg.threads or (1 if device.type == "cpu" and cfg.data == "synthetic" else 0)
@@ -403,10 +564,10 @@ def train(cfg: Config) -> dict:
     optimizer = make_optimizer(model, cfg)
     start = 0
     if resume_payload is not None:
-        model.load_state_dict(resume_payload["model"])
-        optimizer.load_state_dict(resume_payload["optimizer"])
+        restored = {"model": model, "optimizer": optimizer}
         if target is not None:
-            target.load_state_dict(resume_payload["target"])
+            restored["target"] = target
+        _restore(resume_payload, ckpt_path, restored)
         torch.set_rng_state(resume_payload["rng"][rank]["torch"])
         if device.type == "cuda" and "cuda" in resume_payload["rng"][rank]:
             torch.cuda.set_rng_state(resume_payload["rng"][rank]["cuda"], device)
@@ -416,7 +577,7 @@ def train(cfg: Config) -> dict:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     if cfg.chunk_size > 0 and world_size > 1:
-        raise RuntimeError("--chunk-size under torchrun is not supported by this trainer yet; run one process")
+        raise ValueError("--chunk-size under torchrun is not supported by this trainer yet; run one process")
 
     metrics_file = out / "metrics.jsonl"
     if rank == 0:
@@ -478,7 +639,7 @@ def train(cfg: Config) -> dict:
                 rng = [rng]
             if rank == 0:
                 save_checkpoint(ckpt_path, {
-                    "format": CHECKPOINT_FORMAT, "step": step, "config": _jsonable(dataclasses.asdict(cfg)),
+                    "step": step, "config": _jsonable(dataclasses.asdict(cfg)),
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "target": None if target is None else target.state_dict(), "rng": rng,
                 })
@@ -519,11 +680,19 @@ def _jsonable(v):
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (a crash between checkpoint and log)."""
+    """Drop lines logged after the checkpoint we resume from (a crash between checkpoint and log), and a last
+    line torn by a crash mid-write; an unreadable line elsewhere is a CheckpointError naming it."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-            and not json.loads(line).get("eval")]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append((json.loads(line), line))
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise CheckpointError(f"{path}:{i + 1} is not a JSON record ({e}); fix or remove that line") from None
+    keep = [line for record, line in records if record["step"] <= step and not record.get("eval")]
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -6,6 +6,7 @@ import torch
 import adassl_fast
 from adassl_fast.adassl import adassl_forward_op
 from adassl_fast.info_nce import info_nce_forward_op
+from adassl_fast.nn import InfoNCELoss, NTXentLoss
 from adassl_fast.nt_xent import nt_xent_forward_op, partner_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,3 +94,56 @@ def test_compiled_training_step_fullgraph(impl):
     torch.testing.assert_close(compiled, eager, **tol)
     for p, g in zip(params, eager_grads):
         torch.testing.assert_close(p.grad, g, **tol)
+
+
+@pytest.mark.parametrize("module", [NTXentLoss, InfoNCELoss])
+def test_compiled_loss_module_fullgraph_dynamic(module):
+    """The argument checks trace (no math.isfinite on a symbolic float): one graph, any batch size."""
+    torch._dynamo.reset()
+    loss = module(0.2, learnable_scale=True)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    for m in (8, 12):  # a second batch size runs the same dynamic graph
+        a, b = torch.randn(m, 5, requires_grad=True), torch.randn(m, 5)
+        got = compiled(a, b)
+        (got_grad,) = torch.autograd.grad(got, a)
+        want = loss(a, b)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grad, torch.autograd.grad(want, a)[0])
+
+
+@pytest.fixture
+def checks_on():
+    adassl_fast.set_checks(True)
+    yield
+    adassl_fast.set_checks(False)
+
+
+def test_meta_and_fake_tensors_get_the_fake_implementation_with_checks_on(checks_on):
+    """Shape propagation (meta, FakeTensorMode) never reads values, even where the NaN checks would."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def losses(device):
+        x = torch.randn(6, 4, device=device)
+        scale = torch.tensor(1.5, device=device)
+        post = torch.randn(3, 8, device=device)
+        return (adassl_fast.nt_xent(x, x, scale=scale, impl="torch"), adassl_fast.info_nce(x, x, impl="torch"),
+                *adassl_fast.adassl_nt_xent(x[:3], x[3:], post, post, post, post, impl="torch"))
+
+    for out in losses("meta"):
+        assert out.device.type == "meta" and out.shape == ()
+    with FakeTensorMode():
+        for out in losses("cpu"):
+            assert out.shape == () and out.dtype == torch.float32
+    # and no fake tensor outlives the mode in the ops' cached constants (index vectors, the unit scale)
+    for out in losses("cpu"):
+        assert torch.isfinite(out)
+
+
+def test_checks_still_reject_nan_inside_a_compiled_graph(checks_on):
+    torch._dynamo.reset()
+    compiled = torch.compile(NTXentLoss(0.2), fullgraph=True)
+    x = torch.randn(6, 4)
+    compiled(x, x)
+    x[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="cont contains NaN or Inf"):
+        compiled(x, x)

@@ -100,3 +100,14 @@ def test_augmentations_keep_shape_and_range():
     assert data.gaussian_blur(torch.ones(3, 9, 9), g).allclose(torch.ones(3, 9, 9))
     with pytest.raises(ValueError, match="strength"):
         data.augment(img, 16, g, "medium")
+
+
+def test_unusable_frames_are_found_when_the_pairs_are_listed(tmp_path):
+    _write_images(tmp_path / "clipA", [f"{i:03d}.png" for i in range(4)])
+    (tmp_path / "clipA" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, then junk
+    (tmp_path / "clipA" / "002.png").write_bytes((tmp_path / "clipA" / "000.png").read_bytes()[:50])  # cut short
+    with pytest.raises(ValueError, match=r"2 of 4 image files are unusable: clip clipA: .*001.png: not a readable "
+                                         r"image.*clip clipA: .*002.png: not a readable image"):
+        data.frame_pairs(tmp_path, gap=1)
+    with pytest.raises(ValueError, match=r"image .*001.png cannot be read"):
+        data.load_image(tmp_path / "clipA" / "001.png")  # a file that goes bad after startup: still one clear error

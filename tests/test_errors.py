@@ -131,3 +131,46 @@ def test_latent_ops_check_their_inputs():
         adassl_fast.bernoulli_mask(torch.randn(3, 4), torch.rand(4, 3))
     with pytest.raises(TypeError, match="noise has dtype torch.float64 but the latent inputs has torch.float32"):
         adassl_fast.gaussian_sample(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_info_into_a_closed_pipe_exits_quietly():
+    """`adassl-fast info | head`: the reader is gone before the JSON is written; no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "adassl_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported torch, let alone printed
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--M", "0"], "argument --M/-M: every value must be >= 2, got 0"),
+    (["--M", "abc"], "expected a comma list of integers"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--min-reps", "0"], "argument --min-reps: must be >= 1, got 0"),
+    (["--min-reps", "5", "--max-reps", "2"], "--max-reps 2 is below --min-reps 5"),
+    (["--budget-s", "-1"], "argument --budget-s: must be >= 0"),
+    (["--row-timeout-s", "0"], "argument --row-timeout-s: must be > 0"),
+    (["--threads", "0"], "argument --threads: must be >= 1"),
+    (["--op", "nope"], "'nope' is not one of nt_xent"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_bench_flags_are_checked_with_one_line_errors(capsys, flags, message):
+    from adassl_fast import benchmark
+
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(flags)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("adassl-fast bench: error: ") and message in err, err
+
+
+def test_bench_help_gives_every_flag_its_default():
+    from adassl_fast import benchmark
+
+    for action in benchmark._parser()._actions:
+        if action.dest not in ("help", "worker", "summary", "sizes_for", "op", "impl"):
+            assert "default" in action.help, action.dest

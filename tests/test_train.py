@@ -1,5 +1,6 @@
 """The trainer end to end: every method learns, resume is exact, checkpoints are safe, torchrun works."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,7 +54,7 @@ def test_resume_continues_the_same_trajectory(tmp_path, method):
     straight = _run(tmp_path, "straight", method=method, steps=12, log_every=1, ckpt_every=4)
     _run(tmp_path, "resumed", method=method, steps=12, log_every=1, ckpt_every=4, stop_after=5)
     # Stopped after step 5: the last checkpoint is step 5 (written at the stop), metrics up to 5.
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert train.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 5
     resumed = _run(tmp_path, "resumed", method=method, steps=12, log_every=1, ckpt_every=4, resume=True)
     assert resumed["eval"] == straight["eval"]
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
@@ -64,10 +65,11 @@ def test_corrupted_or_missing_checkpoint_is_a_clear_error_and_left_alone(tmp_pat
         _run(tmp_path, "nothing", resume=True)
     _run(tmp_path, "run", steps=4, ckpt_every=2)
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    good = ckpt.read_bytes()
-    ckpt.write_bytes(good[: len(good) // 2])  # a truncated write
+    previous = train.previous_checkpoint(ckpt)
+    for path in (ckpt, previous):  # both damaged: nothing to fall back to (tests/test_faults.py has the rest)
+        path.write_bytes(path.read_bytes()[:-100])
     corrupted = ckpt.read_bytes()
-    with pytest.raises(train.CheckpointError, match="corrupted"):
+    with pytest.raises(train.CheckpointError, match="corrupted.*previous checkpoint is no good either"):
         _run(tmp_path, "run", steps=8, resume=True)
     assert ckpt.read_bytes() == corrupted
     # A fresh run does not silently overwrite an existing run's checkpoint either.
@@ -89,10 +91,12 @@ def test_cli_flags_override_preset_and_config_file(tmp_path, capsys):
                                   "--latent-hidden", "8-8", "--learnable-scale"])
     assert (cfg.steps, cfg.temperature, cfg.latent_hidden, cfg.learnable_scale) == (5, 0.2, (8, 8), True)
     assert cfg.batch_size == train.PRESETS["tiny"]["batch_size"]
-    rc = train.main(["--preset", "tiny", "--steps", "3", "--eval-samples", "128", "--out", str(tmp_path / "cli")])
+    rc = train.main(["--preset", "tiny", "--steps", "3", "--eval-samples", "256", "--out", str(tmp_path / "cli")])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
-    assert train.main(["--preset", "tiny", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # argparse's one-line error
+        train.main(["--preset", "tiny", "--method", "nope", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
 
 
 def test_chunked_backward_matches_full_batch(tmp_path):
@@ -107,13 +111,13 @@ def test_chunked_backward_matches_full_batch(tmp_path):
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "adassl_fast.train", "--preset", "tiny", "--steps", "4", "--eval-samples", "128",
+           "-m", "adassl_fast.train", "--preset", "tiny", "--steps", "4", "--eval-samples", "256",
            "--method", "adassl-v", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_losses(out)) >= 1
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = train.load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
 
 
@@ -127,3 +131,55 @@ def test_image_pairs_train_with_the_small_resnet(tmp_path):
                   augment="weak", batch_size=4, steps=2, method="adassl-s", threads=1)
     assert result["step"] == 2 and result["eval"] == {}
     assert "SmallResNet" not in str(train.make_encoder(train.make_config(method="simclr")).__class__)
+
+
+BAD_FLAGS = [
+    (["--impl", "cuda"], "--impl cuda cannot run"),  # (no GPU in this test environment: skipped on one)
+    (["--ckpt-every", "0"], "--ckpt-every: must be >= 1"),
+    (["--log-every", "0"], "--log-every: must be >= 1"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--threads", "-1"], "--threads: must be >= 0"),
+    (["--encoder", "resnet"], "--encoder resnet cannot take --data synthetic"),
+    (["--chunk-size", "-5"], "--chunk-size: must be >= 0"),
+    (["--ema-tau", "2"], "--ema-tau: must be <= 1"),
+    (["--weight-decay", "-1"], "--weight-decay: must be >= 0"),
+    (["--augment", "foo"], "--augment: must be one of 'none', 'weak', 'strong'"),
+    (["--n-latents", "0"], "--n-latents: must be >= 1"),
+    (["--eval-samples", "2"], "eval_samples must be >= max(100, 10 x n_latents) = 100"),
+    (["--temperature", "0"], "--temperature: must be > 0"),
+    (["--steps", "1.5"], "--steps: expected an integer, got '1.5'"),
+    (["--latent-hidden", "8-x"], "--latent-hidden: expected sizes like 128-128"),
+    (["--learnable-scale", "maybe"], "--learnable-scale: expected a boolean"),
+    (["--method", "nope"], "--method: must be one of 'simclr'"),
+    (["--data", "csv"], "--data csv needs --data-path"),
+    (["--config", "/no/such.json"], "--config /no/such.json"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flags_are_one_line_errors_exit_2_before_training(tmp_path, capsys, flags, message):
+    if flags == ["--impl", "cuda"] and torch.cuda.is_available():
+        pytest.skip("the CUDA backend may run here")
+    try:
+        rc = train.main(["--preset", "tiny", "--out", str(tmp_path / "run"), *flags])
+    except SystemExit as e:  # argparse's errors
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("adassl-fast train: error: ") and message in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_every_field_has_an_option_its_default_passes_and_help_shows_it():
+    fields = {f.name: getattr(train.Config(), f.name) for f in dataclasses.fields(train.Config)}
+    assert set(train.OPTIONS) == set(fields)
+    for name, default in fields.items():
+        assert train.OPTIONS[name].check(name, default) == default
+    helps = {a.dest: a.help for a in train.build_parser()._actions if a.dest != "help"}
+    for name in fields:
+        assert train.OPTIONS[name].help in helps[name] and "(default: " in helps[name], name
+    # the same checks refuse values that come from a config file or keyword arguments
+    with pytest.raises(ValueError, match="ema_tau must be <= 1"):
+        train.make_config(ema_tau=2.0)
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        train.make_config(batch_size=64.0)
