@@ -9,6 +9,8 @@ most one excluded column, given as index vectors (docs/backends.md).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,10 +62,20 @@ def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, s
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chunked torch kernels. Each block of rows holds a (rows x N) slab of logits, sized so the slab stays
-# near 16 MB: the memory is O(M d + block), and the work is plain BLAS so it is fast on CPUs.
+# Chunked torch kernels. One loop over blocks of rows (`_row_blocks`) serves every phase: each block holds a
+# (rows x N) slab of logits, sized near 16 MB, so memory is O(M d + block) and the work is plain BLAS.
+#   - statistics only (the forward without gradients): one GEMM per block;
+#   - gradients from saved LSEs (the two-pass backward, double backward, the distributed ring): three;
+#   - statistics and gradients together (the one-pass forward of training): three, where the two-pass
+#     schedule costs four. Each block holds whole rows, so its LSEs are known once its exps are summed, and
+#     the slab of exps becomes the gradient's slab with no recompute (as fused linear-cross-entropy does).
+# Nothing else of size M x d is held but v (the normalised columns), the two gradients and the inputs: the
+# rows are normalised block by block, and so is the normalisation backward.
 
 _SLAB_ELEMENTS = 1 << 22
+# exp(S) itself is summed where |S| < 30 (the usual settings: |scale / tau| or a clamp below 30): its sums
+# stay far inside float32's range, and one exp per element serves row and column statistics alike.
+_UNSHIFTED_BOUND = 30.0
 
 
 def _rows_per_block(n_cols: int) -> int:
@@ -91,124 +103,164 @@ def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
     return bound, False
 
 
-def _fixed_shift(bound: float) -> float | None:
-    """`bound` where it is a valid log-sum-exp shift for every row and column, else None.
+def one_exp_pass(scale, inv_temperature: float, clamp: float | None) -> bool:
+    """Whether exp(S) needs no shift for any row or column (so one pass gives row and column statistics)."""
+    return _logit_bound(float(scale) * inv_temperature, clamp)[0] < _UNSHIFTED_BOUND
 
-    Logits lie in [-bound, bound], so exp(S - bound) lies in [exp(-2 bound), 1]: far from underflow when
-    2 bound < 60. Then no row-max pass is needed, and one exp serves row and column statistics alike.
+
+class _Pass(NamedTuple):
+    lse: Tensor  # (M,) row LSEs (computed, or the ones given)
+    positive: Tensor  # (M,) clamped logit of each row's positive column (0 where pos = -1)
+    col_sum: Tensor | None  # (N,) sum_i exp(S_ij), when asked for
+    dcont: Tensor | None  # (M, d) and (N, d) in the accumulation dtype, and the 0-dim dscale like `scale`
+    dtarg: Tensor | None
+    dscale: Tensor | None
+
+
+def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_weight=None, lse=None, col_lse=None,
+                col_sum=False) -> _Pass:
+    """One pass over the row blocks of S = scale / tau * u v^T, clamped, each row's excluded column removed.
+
+    grad_weight (float or 0-dim tensor) w: also the gradients of w * sum_i [lse_i - S_{i,pos_i}] (plus
+    w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
+    lse (M,): the row LSEs to differentiate with (the two-pass backward); None computes them in this pass.
+    col_sum: also sum_i exp(S_ij) (needs `one_exp_pass`).
     """
-    return bound if 2 * bound < 60 else None
+    acc = _checks.accumulation_dtype(cont.dtype)
+    s = float(scale) * inv_temperature
+    bound, clamp_active = _logit_bound(s, clamp)
+    unshifted = bound < _UNSHIFTED_BOUND
+    x = cont.to(acc)
+    norm_u = torch.linalg.vector_norm(x, dim=1)
+    v, norm_v = _normalize(targ, acc)
+    m, n = x.shape[0], v.shape[0]
+    positive = torch.empty(m, dtype=acc, device=x.device)
+    row_lse = torch.empty(m, dtype=acc, device=x.device) if lse is None else lse
+    sums = torch.zeros(n, dtype=acc, device=x.device) if col_sum else None
+    grads = grad_weight is not None
+    if grads:
+        dcont = torch.empty_like(x, dtype=acc)
+        grad_v = torch.zeros_like(v)
+        sum_gc = torch.zeros((), dtype=acc, device=x.device)
+        col_w = None if col_lse is None or not unshifted else col_lse.neg().exp_()  # P'_ij = exp(S_ij) col_w_j
+    step = _rows_per_block(n)
+    buffer = torch.empty(min(step, m), n, dtype=acc, device=x.device)  # one slab for every block
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        u = x[r0:r1] / norm_u[r0:r1].clamp_min(NORM_EPS).unsqueeze(1)
+        u_scaled = u * s
+        slab = torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
+        positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
+        if col_lse is not None and not unshifted:
+            col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
+        row_w = _exp_rows(slab, row_lse, r0, r1, lse is None, unshifted)
+        if sums is not None:
+            sums += slab.sum(0)
+        if not grads:
+            continue
+        if col_lse is not None:  # symmetric: G + 2 onehot = P + P', the row weights folded into the slab
+            if unshifted:
+                slab.mul_(row_w.unsqueeze(1) + col_w)
+            else:
+                slab.add_(col_part)  # (row_w is None: the slab holds P already)
+            row_w, hot = None, hot * 2
+        if outside is not None:
+            slab.masked_fill_(outside, 0.0)
+        gv = _block_gradient(slab, row_w, hot, pos[r0:r1], u_scaled, v, grad_v)
+        sum_gc += (gv * u).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
+        dcont[r0:r1] = normalize_backward(gv.mul_(grad_weight * s), u, norm_u[r0:r1])
+    if not grads:
+        return _Pass(row_lse, positive, sums, None, None, None)
+    for r0 in range(0, n, step):  # the normalisation backward of the columns, in place, block by block
+        r1 = min(r0 + step, n)
+        grad_v[r0:r1] = normalize_backward(grad_v[r0:r1].mul_(grad_weight), v[r0:r1], norm_v[r0:r1])
+    dscale = (sum_gc * grad_weight * inv_temperature).to(scale.dtype)
+    return _Pass(row_lse, positive, sums, dcont, grad_v, dscale)
 
 
-def _logit_slab(u_scaled_blk, v, pos_blk, excl_blk, clamp, clamp_active):
-    """Clamped logits of a row block (the scale is folded into the rows) with excluded columns at -inf.
+def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
+    """Clamp the slab in place and set each row's excluded column to -inf.
 
-    Returns the slab, the positives' logits (0 where pos = -1) and the out-of-clamp mask (None when the
-    clamp cannot bite).
+    Returns the positives' clamped logits (0 where pos = -1), the out-of-clamp mask (None when the clamp
+    cannot bite) and `hot`: 1 where the row's positive column is present and inside the clamp, else 0 (the
+    onehot term of G, which enters the small products instead of the slab).
     """
-    slab = u_scaled_blk @ v.t()
+    col = pos_blk.clamp_min(0).unsqueeze(1)
+    raw = slab.gather(1, col).squeeze(1)
+    has_positive = pos_blk >= 0
     outside = None
+    hot = has_positive.to(slab.dtype)
     if clamp_active:
         outside = (slab > clamp) | (slab < -clamp)
         slab.clamp_(-clamp, clamp)
-    positive = torch.where(pos_blk >= 0, slab.gather(1, pos_blk.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+        hot.mul_(raw.abs() <= clamp)  # the inclusive indicator
+        raw = raw.clamp(-clamp, clamp)
     # Rows without an excluded column (excl = -1) write their own value back: no data-dependent branch.
     col = excl_blk.clamp_min(0).unsqueeze(1)
-    kept = slab.gather(1, col)
-    slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), kept))
-    return slab, positive, outside
+    slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), slab.gather(1, col)))
+    return torch.where(has_positive, raw, 0.0), outside, hot
 
 
-def _scaled_operands(cont, targ, scale, inv_temperature, clamp):
-    """(u * scale / tau, v, the fixed shift or None, whether the clamp can bite) in the accumulation dtype."""
-    acc = _checks.accumulation_dtype(cont.dtype)
-    s = float(scale) * inv_temperature
-    u, _ = _normalize(cont, acc)
-    v, _ = _normalize(targ, acc)
-    bound, clamp_active = _logit_bound(s, clamp)
-    return u.mul_(s), v, _fixed_shift(bound), clamp_active
+def _exp_rows(slab, lse, r0, r1, compute_lse, unshifted):
+    """Exponentiate the slab in place; return the row weights that turn it into the row softmax P (None: 1).
 
-
-def _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum=None):
-    """(lse (M,), positive logit (M,)) of the rows of S = u v^T (the scale folded into u), block by block.
-
-    shift: a log-sum-exp shift valid for every row (`_fixed_shift`), or None for each row's max.
-    col_sum (N,): with a fixed shift, also receives sum_i exp(S_ij - shift), the column statistics from
-    the same exps (symmetric InfoNCE).
+    compute_lse: the block's LSEs go into lse[r0:r1] from these exps; else lse[r0:r1] is read.
     """
-    m = u.shape[0]
-    lse = torch.empty(m, dtype=u.dtype, device=u.device)
-    positive = torch.empty(m, dtype=u.dtype, device=u.device)
-    step = _rows_per_block(v.shape[0])
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
-        if shift is None:
-            # (floored so a row whose only column is excluded gives -inf, not NaN)
-            row_max = slab.amax(1, keepdim=True).clamp_min_(-1e30)
-            lse[r0:r1] = slab.sub_(row_max).exp_().sum(1).log_().add_(row_max.squeeze(1))
-        else:
-            e = slab.sub_(shift).exp_()
-            lse[r0:r1] = e.sum(1).log_().add_(shift)
-            if col_sum is not None:
-                col_sum += e.sum(0)
-    return lse, positive
+    if unshifted:
+        slab.exp_()
+        if compute_lse:
+            lse[r0:r1] = slab.sum(1).log_()
+        return lse[r0:r1].neg().exp_()
+    if not compute_lse:
+        slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
+        return None  # the slab holds P itself
+    # (floored so a row whose only column is excluded gives -inf, not NaN)
+    row_max = slab.amax(1, keepdim=True).clamp_min_(-1e30)
+    sums = slab.sub_(row_max).exp_().sum(1)
+    lse[r0:r1] = sums.log().add_(row_max.squeeze(1))
+    return sums.reciprocal_()
+
+
+def _block_gradient(e, row_w, hot, pos_blk, u_scaled, v, grad_v):
+    """G V of a block, with G = row_w * e - hot * onehot(pos) (row_w None: 1), and G^T (s U) added to grad_v.
+
+    The row weights and the onehot term act on the small (rows x d) operands, so the slab is read twice
+    (two GEMMs) and never rewritten.
+    """
+    col = pos_blk.clamp_min(0)
+    gv = e @ v
+    if row_w is not None:
+        gv.mul_(row_w.unsqueeze(1))
+    weighted = u_scaled if row_w is None else u_scaled * row_w.unsqueeze(1)
+    grad_v.addmm_(e.t(), weighted)
+    # (index_put_ rather than index_add_, which on CPU costs as much as the whole GEMM above)
+    grad_v.index_put_((col,), u_scaled * hot.neg().unsqueeze(1), accumulate=True)
+    return gv.sub_(v.index_select(0, col) * hot.unsqueeze(1))
 
 
 def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
-    u, v, shift, clamp_active = _scaled_operands(cont, targ, scale, inv_temperature, clamp)
-    lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift)
-    return (lse - positive).mean(), lse
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp)
+    return (p.lse - p.positive).mean(), p.lse
 
 
 def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
                     col_lse=None):
-    """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}].
+    """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}] from the saved LSEs.
 
     col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
     (pos = arange, nothing excluded): both directions' softmaxes go into one G, one pass for both.
     """
-    acc = _checks.accumulation_dtype(cont.dtype)
-    s = float(scale) * inv_temperature
-    u, norm_u = _normalize(cont, acc)
-    v, norm_v = _normalize(targ, acc)
-    u_scaled = u * s
-    bound, clamp_active = _logit_bound(s, clamp)
-    shift = _fixed_shift(bound)
-    if col_lse is not None and shift is not None:
-        # P_ij + P'_ij = exp(S_ij - shift) (a_i + b_j): one exp per element for both directions
-        row_w, col_w = (shift - lse).exp_(), (shift - col_lse).exp_()
-    m = u.shape[0]
-    grad_u = torch.empty_like(u)
-    grad_v = torch.zeros_like(v)
-    sum_gc = torch.zeros((), dtype=acc, device=u.device)
-    step = _rows_per_block(v.shape[0])
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        pos_blk = pos[r0:r1]
-        slab, _, outside = _logit_slab(u_scaled[r0:r1], v, pos_blk, excl[r0:r1], clamp, clamp_active)
-        # G / w = (P - onehot(pos)) * [inside clamp], P = 0 at the excluded column; the scalar row weight
-        # w = grad_loss / M is applied to the small products below instead of the slab.
-        hot = (pos_blk >= 0).to(acc).neg_()
-        if col_lse is None:
-            g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
-        elif shift is not None:
-            hot.mul_(2)
-            g = slab.sub_(shift).exp_().mul_(row_w[r0:r1].unsqueeze(1) + col_w)
-        else:
-            hot.mul_(2)
-            g = (slab - col_lse).exp_().add_(slab.sub_(lse[r0:r1].unsqueeze(1)).exp_())
-        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), hot.unsqueeze(1))
-        if outside is not None:
-            g.masked_fill_(outside, 0.0)
-        gv = g @ v
-        sum_gc += (gv * u[r0:r1]).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
-        grad_u[r0:r1] = gv
-        grad_v.addmm_(g.t(), u[r0:r1])
-    w = grad_loss.to(acc) / (2 * m if col_lse is not None else m)
-    dcont = normalize_backward(grad_u.mul_(w * s), u, norm_u).to(cont.dtype)
-    dtarg = normalize_backward(grad_v.mul_(w * s), v, norm_v).to(targ.dtype)
-    return dcont, dtarg, (sum_gc * w * inv_temperature).to(scale.dtype)
+    weight = grad_loss.to(lse.dtype) / (2 * cont.shape[0] if col_lse is not None else cont.shape[0])
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=weight, lse=lse,
+                    col_lse=col_lse)
+    return p.dcont.to(cont.dtype), p.dtarg.to(targ.dtype), p.dscale
+
+
+def _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+    """(loss, lse, dcont, dtarg, dscale) in one pass: the gradients for grad_loss = 1, in the accumulation
+    dtype (the op's backward scales them by the incoming gradient)."""
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0])
+    return (p.lse - p.positive).mean(), p.lse, p.dcont, p.dtarg, p.dscale
 
 
 def _kernels(impl: str):
@@ -250,17 +302,35 @@ def _backward_fake(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature
     return torch.empty_like(cont), torch.empty_like(targ), torch.empty_like(scale)
 
 
+def _one_pass_kernel(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+    if impl != "torch":
+        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
+    return _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp)
+
+
+def _one_pass_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    stash = cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
+    return *_forward_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic), *stash
+
+
 def _setup_context(ctx, inputs, output):
     cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic = inputs
-    ctx.save_for_backward(cont, targ, pos, excl, scale, output[1])
+    lse, *stash = output[1:]  # stash: the one-pass op's (dcont, dtarg, dscale) for grad_loss = 1
+    ctx.save_for_backward(cont, targ, pos, excl, scale, lse, *stash)
     ctx.options = (inv_temperature, clamp, impl, deterministic)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(lse, *stash)
     ctx.set_materialize_grads(False)  # no zero-filled (M,) gradient for lse, which nothing differentiates
 
 
-def _autograd_backward(ctx, grad_loss, _grad_lse):
-    cont, targ, pos, excl, scale, lse = ctx.saved_tensors
+def _autograd_backward(ctx, grad_loss, *_grad_lse_and_stash):
+    cont, targ, pos, excl, scale, lse, *stash = ctx.saved_tensors
     inv_temperature, clamp, impl, deterministic = ctx.options
+    if stash and not torch.is_grad_enabled():
+        # the one-pass op's gradients, scaled; a create_graph backward takes the two-pass op below instead,
+        # whose own derivative rules apply (the stash is a constant to autograd)
+        dcont, dtarg, dscale = (g * grad_loss for g in stash)
+        return dcont.to(cont.dtype), dtarg.to(targ.dtype), None, None, dscale, None, None, None, None
     dcont, dtarg, dscale = nt_xent_backward_op(
         grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
     )
@@ -274,14 +344,32 @@ nt_xent_backward_op = define_op(
     _backward_kernel,
     _backward_fake,
 )
+_FORWARD_INPUTS = ("Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
+                   "float? clamp, str impl, bool deterministic")
 nt_xent_forward_op = define_op(
-    "nt_xent_forward(Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
-    "float? clamp, str impl, bool deterministic) -> (Tensor, Tensor)",
+    f"nt_xent_forward({_FORWARD_INPUTS}) -> (Tensor, Tensor)",
     _forward_kernel,
     _forward_fake,
     backward=_autograd_backward,
     setup_context=_setup_context,
 )
+# Training on the torch backend: the forward and the gradients for grad_loss = 1 in one pass over S,
+# -> (loss, lse, dcont, dtarg, dscale); the backward scales the last three (`trains_in_one_pass` picks it).
+nt_xent_forward_backward_op = define_op(
+    f"nt_xent_forward_backward({_FORWARD_INPUTS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _one_pass_kernel,
+    _one_pass_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
+
+
+def trains_in_one_pass(impl: str, *tensors: Tensor) -> bool:
+    """Whether a call takes the torch backend's one-pass training op: grad mode on and some input needing a
+    gradient (decided here, since inside an op autograd is already below), outside torch.compile (whose
+    tracing keeps the two-pass ops). Elsewhere the forward alone (one GEMM per block) is cheaper."""
+    return (impl == "torch" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
 
 
 def partner_indices(m: int, device) -> tuple[Tensor, Tensor]:
@@ -302,8 +390,10 @@ def _indices(kind: str, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
     """mean_i [lse_i - S_{i,pos_i}] through the op of `impl` (not "reference"); inputs already checked."""
-    loss, _ = nt_xent_forward_op(cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
-    return loss
+    args = (cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
+    if trains_in_one_pass(impl, cont, targ, scale):
+        return nt_xent_forward_backward_op(*args)[0]
+    return nt_xent_forward_op(*args)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
