@@ -149,7 +149,8 @@ def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_we
         r1 = min(r0 + step, m)
         u = x[r0:r1] / norm_u[r0:r1].clamp_min(NORM_EPS).unsqueeze(1)
         u_scaled = u * s
-        slab = torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
+        # (a create_graph backward runs the backward op with autograd recording these ops: out= is refused there)
+        slab = u_scaled @ v.t() if u_scaled.requires_grad else torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
         positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
         if col_lse is not None and not unshifted:
             col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
