@@ -831,19 +831,24 @@ def _group_key(r: dict) -> tuple:
 
 def format_table(rows: list[dict]) -> str:
     """Measured rows as an aligned table (time, spread, TFLOP/s, floor ratio, memory, error, speed-up over
-    the eager reference of the same size), then one line per row that did not run, with the reason."""
-    ref = {_group_key(r): r["median_ms"] for r in rows if r["impl"] == "reference" and r["status"] == "ok"}
+    the eager reference of the same size, time and memory as fractions of the plain eager loss's), then one
+    line per row that did not run, with the reason."""
+    ok = lambda impl: {_group_key(r): r for r in rows if r["impl"] == impl and r["status"] == "ok"}
+    ref, plain = ok("reference"), ok("eager")
     head = ["op", "impl", "M", "d", "dtype", "phase", "median ms", "p20-p80 ms", "TFLOP/s", "x floor",
-            "extra mem", "max|err|", "x eager"]
+            "extra mem", "max|err|", "x eager", "t / plain", "mem / plain"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             continue
-        base = ref.get(_group_key(r))
+        base, peer = ref.get(_group_key(r)), plain.get(_group_key(r))
+        ratio = lambda a, b: a / b if a is not None and b else None
         body.append([r["op"], r["impl"], str(r["M"]), str(r["d"]), r["dtype"], r["phase"], _fmt(r["median_ms"], ".4g"),
                      f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}", _fmt(r["tflops"], ".3g"),
                      _fmt(r["floor_ratio"], ".2f"), _fmt_bytes(r["extra_bytes"]), _fmt(r.get("max_abs_err"), ".1e"),
-                     _fmt(base / r["median_ms"] if base and r["median_ms"] else None, ".2f")])
+                     _fmt(ratio(base and base["median_ms"], r["median_ms"]), ".2f"),
+                     _fmt(ratio(r["median_ms"], peer and peer["median_ms"]), ".3f"),
+                     _fmt(ratio(r["extra_bytes"], peer and peer["extra_bytes"]), ".3f")])
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)] if body else [len(h) for h in head]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
     if not body:

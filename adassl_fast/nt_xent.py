@@ -1,8 +1,15 @@
 """NT-Xent (SimCLR) as AdaSSL uses it: edited rows `cont` against target columns `targ` (SPEC 2.1, 3.1).
 
 Read top to bottom: the reference (the authors' materialising semantics, the oracle), the chunked torch
-kernels (row blocks, online statistics, recompute in backward: nothing M x M is ever held), the
-torch.library ops that every backend plugs into (`impl` picks the kernels), and the functional form.
+kernels (one loop over row blocks for every phase: nothing M x M is ever held), the torch.library ops that
+every backend plugs into (`impl` picks the kernels), and the functional form.
+
+The torch backend has two schedules, chosen by rule in the functional layer (`trains_in_one_pass`): when a
+gradient is needed (grad mode on, some input requires grad, not under torch.compile) one pass forms each
+logit block once and yields the loss and the gradients together (3 GEMMs per block; the op stashes the
+gradients for the backward, which scales them by grad_output); otherwise the forward computes statistics
+alone (1 GEMM per block) and the backward forms the blocks again from the saved LSEs (3 more). The double
+backward (a create_graph backward) always takes the two-pass backward. docs/backends.md has the table.
 The same core serves `info_nce` and the distributed schedules: each row has one positive column and at
 most one excluded column, given as index vectors (docs/backends.md).
 """
@@ -63,7 +70,8 @@ def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, s
 
 # ----------------------------------------------------------------------------------------------------
 # Chunked torch kernels. One loop over blocks of rows (`_row_blocks`) serves every phase: each block holds a
-# (rows x N) slab of logits, sized near 16 MB, so memory is O(M d + block) and the work is plain BLAS.
+# (rows x N) slab of logits, sized near 16 MB (one buffer for all blocks), so memory is O(M d + block) and the
+# work is plain BLAS.
 #   - statistics only (the forward without gradients): one GEMM per block;
 #   - gradients from saved LSEs (the two-pass backward, double backward, the distributed ring): three;
 #   - statistics and gradients together (the one-pass forward of training): three, where the two-pass
@@ -172,7 +180,8 @@ def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_we
         dcont[r0:r1] = normalize_backward(gv.mul_(grad_weight * s), u, norm_u[r0:r1])
     if not grads:
         return _Pass(row_lse, positive, sums, None, None, None)
-    for r0 in range(0, n, step):  # the normalisation backward of the columns, in place, block by block
+    # grad_v holds G^T (s U) already; the normalisation backward of the columns, in place, block by block
+    for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
         grad_v[r0:r1] = normalize_backward(grad_v[r0:r1].mul_(grad_weight), v[r0:r1], norm_v[r0:r1])
     dscale = (sum_gc * grad_weight * inv_temperature).to(scale.dtype)
