@@ -96,11 +96,12 @@ def _normalize(x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     return x / norm.clamp_min(NORM_EPS).unsqueeze(1), norm
 
 
-def normalize_backward(grad_u: Tensor, u: Tensor, norm: Tensor) -> Tensor:
-    """Gradient through u = x / max(||x||, eps): (g - (u.g) u) / ||x||, or g / eps below eps."""
-    radial = (u * grad_u).sum(1, keepdim=True)
-    above = (norm > NORM_EPS).unsqueeze(1)
-    return torch.where(above, (grad_u - radial * u) / norm.clamp_min(NORM_EPS).unsqueeze(1), grad_u / NORM_EPS)
+def _normalize_backward_(grad_u: Tensor, x: Tensor, norm: Tensor, radial: Tensor, weight) -> Tensor:
+    """grad_u (dL/du for u = x / max(||x||, eps)) becomes weight * dL/dx in place, with radial = x . grad_u per
+    row: weight (g - (u.g) u) / ||x||, or weight g / eps below eps. Whole-matrix ops, no M x d temporaries."""
+    inv = weight / norm.clamp_min(NORM_EPS)
+    along = torch.where(norm > NORM_EPS, radial * inv / norm.clamp_min(NORM_EPS) ** 2, 0.0)
+    return grad_u.mul_(inv.unsqueeze(1)).addcmul_(x, along.unsqueeze(1), value=-1)
 
 
 def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
@@ -140,14 +141,18 @@ def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_we
     unshifted = bound < _UNSHIFTED_BOUND
     x = cont.to(acc)
     norm_u = torch.linalg.vector_norm(x, dim=1)
+    row_factor = s / norm_u.clamp_min(NORM_EPS)  # u_i * s = x_i * row_factor_i
+    m, n, d = x.shape[0], targ.shape[0], x.shape[1]
+    # v with a column of ones: the GEMM that forms E V also sums each row of E (no separate pass over the slab)
     v, norm_v = _normalize(targ, acc)
-    m, n = x.shape[0], v.shape[0]
+    v_ones = torch.cat([v, v.new_ones(n, 1)], 1)
+    v = v_ones[:, :d]
     positive = torch.empty(m, dtype=acc, device=x.device)
     row_lse = torch.empty(m, dtype=acc, device=x.device) if lse is None else lse
     sums = torch.zeros(n, dtype=acc, device=x.device) if col_sum else None
     grads = grad_weight is not None
     if grads:
-        dcont = torch.empty_like(x, dtype=acc)
+        dcont = torch.empty_like(x)
         grad_v = torch.zeros_like(v)
         sum_gc = torch.zeros((), dtype=acc, device=x.device)
         col_w = None if col_lse is None or not unshifted else col_lse.neg().exp_()  # P'_ij = exp(S_ij) col_w_j
@@ -155,35 +160,47 @@ def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_we
     buffer = torch.empty(min(step, m), n, dtype=acc, device=x.device)  # one slab for every block
     for r0 in range(0, m, step):
         r1 = min(r0 + step, m)
-        u = x[r0:r1] / norm_u[r0:r1].clamp_min(NORM_EPS).unsqueeze(1)
-        u_scaled = u * s
+        pos_blk = pos[r0:r1]
+        u_scaled = x[r0:r1] * row_factor[r0:r1].unsqueeze(1)
         # (a create_graph backward runs the backward op with autograd recording these ops: out= is refused there)
         slab = u_scaled @ v.t() if u_scaled.requires_grad else torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
-        positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
+        positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos_blk, excl[r0:r1], clamp, clamp_active)
         if col_lse is not None and not unshifted:
             col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
-        row_w = _exp_rows(slab, row_lse, r0, r1, lse is None, unshifted)
+        shift = _exponentiate(slab, None if lse is None else lse[r0:r1], unshifted)
+        # row sums from the slab where no G V follows, or where the clamp's mask will change the slab first
+        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None) else None
         if sums is not None:
             sums += slab.sum(0)
         if not grads:
+            row_lse[r0:r1] = _log_plus(row_sum, shift)
             continue
+        # P = slab / row_scale; None: the slab holds P itself
+        row_scale = None if lse is None or not unshifted else lse[r0:r1].exp()
         if col_lse is not None:  # symmetric: G + 2 onehot = P + P', the row weights folded into the slab
             if unshifted:
-                slab.mul_(row_w.unsqueeze(1) + col_w)
+                slab.mul_(row_scale.reciprocal().unsqueeze(1) + col_w)
             else:
-                slab.add_(col_part)  # (row_w is None: the slab holds P already)
-            row_w, hot = None, hot * 2
+                slab.add_(col_part)
+            row_scale, hot = None, hot * 2
         if outside is not None:
             slab.masked_fill_(outside, 0.0)
-        gv = _block_gradient(slab, row_w, hot, pos[r0:r1], u_scaled, v, grad_v)
-        sum_gc += (gv * u).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
-        dcont[r0:r1] = normalize_backward(gv.mul_(grad_weight * s), u, norm_u[r0:r1])
+        gv_ones = slab @ v_ones
+        if lse is None:
+            row_sum = gv_ones[:, d] if row_sum is None else row_sum
+            row_lse[r0:r1] = _log_plus(row_sum, shift)
+            row_scale = row_sum
+        dcont[r0:r1] = _block_gradient(slab, gv_ones[:, :d], row_scale, hot, pos_blk, u_scaled, v, grad_v)
     if not grads:
         return _Pass(row_lse, positive, sums, None, None, None)
-    # grad_v holds G^T (s U) already; the normalisation backward of the columns, in place, block by block
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
-        grad_v[r0:r1] = normalize_backward(grad_v[r0:r1].mul_(grad_weight), v[r0:r1], norm_v[r0:r1])
+    # Whole-matrix work after the loop, in a few large ops: on a loaded machine every small parallel op
+    # in the loop waits for both threads to be scheduled. dcont holds G V, grad_v G^T (s U).
+    del slab, buffer
+    radial = torch.linalg.vecdot(x, dcont)
+    sum_gc = (radial / norm_u.clamp_min(NORM_EPS)).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
+    _normalize_backward_(dcont, x, norm_u, radial, grad_weight * s)
+    y = targ.to(acc)
+    _normalize_backward_(grad_v, y, norm_v, torch.linalg.vecdot(y, grad_v), grad_weight)
     dscale = (sum_gc * grad_weight * inv_temperature).to(scale.dtype)
     return _Pass(row_lse, positive, sums, dcont, grad_v, dscale)
 
@@ -193,7 +210,7 @@ def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
 
     Returns the positives' clamped logits (0 where pos = -1), the out-of-clamp mask (None when the clamp
     cannot bite) and `hot`: 1 where the row's positive column is present and inside the clamp, else 0 (the
-    onehot term of G, which enters the small products instead of the slab).
+    onehot term of G).
     """
     col = pos_blk.clamp_min(0).unsqueeze(1)
     raw = slab.gather(1, col).squeeze(1)
@@ -211,41 +228,36 @@ def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
     return torch.where(has_positive, raw, 0.0), outside, hot
 
 
-def _exp_rows(slab, lse, r0, r1, compute_lse, unshifted):
-    """Exponentiate the slab in place; return the row weights that turn it into the row softmax P (None: 1).
-
-    compute_lse: the block's LSEs go into lse[r0:r1] from these exps; else lse[r0:r1] is read.
-    """
+def _exponentiate(slab, lse_blk, unshifted):
+    """exp(S - shift) in place; returns the shift: None (|S| < 30), each row's LSE where given (the slab
+    becomes P), else each row's max."""
     if unshifted:
         slab.exp_()
-        if compute_lse:
-            lse[r0:r1] = slab.sum(1).log_()
-        return lse[r0:r1].neg().exp_()
-    if not compute_lse:
-        slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
-        return None  # the slab holds P itself
+        return None
     # (floored so a row whose only column is excluded gives -inf, not NaN)
-    row_max = slab.amax(1, keepdim=True).clamp_min_(-1e30)
-    sums = slab.sub_(row_max).exp_().sum(1)
-    lse[r0:r1] = sums.log().add_(row_max.squeeze(1))
-    return sums.reciprocal_()
+    shift = lse_blk.unsqueeze(1) if lse_blk is not None else slab.amax(1, keepdim=True).clamp_min_(-1e30)
+    slab.sub_(shift).exp_()
+    return shift
 
 
-def _block_gradient(e, row_w, hot, pos_blk, u_scaled, v, grad_v):
-    """G V of a block, with G = row_w * e - hot * onehot(pos) (row_w None: 1), and G^T (s U) added to grad_v.
+def _log_plus(row_sum, shift):
+    return row_sum.log() if shift is None else row_sum.log().add_(shift.squeeze(1))
 
-    The row weights and the onehot term act on the small (rows x d) operands, so the slab is read twice
-    (two GEMMs) and never rewritten.
+
+def _block_gradient(e, ev, row_scale, hot, pos_blk, u_scaled, v, grad_v):
+    """G V of a block, with G = e / row_scale - hot * onehot(pos) (row_scale None: 1) and ev = e V; adds
+    G^T (s U) to grad_v.
+
+    The row weights act on the small (rows x d) operands and the onehot on one entry per row, so the slab is
+    read by the two GEMMs and never rewritten whole.
     """
-    col = pos_blk.clamp_min(0)
-    gv = e @ v
-    if row_w is not None:
-        gv.mul_(row_w.unsqueeze(1))
-    weighted = u_scaled if row_w is None else u_scaled * row_w.unsqueeze(1)
+    col = pos_blk.clamp_min(0).unsqueeze(1)
+    hot_entry = hot if row_scale is None else hot * row_scale
+    e.scatter_add_(1, col, hot_entry.neg().unsqueeze(1))  # e - hot row_scale onehot = row_scale G
+    weighted = u_scaled if row_scale is None else u_scaled / row_scale.unsqueeze(1)
     grad_v.addmm_(e.t(), weighted)
-    # (index_put_ rather than index_add_, which on CPU costs as much as the whole GEMM above)
-    grad_v.index_put_((col,), u_scaled * hot.neg().unsqueeze(1), accumulate=True)
-    return gv.sub_(v.index_select(0, col) * hot.unsqueeze(1))
+    gv = ev if row_scale is None else ev / row_scale.unsqueeze(1)
+    return gv - v.index_select(0, col.squeeze(1)) * hot.unsqueeze(1)
 
 
 def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
