@@ -257,7 +257,7 @@ def plain_eager_nt_xent(cont, targ, temperature=0.1, clamp=20.0):
     logits = logits.clamp(-clamp, clamp)
     rows = torch.arange(logits.shape[0], device=logits.device)
     partner = (rows + logits.shape[0] // 2) % logits.shape[0]
-    logits = logits.index_put((rows, partner), torch.tensor(float("-inf"), device=logits.device))
+    logits = logits.index_put((rows, partner), logits.new_tensor(float("-inf")))
     return F.cross_entropy(logits, rows)
 
 
