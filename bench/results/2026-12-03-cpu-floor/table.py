@@ -1,35 +1,38 @@
-"""The side-by-side table from raw/r*-m*-{eager,before,after}/rows.json: median over rounds (fresh processes)."""
+"""The side-by-side table from raw/OP-rN-mM-{eager,before,after}/rows.json: median over rounds (fresh processes)."""
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 here = Path(__file__).parent
-cells = {}  # (M, variant) -> [(seconds, extra bytes)]
-for path in sorted(here.glob("raw/r*-m*-*/rows.json")):
-    _, m, variant = path.parent.name.split("-")
+cells = {}  # (op, M, variant) -> [(seconds, extra bytes)]
+notes = {}  # (op, M, variant) -> why a row did not run
+for path in sorted(here.glob("raw/*-r*-m*-*/rows.json")):
+    op, _, m, variant = path.parent.name.split("-")
     for row in json.loads(path.read_text()):
+        key = (op, int(m[1:]), variant)
         if row["status"] == "ok":
-            cells.setdefault((int(m[1:]), variant), []).append((row["median_ms"] / 1e3, row["extra_bytes"]))
+            cells.setdefault(key, []).append((row["median_ms"] / 1e3, row["extra_bytes"]))
+        else:
+            notes[key] = row["note"]
 names = {"eager": "plain eager PyTorch", "before": "adassl_fast torch, before (fcc2923)",
          "after": "adassl_fast torch, after"}
-print("| M | implementation | runs | time (median, s) | spread (s) | peak extra memory (median) | time / eager "
+print("| op | M | implementation | runs | time (median, s) | spread (s) | peak extra memory (median) | time / eager "
       "| memory / eager |")
-print("|---|---|---|---|---|---|---|---|")
-for m in sorted({m for m, _ in cells}):
-    eager = cells.get((m, "eager"))
+print("|---|---|---|---|---|---|---|---|---|")
+for op, m in sorted({(op, m) for op, m, _ in cells}):
+    eager = cells.get((op, m, "eager"))
     t_e = statistics.median(t for t, _ in eager) if eager else None
     b_e = statistics.median(b for _, b in eager) if eager else None
     for variant in ("eager", "before", "after"):
-        runs = cells.get((m, variant))
+        runs = cells.get((op, m, variant))
         if not runs:
-            print(f"| {m} | {names[variant]} | 0 | not measured | | | | |")
+            print(f"| {op} | {m} | {names[variant]} | 0 | not measured: {notes.get((op, m, variant), '-')} | | | | |")
             continue
         t = statistics.median(x for x, _ in runs)
         b = statistics.median(x for _, x in runs)
         spread = f"{min(x for x, _ in runs):.2f}-{max(x for x, _ in runs):.2f}"
         rt = f"{t / t_e:.3f}" if t_e else "-"
         rb = f"{b / b_e:.4f}" if b_e else "-"
-        print(f"| {m} | {names[variant]} | {len(runs)} | {t:.2f} | {spread} | {b / 2**20:.1f} MiB | {rt} | {rb} |")
-sys.exit(0)
+        mib = f"{b / 2**20:.1f} MiB"
+        print(f"| {op} | {m} | {names[variant]} | {len(runs)} | {t:.2f} | {spread} | {mib} | {rt} | {rb} |")
