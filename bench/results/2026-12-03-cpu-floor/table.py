@@ -31,8 +31,8 @@ for op, m in sorted({(op, m) for op, m, _ in cells}):
             continue
         t = statistics.median(x for x, _ in runs)
         b = statistics.median(x for _, x in runs)
-        spread = f"{min(x for x, _ in runs):.2f}-{max(x for x, _ in runs):.2f}"
+        spread = f"{min(x for x, _ in runs):.3f}-{max(x for x, _ in runs):.3f}"
         rt = f"{t / t_e:.3f}" if t_e else "-"
         rb = f"{b / b_e:.4f}" if b_e else "-"
         mib = f"{b / 2**20:.1f} MiB"
-        print(f"| {op} | {m} | {names[variant]} | {len(runs)} | {t:.2f} | {spread} | {mib} | {rt} | {rb} |")
+        print(f"| {op} | {m} | {names[variant]} | {len(runs)} | {t:.3f} | {spread} | {mib} | {rt} | {rb} |")
