@@ -78,7 +78,7 @@ def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, s
 #     schedule costs four. Each block holds whole rows, so its LSEs are known once its exps are summed, and
 #     the slab of exps becomes the gradient's slab with no recompute (as fused linear-cross-entropy does).
 # Nothing else of size M x d is held but v (the normalised columns), the two gradients and the inputs: the
-# rows are normalised block by block, and so is the normalisation backward.
+# rows are normalised block by block, and the normalisation backward works in place on the gradients.
 
 _SLAB_ELEMENTS = 1 << 22
 # exp(S) itself is summed where |S| < 30 (the usual settings: |scale / tau| or a clamp below 30): its sums
