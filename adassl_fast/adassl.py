@@ -21,7 +21,14 @@ from torch import Tensor
 from adassl_fast import _checks, latent
 from adassl_fast._dispatch import resolve_impl
 from adassl_fast._library import define_op, differentiable_backward
-from adassl_fast.nt_xent import _torch_backward, _torch_forward, nt_xent_reference, partner_indices
+from adassl_fast.nt_xent import (
+    _torch_backward,
+    _torch_forward,
+    _torch_forward_backward,
+    nt_xent_reference,
+    partner_indices,
+    trains_in_one_pass,
+)
 
 VARIANTS = ("v", "s")
 
@@ -128,12 +135,30 @@ def _torch_forward_adassl(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, no
     return l_ssl, l_reg, lse
 
 
+def _torch_forward_backward_adassl(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
+                                   inv_temperature, clamp, variant):
+    """(l_ssl, l_reg, lse, dcont, dtarg, dscale): the nt_xent core's one-pass training schedule on the edited
+    rows, its gradients for grad_ssl = 1 (the backward scales them and runs the latent prologue's backward)."""
+    cont, targ, l_reg = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
+    pos, excl = partner_indices(cont.shape[0], cont.device)
+    l_ssl, lse, dcont, dtarg, dscale = _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp)
+    return l_ssl, l_reg, lse, dcont, dtarg, dscale
+
+
 def _torch_backward_adassl(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
                            noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
     cont, targ, _ = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     pos, excl = partner_indices(cont.shape[0], cont.device)
     dcont, dtarg, dscale = _torch_backward(grad_ssl, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, True)
+    return _prologue_backward(dcont, dtarg, dscale, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx,
+                              noise_xy, noise_yx, variant)
+
+
+def _prologue_backward(dcont, dtarg, dscale, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
+                       noise_yx, variant):
+    """The op's seven gradients from the core's (dcont, dtarg, dscale) on the edited rows (accumulation dtype)
+    and grad_reg: the latent prologue's analytic backward."""
+    acc = _checks.accumulation_dtype(emb_x.dtype)
     b = emb_x.shape[0]
     reg_weight = grad_reg.to(acc) / (2 * b)
     up = lambda t: t.to(acc) if t.numel() else None
@@ -203,11 +228,26 @@ def _backward_fake(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy,
     return tuple(torch.empty_like(t) for t in (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, scale))
 
 
+def _one_pass_kernel(*args):
+    *tensors_and_options, impl, deterministic = args
+    if impl != "torch":
+        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
+    return _torch_forward_backward_adassl(*tensors_and_options)
+
+
+def _one_pass_fake(emb_x, emb_y, *args):
+    acc = _checks.accumulation_dtype(emb_x.dtype)
+    rows = emb_x.new_empty((2 * emb_x.shape[0], emb_x.shape[1]), dtype=acc)
+    scale = args[6]
+    return *_forward_fake(emb_x, emb_y, *args), rows, torch.empty_like(rows), torch.empty_like(scale)
+
+
 def _setup_context(ctx, inputs, output):
     *tensors, inv_temperature, clamp, variant, impl, deterministic = inputs
-    ctx.save_for_backward(*tensors, output[2])
+    lse, *stash = output[2:]  # stash: the one-pass op's (dcont, dtarg, dscale) on the edited rows, grad_ssl = 1
+    ctx.save_for_backward(*tensors, lse, *stash)
     ctx.options = (inv_temperature, clamp, variant, impl, deterministic)
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(lse, *stash)
     ctx.set_materialize_grads(False)  # no zero-filled (2B,) gradient for lse, which nothing differentiates
 
 
@@ -224,10 +264,11 @@ def _reference_losses(inv_temperature, clamp, variant):
     return losses
 
 
-def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
+def _autograd_backward(ctx, grad_ssl, grad_reg, *_grad_lse_and_stash):
     if grad_ssl is None and grad_reg is None:  # neither loss was differentiated
         return (None,) * 14
-    *tensors, lse = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    tensors, lse, stash = saved[:9], saved[9], saved[10:]
     # a loss the caller did not differentiate arrives as None (grads are not materialised)
     grad_ssl = lse.new_zeros(()) if grad_ssl is None else grad_ssl
     grad_reg = lse.new_zeros(()) if grad_reg is None else grad_reg
@@ -239,7 +280,11 @@ def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
         grads = differentiable_backward("adassl_nt_xent", impl, _reference_losses(inv_temperature, clamp, variant),
                                         tensors, (grad_ssl, grad_reg), why)
         return (*grads, None, None, None, None, None)
-    grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
+    if stash:  # the one-pass op's core gradients on the edited rows (for grad_ssl = 1), scaled
+        dcont, dtarg, dscale = (g * grad_ssl for g in stash)
+        grads = _prologue_backward(dcont, dtarg, dscale, grad_reg, *tensors[:8], variant)
+    else:
+        grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
     demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
     has_prior = tensors[4].numel() > 0
     return (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy if has_prior else None,
@@ -248,20 +293,29 @@ def _autograd_backward(ctx, grad_ssl, grad_reg, _grad_lse):
 
 _TENSORS = ("Tensor emb_x, Tensor emb_y, Tensor post_xy, Tensor post_yx, Tensor prior_xy, Tensor prior_yx, "
             "Tensor noise_xy, Tensor noise_yx, Tensor scale")
+_OPTIONS = "float inv_temperature, float? clamp, str variant, str impl, bool deterministic"
 # -> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)
 adassl_backward_op = define_op(
-    f"adassl_backward(Tensor grad_ssl, Tensor grad_reg, {_TENSORS}, Tensor lse, float inv_temperature, "
-    "float? clamp, str variant, str impl, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-    "Tensor)",
+    f"adassl_backward(Tensor grad_ssl, Tensor grad_reg, {_TENSORS}, Tensor lse, {_OPTIONS}) -> (Tensor, Tensor, "
+    "Tensor, Tensor, Tensor, Tensor, Tensor)",
     _backward_kernel,
     _backward_fake,
 )
 # -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype
 adassl_forward_op = define_op(
-    f"adassl_forward({_TENSORS}, float inv_temperature, float? clamp, str variant, str impl, bool deterministic) "
-    "-> (Tensor, Tensor, Tensor)",
+    f"adassl_forward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
     _forward_kernel,
     _forward_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
+# Training on the torch backend (nt_xent.trains_in_one_pass): the forward and the core's gradients for
+# grad_ssl = 1 in one pass, -> (l_ssl, l_reg, lse, dcont (2B, d), dtarg (2B, d), dscale) in the accumulation
+# dtype; the backward scales the stash and runs the latent prologue's backward.
+adassl_forward_backward_op = define_op(
+    f"adassl_forward_backward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _one_pass_kernel,
+    _one_pass_fake,
     backward=_autograd_backward,
     setup_context=_setup_context,
 )
@@ -372,6 +426,8 @@ def adassl_nt_xent(
             emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
             temperature=temperature, scale=lam, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
         )
-    l_ssl, l_reg, _ = adassl_forward_op(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam,
-                                        1.0 / temperature, clamp, variant, impl, deterministic)
+    args = (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, 1.0 / temperature, clamp,
+            variant, impl, deterministic)
+    one_pass = trains_in_one_pass(impl, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, lam)
+    l_ssl, l_reg, *_ = (adassl_forward_backward_op if one_pass else adassl_forward_op)(*args)
     return l_ssl, l_reg

@@ -34,7 +34,8 @@ from pathlib import Path
 from adassl_fast.cli import Option, Parser, device_flag
 
 OPS = ("nt_xent", "info_nce", "adassl")
-IMPLS = ("reference", "compile", "torch", "triton", "cuda")
+# "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, PERF.md)
+IMPLS = ("reference", "eager", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
 # fixed backward schedule, as (backend, environment, deterministic: None = the run's --atomic setting).
 # "triton_mma_sync" is the Triton backend under Triton's own switch DISABLE_MMA_V3=1 (read by its compiler, part
@@ -249,6 +250,48 @@ def _reference_loss(op: str):
     return adassl
 
 
+def plain_eager_nt_xent(cont, targ, temperature=0.1, clamp=20.0):
+    """NT-Xent as users write it in plain PyTorch: the M x M logits, clamped, the partner column at -inf."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.normalize(cont, dim=1) @ F.normalize(targ, dim=1).T / temperature
+    logits = logits.clamp(-clamp, clamp)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    partner = (rows + logits.shape[0] // 2) % logits.shape[0]
+    logits = logits.index_put((rows, partner), logits.new_tensor(float("-inf")))
+    return F.cross_entropy(logits, rows)
+
+
+def plain_eager_info_nce(query, key, temperature=0.07):
+    """CLIP's symmetric InfoNCE in plain PyTorch (as OpenCLIP's ClipLoss computes it on one process)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.normalize(query, dim=1) @ F.normalize(key, dim=1).T / temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _plain_eager_loss(op: str):
+    """The plain eager peer of `op`: AdaSSL's latent edit as the reference composes it, then plain NT-Xent."""
+    import torch
+
+    from adassl_fast.adassl import _reference_direction
+
+    if op == "nt_xent":
+        return plain_eager_nt_xent
+    if op == "info_nce":
+        return plain_eager_info_nce
+
+    def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
+        r_xy, reg_xy = _reference_direction(pxy, qxy, nxy, "v")
+        r_yx, reg_yx = _reference_direction(pyx, qyx, nyx, "v")
+        return plain_eager_nt_xent(torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey])) + (reg_xy + reg_yx) / 2
+
+    return adassl
+
+
 def loss_function(op: str, impl: str, deterministic: bool = True):
     """A callable (*inputs) -> 0-dim loss for `impl` ("compile" = torch.compile of the reference)."""
     import adassl_fast
@@ -258,6 +301,8 @@ def loss_function(op: str, impl: str, deterministic: bool = True):
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if impl == "reference":
         return _reference_loss(op)
+    if impl == "eager":
+        return _plain_eager_loss(op)
     if impl == "compile":
         import torch
 
@@ -641,8 +686,8 @@ def pre_skip_reason(spec: dict, settings: dict, probe: dict) -> str | None:
         backend, env, det = DIAGNOSTICS[impl]
         how = " ".join([f"{k}={v}" for k, v in env.items()] + ([f"deterministic={det}"] if det is not None else []))
         return f"{impl}: a GPU diagnostic ({backend} with {how}), nothing to measure on CPU"
-    if impl in ("reference", "compile") and m > settings["ref_max_m"]:
-        return f"reference materialises M x M logits: not run above M = {settings['ref_max_m']} (--ref-max-m)"
+    if impl in ("reference", "eager", "compile") and m > settings["ref_max_m"]:
+        return f"{impl} materialises M x M logits: not run above M = {settings['ref_max_m']} (--ref-max-m)"
     if impl == "torch" and m > settings["torch_max_m"]:
         return f"chunked torch backend too slow here: not run above M = {settings['torch_max_m']} (--torch-max-m)"
     if impl in probe and probe[impl]:
@@ -788,19 +833,24 @@ def _group_key(r: dict) -> tuple:
 
 def format_table(rows: list[dict]) -> str:
     """Measured rows as an aligned table (time, spread, TFLOP/s, floor ratio, memory, error, speed-up over
-    the eager reference of the same size), then one line per row that did not run, with the reason."""
-    ref = {_group_key(r): r["median_ms"] for r in rows if r["impl"] == "reference" and r["status"] == "ok"}
+    the eager reference of the same size, time and memory as fractions of the plain eager loss's), then one
+    line per row that did not run, with the reason."""
+    ok = lambda impl: {_group_key(r): r for r in rows if r["impl"] == impl and r["status"] == "ok"}
+    ref, plain = ok("reference"), ok("eager")
     head = ["op", "impl", "M", "d", "dtype", "phase", "median ms", "p20-p80 ms", "TFLOP/s", "x floor",
-            "extra mem", "max|err|", "x eager"]
+            "extra mem", "max|err|", "x eager", "t / plain", "mem / plain"]
     body = []
     for r in rows:
         if r["status"] != "ok":
             continue
-        base = ref.get(_group_key(r))
+        base, peer = ref.get(_group_key(r)), plain.get(_group_key(r))
+        ratio = lambda a, b: a / b if a is not None and b else None
         body.append([r["op"], r["impl"], str(r["M"]), str(r["d"]), r["dtype"], r["phase"], _fmt(r["median_ms"], ".4g"),
                      f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}", _fmt(r["tflops"], ".3g"),
                      _fmt(r["floor_ratio"], ".2f"), _fmt_bytes(r["extra_bytes"]), _fmt(r.get("max_abs_err"), ".1e"),
-                     _fmt(base / r["median_ms"] if base and r["median_ms"] else None, ".2f")])
+                     _fmt(ratio(base and base["median_ms"], r["median_ms"]), ".2f"),
+                     _fmt(ratio(r["median_ms"], peer and peer["median_ms"]), ".3f"),
+                     _fmt(ratio(r["extra_bytes"], peer and peer["extra_bytes"]), ".3f")])
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)] if body else [len(h) for h in head]
     lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *body]]
     if not body:

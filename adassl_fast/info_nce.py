@@ -20,16 +20,14 @@ from adassl_fast._dispatch import resolve_impl
 from adassl_fast._library import define_op, differentiable_backward
 from adassl_fast.nt_xent import (
     NORM_EPS,
-    _fixed_shift,
-    _logit_bound,
-    _row_statistics,
-    _scaled_operands,
+    _row_blocks,
     _torch_backward,
     _torch_forward,
     clamp_inclusive,
     contrastive_loss,
     contrastive_reference,
     diagonal_indices,
+    one_exp_pass,
 )
 
 
@@ -80,16 +78,14 @@ def _symmetric_backward(directional):
 
 
 def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
-    """One pass for both directions where one shift serves rows and columns (|scale / tau| < 30, or a clamp
+    """One pass for both directions where one exp serves rows and columns (|scale / tau| < 30, or a clamp
     below 30: the usual settings), else one pass per direction."""
-    if _fixed_shift(_logit_bound(float(scale) * inv_temperature, clamp)[0]) is None:
+    if not one_exp_pass(scale, inv_temperature, clamp):
         return _symmetric_forward(_torch_forward)(query, key, scale, inv_temperature, clamp)
-    u, v, shift, clamp_active = _scaled_operands(query, key, scale, inv_temperature, clamp)
     pos, excl = diagonal_indices(query.shape[0], query.device)
-    col_sum = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum)
-    col_lse = col_sum.log_().add_(shift)
-    return ((lse - positive).mean() + (col_lse - positive).mean()) / 2, torch.stack([lse, col_lse])
+    p = _row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True)
+    col_lse = p.col_sum.log_()
+    return ((p.lse - p.positive).mean() + (col_lse - p.positive).mean()) / 2, torch.stack([p.lse, col_lse])
 
 
 def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):

@@ -1,13 +1,22 @@
 """NT-Xent (SimCLR) as AdaSSL uses it: edited rows `cont` against target columns `targ` (SPEC 2.1, 3.1).
 
 Read top to bottom: the reference (the authors' materialising semantics, the oracle), the chunked torch
-kernels (row blocks, online statistics, recompute in backward: nothing M x M is ever held), the
-torch.library ops that every backend plugs into (`impl` picks the kernels), and the functional form.
+kernels (one loop over row blocks for every phase: nothing M x M is ever held), the torch.library ops that
+every backend plugs into (`impl` picks the kernels), and the functional form.
+
+The torch backend has two schedules, chosen by rule in the functional layer (`trains_in_one_pass`): when a
+gradient is needed (grad mode on, some input requires grad, not under torch.compile) one pass forms each
+logit block once and yields the loss and the gradients together (3 GEMMs per block; the op stashes the
+gradients for the backward, which scales them by grad_output); otherwise the forward computes statistics
+alone (1 GEMM per block) and the backward forms the blocks again from the saved LSEs (3 more). The double
+backward (a create_graph backward) always takes the two-pass backward. docs/backends.md has the table.
 The same core serves `info_nce` and the distributed schedules: each row has one positive column and at
 most one excluded column, given as index vectors (docs/backends.md).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +87,21 @@ def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chunked torch kernels. Each block of rows holds a (rows x N) slab of logits, sized so the slab stays
-# near 16 MB: the memory is O(M d + block), and the work is plain BLAS so it is fast on CPUs.
+# Chunked torch kernels. One loop over blocks of rows (`_row_blocks`) serves every phase: each block holds a
+# (rows x N) slab of logits, sized near 16 MB (one buffer for all blocks), so memory is O(M d + block) and the
+# work is plain BLAS.
+#   - statistics only (the forward without gradients): one GEMM per block;
+#   - gradients from saved LSEs (the two-pass backward, double backward, the distributed ring): three;
+#   - statistics and gradients together (the one-pass forward of training): three, where the two-pass
+#     schedule costs four. Each block holds whole rows, so its LSEs are known once its exps are summed, and
+#     the slab of exps becomes the gradient's slab with no recompute (as fused linear-cross-entropy does).
+# Nothing else of size M x d is held but v (the normalised columns), the two gradients and the inputs: the
+# rows are normalised block by block, and the normalisation backward works in place on the gradients.
 
 _SLAB_ELEMENTS = 1 << 22
+# exp(S) itself is summed where |S| < 30 (the usual settings: |scale / tau| or a clamp below 30): its sums
+# stay far inside float32's range, and one exp per element serves row and column statistics alike.
+_UNSHIFTED_BOUND = 30.0
 
 
 def _rows_per_block(n_cols: int) -> int:
@@ -94,11 +114,12 @@ def _normalize(x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     return x / norm.clamp_min(NORM_EPS).unsqueeze(1), norm
 
 
-def normalize_backward(grad_u: Tensor, u: Tensor, norm: Tensor) -> Tensor:
-    """Gradient through u = x / max(||x||, eps): (g - (u.g) u) / ||x||, or g / eps below eps."""
-    radial = (u * grad_u).sum(1, keepdim=True)
-    above = (norm > NORM_EPS).unsqueeze(1)
-    return torch.where(above, (grad_u - radial * u) / norm.clamp_min(NORM_EPS).unsqueeze(1), grad_u / NORM_EPS)
+def _normalize_backward_(grad_u: Tensor, x: Tensor, norm: Tensor, radial: Tensor, weight) -> Tensor:
+    """grad_u (dL/du for u = x / max(||x||, eps)) becomes weight * dL/dx in place, with radial = x . grad_u per
+    row: weight (g - (u.g) u) / ||x||, or weight g / eps below eps. Whole-matrix ops, no M x d temporaries."""
+    inv = weight / norm.clamp_min(NORM_EPS)
+    along = torch.where(norm > NORM_EPS, radial * inv / norm.clamp_min(NORM_EPS) ** 2, 0.0)
+    return grad_u.mul_(inv.unsqueeze(1)).addcmul_(x, along.unsqueeze(1), value=-1)
 
 
 def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
@@ -109,124 +130,177 @@ def _logit_bound(s: float, clamp: float | None) -> tuple[float, bool]:
     return bound, False
 
 
-def _fixed_shift(bound: float) -> float | None:
-    """`bound` where it is a valid log-sum-exp shift for every row and column, else None.
+def one_exp_pass(scale, inv_temperature: float, clamp: float | None) -> bool:
+    """Whether exp(S) needs no shift for any row or column (so one pass gives row and column statistics)."""
+    return _logit_bound(float(scale) * inv_temperature, clamp)[0] < _UNSHIFTED_BOUND
 
-    Logits lie in [-bound, bound], so exp(S - bound) lies in [exp(-2 bound), 1]: far from underflow when
-    2 bound < 60. Then no row-max pass is needed, and one exp serves row and column statistics alike.
+
+class _Pass(NamedTuple):
+    lse: Tensor  # (M,) row LSEs (computed, or the ones given)
+    positive: Tensor  # (M,) clamped logit of each row's positive column (0 where pos = -1)
+    col_sum: Tensor | None  # (N,) sum_i exp(S_ij), when asked for
+    dcont: Tensor | None  # (M, d) and (N, d) in the accumulation dtype, and the 0-dim dscale like `scale`
+    dtarg: Tensor | None
+    dscale: Tensor | None
+
+
+def _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_weight=None, lse=None, col_lse=None,
+                col_sum=False) -> _Pass:
+    """One pass over the row blocks of S = scale / tau * u v^T, clamped, each row's excluded column removed.
+
+    grad_weight (float or 0-dim tensor) w: also the gradients of w * sum_i [lse_i - S_{i,pos_i}] (plus
+    w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
+    lse (M,): the row LSEs to differentiate with (the two-pass backward); None computes them in this pass.
+    col_sum: also sum_i exp(S_ij) (needs `one_exp_pass`).
     """
-    return bound if 2 * bound < 60 else None
+    acc = _checks.accumulation_dtype(cont.dtype)
+    s = float(scale) * inv_temperature
+    bound, clamp_active = _logit_bound(s, clamp)
+    unshifted = bound < _UNSHIFTED_BOUND
+    x = cont.to(acc)
+    norm_u = torch.linalg.vector_norm(x, dim=1)
+    row_factor = s / norm_u.clamp_min(NORM_EPS)  # u_i * s = x_i * row_factor_i
+    m, n, d = x.shape[0], targ.shape[0], x.shape[1]
+    # v with a column of ones: the GEMM that forms E V also sums each row of E (no separate pass over the slab)
+    v, norm_v = _normalize(targ, acc)
+    v_ones = torch.cat([v, v.new_ones(n, 1)], 1)
+    v = v_ones[:, :d]
+    positive = torch.empty(m, dtype=acc, device=x.device)
+    row_lse = torch.empty(m, dtype=acc, device=x.device) if lse is None else lse
+    sums = torch.zeros(n, dtype=acc, device=x.device) if col_sum else None
+    grads = grad_weight is not None
+    if grads:
+        dcont = torch.empty_like(x)
+        grad_v = torch.zeros_like(v)
+        sum_gc = torch.zeros((), dtype=acc, device=x.device)
+        col_w = None if col_lse is None or not unshifted else col_lse.neg().exp_()  # P'_ij = exp(S_ij) col_w_j
+    step = _rows_per_block(n)
+    buffer = torch.empty(min(step, m), n, dtype=acc, device=x.device)  # one slab for every block
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        pos_blk = pos[r0:r1]
+        u_scaled = x[r0:r1] * row_factor[r0:r1].unsqueeze(1)
+        # (a create_graph backward runs the backward op with autograd recording these ops: out= is refused there)
+        slab = u_scaled @ v.t() if u_scaled.requires_grad else torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
+        positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos_blk, excl[r0:r1], clamp, clamp_active)
+        if col_lse is not None and not unshifted:
+            col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
+        shift = _exponentiate(slab, None if lse is None else lse[r0:r1], unshifted)
+        # row sums from the slab where no G V follows, or where the clamp's mask will change the slab first
+        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None) else None
+        if sums is not None:
+            sums += slab.sum(0)
+        if not grads:
+            row_lse[r0:r1] = _log_plus(row_sum, shift)
+            continue
+        # P = slab / row_scale; None: the slab holds P itself
+        row_scale = None if lse is None or not unshifted else lse[r0:r1].exp()
+        if col_lse is not None:  # symmetric: G + 2 onehot = P + P', the row weights folded into the slab
+            if unshifted:
+                slab.mul_(row_scale.reciprocal().unsqueeze(1) + col_w)
+            else:
+                slab.add_(col_part)
+            row_scale, hot = None, hot * 2
+        if outside is not None:
+            slab.masked_fill_(outside, 0.0)
+        gv_ones = slab @ v_ones
+        if lse is None:
+            row_sum = gv_ones[:, d] if row_sum is None else row_sum
+            row_lse[r0:r1] = _log_plus(row_sum, shift)
+            row_scale = row_sum
+        dcont[r0:r1] = _block_gradient(slab, gv_ones[:, :d], row_scale, hot, pos_blk, u_scaled, v, grad_v)
+    if not grads:
+        return _Pass(row_lse, positive, sums, None, None, None)
+    # Whole-matrix work after the loop, in a few large ops: on a loaded machine every small parallel op
+    # in the loop waits for both threads to be scheduled. dcont holds G V, grad_v G^T (s U).
+    del slab, buffer
+    radial = torch.linalg.vecdot(x, dcont)
+    sum_gc = (radial / norm_u.clamp_min(NORM_EPS)).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
+    _normalize_backward_(dcont, x, norm_u, radial, grad_weight * s)
+    y = targ.to(acc)
+    _normalize_backward_(grad_v, y, norm_v, torch.linalg.vecdot(y, grad_v), grad_weight)
+    dscale = (sum_gc * grad_weight * inv_temperature).to(scale.dtype)
+    return _Pass(row_lse, positive, sums, dcont, grad_v, dscale)
 
 
-def _logit_slab(u_scaled_blk, v, pos_blk, excl_blk, clamp, clamp_active):
-    """Clamped logits of a row block (the scale is folded into the rows) with excluded columns at -inf.
+def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
+    """Clamp the slab in place and set each row's excluded column to -inf.
 
-    Returns the slab, the positives' logits (0 where pos = -1) and the out-of-clamp mask (None when the
-    clamp cannot bite).
+    Returns the positives' clamped logits (0 where pos = -1), the out-of-clamp mask (None when the clamp
+    cannot bite) and `hot`: 1 where the row's positive column is present and inside the clamp, else 0 (the
+    onehot term of G).
     """
-    slab = u_scaled_blk @ v.t()
+    col = pos_blk.clamp_min(0).unsqueeze(1)
+    raw = slab.gather(1, col).squeeze(1)
+    has_positive = pos_blk >= 0
     outside = None
+    hot = has_positive.to(slab.dtype)
     if clamp_active:
         outside = (slab > clamp) | (slab < -clamp)
         slab.clamp_(-clamp, clamp)
-    positive = torch.where(pos_blk >= 0, slab.gather(1, pos_blk.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+        hot.mul_(raw.abs() <= clamp)  # the inclusive indicator
+        raw = raw.clamp(-clamp, clamp)
     # Rows without an excluded column (excl = -1) write their own value back: no data-dependent branch.
     col = excl_blk.clamp_min(0).unsqueeze(1)
-    kept = slab.gather(1, col)
-    slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), kept))
-    return slab, positive, outside
+    slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), slab.gather(1, col)))
+    return torch.where(has_positive, raw, 0.0), outside, hot
 
 
-def _scaled_operands(cont, targ, scale, inv_temperature, clamp):
-    """(u * scale / tau, v, the fixed shift or None, whether the clamp can bite) in the accumulation dtype."""
-    acc = _checks.accumulation_dtype(cont.dtype)
-    s = float(scale) * inv_temperature
-    u, _ = _normalize(cont, acc)
-    v, _ = _normalize(targ, acc)
-    bound, clamp_active = _logit_bound(s, clamp)
-    return u.mul_(s), v, _fixed_shift(bound), clamp_active
+def _exponentiate(slab, lse_blk, unshifted):
+    """exp(S - shift) in place; returns the shift: None (|S| < 30), each row's LSE where given (the slab
+    becomes P), else each row's max."""
+    if unshifted:
+        slab.exp_()
+        return None
+    # (floored so a row whose only column is excluded gives -inf, not NaN)
+    shift = lse_blk.unsqueeze(1) if lse_blk is not None else slab.amax(1, keepdim=True).clamp_min_(-1e30)
+    slab.sub_(shift).exp_()
+    return shift
 
 
-def _row_statistics(u, v, pos, excl, clamp, clamp_active, shift, col_sum=None):
-    """(lse (M,), positive logit (M,)) of the rows of S = u v^T (the scale folded into u), block by block.
+def _log_plus(row_sum, shift):
+    return row_sum.log() if shift is None else row_sum.log().add_(shift.squeeze(1))
 
-    shift: a log-sum-exp shift valid for every row (`_fixed_shift`), or None for each row's max.
-    col_sum (N,): with a fixed shift, also receives sum_i exp(S_ij - shift), the column statistics from
-    the same exps (symmetric InfoNCE).
+
+def _block_gradient(e, ev, row_scale, hot, pos_blk, u_scaled, v, grad_v):
+    """G V of a block, with G = e / row_scale - hot * onehot(pos) (row_scale None: 1) and ev = e V; adds
+    G^T (s U) to grad_v.
+
+    The row weights act on the small (rows x d) operands and the onehot on one entry per row, so the slab is
+    read by the two GEMMs and never rewritten whole.
     """
-    m = u.shape[0]
-    lse = torch.empty(m, dtype=u.dtype, device=u.device)
-    positive = torch.empty(m, dtype=u.dtype, device=u.device)
-    step = _rows_per_block(v.shape[0])
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        slab, positive[r0:r1], _ = _logit_slab(u[r0:r1], v, pos[r0:r1], excl[r0:r1], clamp, clamp_active)
-        if shift is None:
-            # (floored so a row whose only column is excluded gives -inf, not NaN)
-            row_max = slab.amax(1, keepdim=True).clamp_min_(-1e30)
-            lse[r0:r1] = slab.sub_(row_max).exp_().sum(1).log_().add_(row_max.squeeze(1))
-        else:
-            e = slab.sub_(shift).exp_()
-            lse[r0:r1] = e.sum(1).log_().add_(shift)
-            if col_sum is not None:
-                col_sum += e.sum(0)
-    return lse, positive
+    col = pos_blk.clamp_min(0).unsqueeze(1)
+    hot_entry = hot if row_scale is None else hot * row_scale
+    e.scatter_add_(1, col, hot_entry.neg().unsqueeze(1))  # e - hot row_scale onehot = row_scale G
+    weighted = u_scaled if row_scale is None else u_scaled / row_scale.unsqueeze(1)
+    grad_v.addmm_(e.t(), weighted)
+    gv = ev if row_scale is None else ev / row_scale.unsqueeze(1)
+    return gv - v.index_select(0, col.squeeze(1)) * hot.unsqueeze(1)
 
 
 def _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
-    u, v, shift, clamp_active = _scaled_operands(cont, targ, scale, inv_temperature, clamp)
-    lse, positive = _row_statistics(u, v, pos, excl, clamp, clamp_active, shift)
-    return (lse - positive).mean(), lse
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp)
+    return (p.lse - p.positive).mean(), p.lse
 
 
 def _torch_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
                     col_lse=None):
-    """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}].
+    """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}] from the saved LSEs.
 
     col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
     (pos = arange, nothing excluded): both directions' softmaxes go into one G, one pass for both.
     """
-    acc = _checks.accumulation_dtype(cont.dtype)
-    s = float(scale) * inv_temperature
-    u, norm_u = _normalize(cont, acc)
-    v, norm_v = _normalize(targ, acc)
-    u_scaled = u * s
-    bound, clamp_active = _logit_bound(s, clamp)
-    shift = _fixed_shift(bound)
-    if col_lse is not None and shift is not None:
-        # P_ij + P'_ij = exp(S_ij - shift) (a_i + b_j): one exp per element for both directions
-        row_w, col_w = (shift - lse).exp_(), (shift - col_lse).exp_()
-    m = u.shape[0]
-    grad_u = torch.empty_like(u)
-    grad_v = torch.zeros_like(v)
-    sum_gc = torch.zeros((), dtype=acc, device=u.device)
-    step = _rows_per_block(v.shape[0])
-    for r0 in range(0, m, step):
-        r1 = min(r0 + step, m)
-        pos_blk = pos[r0:r1]
-        slab, _, outside = _logit_slab(u_scaled[r0:r1], v, pos_blk, excl[r0:r1], clamp, clamp_active)
-        # G / w = (P - onehot(pos)) * [inside clamp], P = 0 at the excluded column; the scalar row weight
-        # w = grad_loss / M is applied to the small products below instead of the slab.
-        hot = (pos_blk >= 0).to(acc).neg_()
-        if col_lse is None:
-            g = slab.sub_(lse[r0:r1].unsqueeze(1)).exp_()
-        elif shift is not None:
-            hot.mul_(2)
-            g = slab.sub_(shift).exp_().mul_(row_w[r0:r1].unsqueeze(1) + col_w)
-        else:
-            hot.mul_(2)
-            g = (slab - col_lse).exp_().add_(slab.sub_(lse[r0:r1].unsqueeze(1)).exp_())
-        g.scatter_add_(1, pos_blk.clamp_min(0).unsqueeze(1), hot.unsqueeze(1))
-        if outside is not None:
-            g.masked_fill_(outside, 0.0)
-        gv = g @ v
-        sum_gc += (gv * u[r0:r1]).sum()  # sum_ij G_ij C_ij = sum_i u_i . (G V)_i
-        grad_u[r0:r1] = gv
-        grad_v.addmm_(g.t(), u[r0:r1])
-    w = grad_loss.to(acc) / (2 * m if col_lse is not None else m)
-    dcont = normalize_backward(grad_u.mul_(w * s), u, norm_u).to(cont.dtype)
-    dtarg = normalize_backward(grad_v.mul_(w * s), v, norm_v).to(targ.dtype)
-    return dcont, dtarg, (sum_gc * w * inv_temperature).to(scale.dtype)
+    weight = grad_loss.to(lse.dtype) / (2 * cont.shape[0] if col_lse is not None else cont.shape[0])
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=weight, lse=lse,
+                    col_lse=col_lse)
+    return p.dcont.to(cont.dtype), p.dtarg.to(targ.dtype), p.dscale
+
+
+def _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+    """(loss, lse, dcont, dtarg, dscale) in one pass: the gradients for grad_loss = 1, in the accumulation
+    dtype (the op's backward scales them by the incoming gradient)."""
+    p = _row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0])
+    return (p.lse - p.positive).mean(), p.lse, p.dcont, p.dtarg, p.dscale
 
 
 def _kernels(impl: str):
@@ -268,24 +342,40 @@ def _backward_fake(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature
     return torch.empty_like(cont), torch.empty_like(targ), torch.empty_like(scale)
 
 
+def _one_pass_kernel(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+    if impl != "torch":
+        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
+    return _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp)
+
+
+def _one_pass_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    stash = cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
+    return *_forward_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic), *stash
+
+
 def _setup_context(ctx, inputs, output):
     cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic = inputs
-    ctx.save_for_backward(cont, targ, pos, excl, scale, output[1])
+    lse, *stash = output[1:]  # stash: the one-pass op's (dcont, dtarg, dscale) for grad_loss = 1
+    ctx.save_for_backward(cont, targ, pos, excl, scale, lse, *stash)
     ctx.options = (inv_temperature, clamp, impl, deterministic)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(lse, *stash)
     ctx.set_materialize_grads(False)  # no zero-filled (M,) gradient for lse, which nothing differentiates
 
 
-def _autograd_backward(ctx, grad_loss, _grad_lse):
+def _autograd_backward(ctx, grad_loss, *_grad_lse_and_stash):
     if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
         return (None,) * 9
-    cont, targ, pos, excl, scale, lse = ctx.saved_tensors
+    cont, targ, pos, excl, scale, lse, *stash = ctx.saved_tensors
     inv_temperature, clamp, impl, deterministic = ctx.options
     if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
         dcont, dtarg, dscale = differentiable_backward(
             "nt_xent", impl, lambda c, t, s: contrastive_reference(c, t, pos, excl, s, inv_temperature, clamp),
             (cont, targ, scale), grad_loss,
         )
+    elif stash:  # the one-pass op's gradients (for grad_loss = 1), scaled
+        dcont, dtarg, dscale = (g * grad_loss for g in stash)
+        dcont, dtarg = dcont.to(cont.dtype), dtarg.to(targ.dtype)
     else:
         dcont, dtarg, dscale = nt_xent_backward_op(
             grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
@@ -300,14 +390,32 @@ nt_xent_backward_op = define_op(
     _backward_kernel,
     _backward_fake,
 )
+_FORWARD_INPUTS = ("Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
+                   "float? clamp, str impl, bool deterministic")
 nt_xent_forward_op = define_op(
-    "nt_xent_forward(Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
-    "float? clamp, str impl, bool deterministic) -> (Tensor, Tensor)",
+    f"nt_xent_forward({_FORWARD_INPUTS}) -> (Tensor, Tensor)",
     _forward_kernel,
     _forward_fake,
     backward=_autograd_backward,
     setup_context=_setup_context,
 )
+# Training on the torch backend: the forward and the gradients for grad_loss = 1 in one pass over S,
+# -> (loss, lse, dcont, dtarg, dscale); the backward scales the last three (`trains_in_one_pass` picks it).
+nt_xent_forward_backward_op = define_op(
+    f"nt_xent_forward_backward({_FORWARD_INPUTS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _one_pass_kernel,
+    _one_pass_fake,
+    backward=_autograd_backward,
+    setup_context=_setup_context,
+)
+
+
+def trains_in_one_pass(impl: str, *tensors: Tensor) -> bool:
+    """Whether a call takes the torch backend's one-pass training op: grad mode on and some input needing a
+    gradient (decided here, since inside an op autograd is already below), outside torch.compile (whose
+    tracing keeps the two-pass ops). Elsewhere the forward alone (one GEMM per block) is cheaper."""
+    return (impl == "torch" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
 
 
 def partner_indices(m: int, device) -> tuple[Tensor, Tensor]:
@@ -328,8 +436,10 @@ def _indices(kind: str, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
     """mean_i [lse_i - S_{i,pos_i}] through the op of `impl` (not "reference"); inputs already checked."""
-    loss, _ = nt_xent_forward_op(cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
-    return loss
+    args = (cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
+    if trains_in_one_pass(impl, cont, targ, scale):
+        return nt_xent_forward_backward_op(*args)[0]
+    return nt_xent_forward_op(*args)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

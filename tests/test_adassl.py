@@ -1,5 +1,7 @@
 """adassl_nt_xent: the one-pass op against the composition of the reference ops."""
 
+import sys
+
 import pytest
 import torch
 
@@ -24,20 +26,30 @@ def _grads(outputs, inputs, lam):
     return [torch.autograd.grad(o, wrt, retain_graph=True, materialize_grads=True) for o in outputs]
 
 
+@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
 @pytest.mark.parametrize("variant", ["v", "s"])
+# (17, 24, 0.05): scale / tau = 26 > 20, the clamp is active; (65, 37, 0.5, None): no clamp
 @pytest.mark.parametrize("b,d,tau,clamp", [(3, 5, 0.1, 20.0), (17, 24, 0.05, 20.0), (65, 37, 0.5, None)])
-def test_torch_one_pass_matches_reference_float64(variant, b, d, tau, clamp):
+def test_torch_op_matches_reference_float64(path, variant, b, d, tau, clamp, monkeypatch):
+    # one pass: the training op (the core's gradients stashed in the forward); two passes: the forward op and
+    # the backward op, as under no_grad + a later backward, torch.compile, or a create_graph backward
+    if path == "two_pass":
+        monkeypatch.setattr(sys.modules["adassl_fast.adassl"], "trains_in_one_pass", lambda *args: False)
     inputs, noise = make_inputs(b, d, variant, spread=3.0)  # spread: logvar clamps and masks both sides
     lam = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
     kw = dict(variant=variant, temperature=tau, scale=lam, clamp=clamp, **noise)
     ref = adassl_nt_xent_reference(**inputs, **kw)
     got = adassl_fast.adassl_nt_xent(**inputs, impl="torch", **kw)
+    kind = "adassl_forward_backward" if path == "one_pass" else "adassl_forward_default"
+    assert kind in type(got[0].grad_fn).__name__
     for g, r in zip(got, ref):
         assert g.dtype == torch.float64
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
-    for got_grads, ref_grads in zip(_grads(got, inputs, lam), _grads(ref, inputs, lam)):
-        for g, r in zip(got_grads, ref_grads):
-            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11)
+    weighted = lambda out: [0.6 * out[0] + 1.7 * out[1]]  # incoming gradients other than 1 (the stash is scaled)
+    for outs in (lambda out: out, weighted):
+        for got_grads, ref_grads in zip(_grads(outs(got), inputs, lam), _grads(outs(ref), inputs, lam)):
+            for g, r in zip(got_grads, ref_grads):
+                torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])

@@ -227,3 +227,12 @@ def test_quick_path_writes_rows_with_every_key(tmp_path, capsys):
         assert by[op, "cuda"]["status"] == "skipped" and "cuda" in by[op, "cuda"]["note"]
         assert by[op, "compile"]["status"] == "skipped"
     assert "x eager" in printed and rc in (0, 1)
+
+
+@pytest.mark.parametrize("op", bench.OPS)
+def test_plain_eager_peer_computes_the_reference_loss(op):
+    import torch
+
+    inputs = bench.make_inputs(op, 34, 10, torch.float64, "cpu")
+    eager = bench.loss_function(op, "eager")(*inputs)
+    torch.testing.assert_close(eager, bench.loss_function(op, "reference")(*inputs), rtol=1e-12, atol=1e-12)

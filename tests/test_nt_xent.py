@@ -167,3 +167,75 @@ def test_index_vectors_are_made_once_per_size_and_device():
     one = scale_tensor(None, like)
     assert one.item() == 1.0 and one.dtype == torch.float32 and scale_tensor(None, like) is one
     assert scale_tensor(2.5, like).item() == 2.5 and scale_tensor(2.5, like.double()).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# The torch backend's two schedules: one pass for training (each logit block formed once, the gradients
+# stashed for the backward) and two passes (forward statistics, then the backward from the saved LSEs).
+
+
+def _two_pass(monkeypatch):
+    """Make the functional layer take the two-pass ops even where it would train in one pass."""
+    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "trains_in_one_pass", lambda *args: False)
+
+
+@pytest.mark.parametrize("path", ["one_pass", "two_pass"])
+@pytest.mark.parametrize(
+    "m,d,tau,clamp,scale,slab",
+    [
+        (130, 11, 0.1, 20.0, 6.0, 7 * 130),  # clamp active (scale / tau = 60), 19 blocks of 7 rows
+        (98, 37, 0.3, 20.0, 1.3, 1 << 22),  # clamp inactive, one block
+        (66, 24, 0.1, None, 250.0, 16 * 66),  # |S| up to 2500: the row-max path, 5 blocks, the last of 2 rows
+    ],
+)
+def test_torch_paths_match_reference_float64(path, m, d, tau, clamp, scale, slab, monkeypatch):
+    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "_SLAB_ELEMENTS", slab)
+    if path == "two_pass":
+        _two_pass(monkeypatch)
+    cont, targ, lam = _inputs(m, d, scale=scale)
+    weight = 0.37  # an incoming gradient other than 1: the stash is scaled by it
+    ref = nt_xent_reference(cont, targ, temperature=tau, scale=lam, clamp=clamp)
+    got = adassl_fast.nt_xent(cont, targ, temperature=tau, scale=lam, clamp=clamp, impl="torch")
+    kind = "nt_xent_forward_backward" if path == "one_pass" else "nt_xent_forward_default"
+    assert kind in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad(got * weight, [cont, targ, lam])
+    for g, r in zip(got_grads, torch.autograd.grad(ref * weight, [cont, targ, lam]), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_one_pass_is_taken_only_when_a_gradient_is_needed():
+    cont, targ, _ = _inputs(10, 6)
+    one_pass = lambda loss: loss.grad_fn is not None and "forward_backward" in type(loss.grad_fn).__name__
+    assert one_pass(adassl_fast.nt_xent(cont, targ, impl="torch"))
+    with torch.no_grad():
+        plain = adassl_fast.nt_xent(cont, targ, impl="torch")
+    assert plain.grad_fn is None
+    detached = adassl_fast.nt_xent(cont.detach(), targ.detach(), impl="torch")
+    assert detached.grad_fn is None
+    # the same loss either way
+    assert plain.item() == pytest.approx(adassl_fast.nt_xent(cont, targ, impl="torch").item(), rel=1e-14)
+    # only the scale needs a gradient: still one pass (its gradient comes from the same G)
+    lam = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    assert one_pass(adassl_fast.nt_xent(cont.detach(), targ.detach(), scale=lam, impl="torch"))
+
+
+def test_create_graph_backward_of_the_one_pass_op_takes_the_two_pass_gradient():
+    # With grad mode on in the backward the stash (a constant to autograd) is not used: the first-order
+    # gradients still equal the reference's.
+    cont, targ, lam = _inputs(34, 9, scale=1.2)
+    got = torch.autograd.grad(adassl_fast.nt_xent(cont, targ, scale=lam, impl="torch"), [cont, targ, lam],
+                              create_graph=True)
+    ref = torch.autograd.grad(nt_xent_reference(cont, targ, scale=lam), [cont, targ, lam])
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.detach(), r, rtol=1e-10, atol=1e-12)
+
+
+def test_one_pass_op_refuses_other_backends():
+    from adassl_fast.nt_xent import nt_xent_forward_backward_op, partner_indices
+
+    cont, targ, _ = _inputs(6, 4)
+    pos, excl = partner_indices(6, "cpu")
+    with pytest.raises(ValueError, match="torch backend"):
+        nt_xent_forward_backward_op(cont, targ, pos, excl, torch.tensor(1.0, dtype=torch.float64), 10.0, 20.0,
+                                    "triton", True)
