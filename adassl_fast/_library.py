@@ -1,5 +1,6 @@
-"""The one registration mechanism every op uses: a torch.library op with a fake (meta) implementation and
-an autograd formula, whose kernel picks the backend by its `impl` argument.
+"""The one op mechanism: the table from `impl` to a backend's entry points (`backend`), and the registration
+every op uses: a torch.library op with a fake (meta) implementation and an autograd formula, whose kernel
+picks the backend by its `impl` argument.
 
 The ops are defined through the low-level torch.library API rather than `torch.library.custom_op`: the
 latter wraps each call in a dynamo guard whose first use imports torch._dynamo (about 10 s of start-up on
@@ -9,8 +10,12 @@ a small CPU machine, paid by every process). torch.compile and opcheck see the s
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
+
+from adassl_fast import torch_backend
+from adassl_fast.indices import diagonal_indices, partner_indices
 
 _LIB = torch.library.Library("adassl_fast", "DEF")
 
@@ -78,3 +83,63 @@ def unsupported_backward(op: str, where: str, why: str = "double backward") -> N
         f'adassl_fast.{op}: {why} is not supported {where}; impl="torch" or impl="reference" (in one process) '
         "computes it exactly"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dispatch table: impl -> the entry points of docs/backends.md.
+
+
+class Backend(NamedTuple):
+    """One backend's entry points, with the signatures of docs/backends.md."""
+
+    nt_xent_forward: object
+    nt_xent_backward: object
+    info_nce_forward: object
+    info_nce_backward: object
+    adassl_forward: object
+    adassl_backward: object
+
+
+@functools.cache
+def backend(impl: str) -> Backend:
+    """The entry points of the backend `impl` ("torch", "triton" or "cuda"). Triton and the CUDA build are
+    imported on first use, so importing the library never needs them."""
+    if impl == "torch":
+        return _entry_points(torch_backend)
+    if impl == "triton":
+        return _triton_backend()
+    if impl == "cuda":
+        from adassl_fast import _cuda
+
+        # the CUDA backend composes the symmetric InfoNCE op from two calls of its nt_xent core
+        return Backend(_cuda.nt_xent_forward, _cuda.nt_xent_backward,
+                       torch_backend.symmetric_forward(_cuda.nt_xent_forward),
+                       torch_backend.symmetric_backward(_cuda.nt_xent_backward), _cuda.adassl_forward,
+                       _cuda.adassl_backward)
+    raise ValueError(f"no kernels for impl={impl!r}")
+
+
+def _entry_points(module) -> Backend:
+    return Backend(*(getattr(module, name) for name in Backend._fields))
+
+
+def _triton_backend() -> Backend:
+    """kernels/'s entry points, given the index vectors they take as arguments (kernels/ imports nothing of
+    the library)."""
+    from adassl_fast.kernels import adassl, info_nce, nt_xent
+
+    def info_nce_forward(query, *args):
+        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+
+    def info_nce_backward(grad_loss, query, *args):
+        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+
+    def adassl_forward(emb_x, *args):
+        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+    def adassl_backward(grad_ssl, grad_reg, emb_x, *args):
+        return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
+                                      indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+    return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
+                   adassl_forward, adassl_backward)

@@ -68,7 +68,7 @@ def test_backend_matches_reference_float64(impl, m, d, tau, clamp, scale):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_backend_with_active_clamp_and_multiple_blocks(impl, monkeypatch):
     # Force several row blocks so the block loop's edges are exercised at an odd size.
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "_SLAB_ELEMENTS", 7 * 130)
+    monkeypatch.setattr(sys.modules["adassl_fast.torch_backend"], "SLAB_ELEMENTS", 7 * 130)
     cont, targ, lam = _inputs(130, 11, scale=6.0)
     ref, ref_grads = _value_and_grads(nt_xent_reference, cont, targ, lam, temperature=0.1, clamp=20.0)
     got, got_grads = _value_and_grads(adassl_fast.nt_xent, cont, targ, lam, temperature=0.1, impl=impl)
@@ -155,7 +155,7 @@ def test_zero_negative_and_huge_scales(impl, scale):
 
 def test_index_vectors_are_made_once_per_size_and_device():
     from adassl_fast._checks import scale_tensor
-    from adassl_fast.nt_xent import diagonal_indices, partner_indices
+    from adassl_fast.indices import diagonal_indices, partner_indices
 
     pos, excl = partner_indices(6, "cpu")
     assert pos.tolist() == [0, 1, 2, 3, 4, 5] and excl.tolist() == [3, 4, 5, 0, 1, 2]
@@ -176,7 +176,7 @@ def test_index_vectors_are_made_once_per_size_and_device():
 
 def _two_pass(monkeypatch):
     """Make the functional layer take the two-pass ops even where it would train in one pass."""
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "trains_in_one_pass", lambda *args: False)
+    monkeypatch.setattr(sys.modules["adassl_fast.core"], "trains_in_one_pass", lambda *args: False)
 
 
 @pytest.mark.parametrize("path", ["one_pass", "two_pass"])
@@ -189,7 +189,7 @@ def _two_pass(monkeypatch):
     ],
 )
 def test_torch_paths_match_reference_float64(path, m, d, tau, clamp, scale, slab, monkeypatch):
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "_SLAB_ELEMENTS", slab)
+    monkeypatch.setattr(sys.modules["adassl_fast.torch_backend"], "SLAB_ELEMENTS", slab)
     if path == "two_pass":
         _two_pass(monkeypatch)
     cont, targ, lam = _inputs(m, d, scale=scale)
@@ -232,7 +232,8 @@ def test_create_graph_backward_of_the_one_pass_op_takes_the_two_pass_gradient():
 
 
 def test_one_pass_op_refuses_other_backends():
-    from adassl_fast.nt_xent import nt_xent_forward_backward_op, partner_indices
+    from adassl_fast.core import nt_xent_forward_backward_op
+    from adassl_fast.indices import partner_indices
 
     cont, targ, _ = _inputs(6, 4)
     pos, excl = partner_indices(6, "cpu")
