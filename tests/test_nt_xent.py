@@ -153,22 +153,6 @@ def test_zero_negative_and_huge_scales(impl, scale):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-def test_index_vectors_are_made_once_per_size_and_device():
-    from adassl_fast._checks import scale_tensor
-    from adassl_fast.indices import diagonal_indices, partner_indices
-
-    pos, excl = partner_indices(6, "cpu")
-    assert pos.tolist() == [0, 1, 2, 3, 4, 5] and excl.tolist() == [3, 4, 5, 0, 1, 2]
-    assert partner_indices(6, torch.device("cpu"))[1] is excl  # cached: no kernels the next step
-    assert partner_indices(8, "cpu")[1].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
-    pos, excl = diagonal_indices(3, "cpu")
-    assert pos.tolist() == [0, 1, 2] and excl.tolist() == [-1, -1, -1]
-    like = torch.zeros(2, 2, dtype=torch.bfloat16)
-    one = scale_tensor(None, like)
-    assert one.item() == 1.0 and one.dtype == torch.float32 and scale_tensor(None, like) is one
-    assert scale_tensor(2.5, like).item() == 2.5 and scale_tensor(2.5, like.double()).dtype == torch.float64
-
-
 # ----------------------------------------------------------------------------------------------------
 # The torch backend's two schedules: one pass for training (each logit block formed once, the gradients
 # stashed for the backward) and two passes (forward statistics, then the backward from the saved LSEs).
@@ -229,14 +213,3 @@ def test_create_graph_backward_of_the_one_pass_op_takes_the_two_pass_gradient():
     ref = torch.autograd.grad(nt_xent_reference(cont, targ, scale=lam), [cont, targ, lam])
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.detach(), r, rtol=1e-10, atol=1e-12)
-
-
-def test_one_pass_op_refuses_other_backends():
-    from adassl_fast.core import nt_xent_forward_backward_op
-    from adassl_fast.indices import partner_indices
-
-    cont, targ, _ = _inputs(6, 4)
-    pos, excl = partner_indices(6, "cpu")
-    with pytest.raises(ValueError, match="torch backend"):
-        nt_xent_forward_backward_op(cont, targ, pos, excl, torch.tensor(1.0, dtype=torch.float64), 10.0, 20.0,
-                                    "triton", True)
