@@ -19,7 +19,7 @@ from torch import Tensor
 
 from adassl_fast import _checks, distributed, latent, torch_backend
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import backend, define_op, differentiable_backward
+from adassl_fast._library import define_loss
 from adassl_fast.core import trains_in_one_pass
 from adassl_fast.nt_xent import nt_xent_reference
 
@@ -58,124 +58,52 @@ def adassl_nt_xent_reference(
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library ops. Variant "s" has no prior: empty (0,) tensors stand in for it (ops cannot take None
-# in one call and a tensor in the next without recompiling, and cannot return None).
+# torch.library ops (adassl_fast/_library.py). Variant "s" has no prior: empty (0,) tensors stand in for it
+# (ops cannot take None in one call and a tensor in the next without recompiling, and cannot return None).
 
 
-def _forward_kernel(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
-                    clamp, variant, impl, deterministic):
-    return backend(impl).adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                                        scale, inv_temperature, clamp, variant)
+def _reference_losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
+                      clamp, variant):
+    """(l_ssl, l_reg) of the op's inputs by composing the reference ops (differentiable throughout)."""
+    none_if_empty = lambda t: t if t.numel() else None
+    return adassl_nt_xent_reference(
+        emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
+        temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
+    )
 
 
-def _forward_fake(emb_x, *args):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    scalar = lambda: emb_x.new_empty((), dtype=acc)
-    return scalar(), scalar(), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
+def _stash_fake(emb_x, *tensors):
+    rows = emb_x.new_empty((2 * emb_x.shape[0], emb_x.shape[1]), dtype=_checks.accumulation_dtype(emb_x.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(tensors[-1])
 
 
-def _backward_kernel(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                     scale, lse, inv_temperature, clamp, variant, impl, deterministic):
-    return backend(impl).adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx,
-                                         noise_xy, noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic)
+def _stash_backward(stash, grads, inputs, options):
+    """The core's stashed gradients on the edited rows (for grad_ssl = 1), scaled, through the latent
+    prologue's backward."""
+    grad_ssl, grad_reg = grads
+    dcont, dtarg, dscale = (g * grad_ssl for g in stash)
+    return torch_backend.adassl_gradients(dcont, dtarg, dscale, grad_reg, *inputs[:8], options[-1])
 
 
-def _backward_fake(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                   scale, *args):
-    return tuple(torch.empty_like(t) for t in (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, scale))
-
-
-def _one_pass_kernel(*args):
-    *tensors_and_options, impl, deterministic = args
-    if impl != "torch":
-        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
-    return torch_backend.adassl_forward_backward(*tensors_and_options)
-
-
-def _one_pass_fake(emb_x, emb_y, *args):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    rows = emb_x.new_empty((2 * emb_x.shape[0], emb_x.shape[1]), dtype=acc)
-    scale = args[6]
-    return *_forward_fake(emb_x, emb_y, *args), rows, torch.empty_like(rows), torch.empty_like(scale)
-
-
-def _setup_context(ctx, inputs, output):
-    *tensors, inv_temperature, clamp, variant, impl, deterministic = inputs
-    lse, *stash = output[2:]  # stash: the one-pass op's (dcont, dtarg, dscale) on the edited rows, grad_ssl = 1
-    ctx.save_for_backward(*tensors, lse, *stash)
-    ctx.options = (inv_temperature, clamp, variant, impl, deterministic)
-    ctx.mark_non_differentiable(lse, *stash)
-    ctx.set_materialize_grads(False)  # no zero-filled (2B,) gradient for lse, which nothing differentiates
-
-
-def _reference_losses(inv_temperature, clamp, variant):
-    """(l_ssl, l_reg) of the op's tensor inputs by composing the reference ops (differentiable throughout)."""
-
-    def losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale):
-        none_if_empty = lambda t: t if t.numel() else None
-        return adassl_nt_xent_reference(
-            emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
-            temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
-        )
-
-    return losses
-
-
-def _autograd_backward(ctx, grad_ssl, grad_reg, *_grad_lse_and_stash):
-    if grad_ssl is None and grad_reg is None:  # neither loss was differentiated
-        return (None,) * 14
-    saved = ctx.saved_tensors
-    tensors, lse, stash = saved[:9], saved[9], saved[10:]
-    # a loss the caller did not differentiate arrives as None (grads are not materialised)
-    grad_ssl = lse.new_zeros(()) if grad_ssl is None else grad_ssl
-    grad_reg = lse.new_zeros(()) if grad_reg is None else grad_reg
-    inv_temperature, clamp, variant, impl, _ = ctx.options
-    # The kernels give no gradient for the noise (sampled, rarely differentiated): the reference's does.
-    noise_grad = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
-    if torch.is_grad_enabled() or noise_grad:
-        why = "double backward" if torch.is_grad_enabled() else "a gradient for noise_xy / noise_yx"
-        grads = differentiable_backward("adassl_nt_xent", impl, _reference_losses(inv_temperature, clamp, variant),
-                                        tensors, (grad_ssl, grad_reg), why)
-        return (*grads, None, None, None, None, None)
-    if stash:  # the one-pass op's core gradients on the edited rows (for grad_ssl = 1), scaled
-        dcont, dtarg, dscale = (g * grad_ssl for g in stash)
-        grads = torch_backend.adassl_gradients(dcont, dtarg, dscale, grad_reg, *tensors[:8], variant)
-    else:
-        grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
-    demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
-    has_prior = tensors[4].numel() > 0
-    return (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy if has_prior else None,
-            dprior_yx if has_prior else None, None, None, dscale, None, None, None, None, None)
-
-
-_TENSORS = ("Tensor emb_x, Tensor emb_y, Tensor post_xy, Tensor post_yx, Tensor prior_xy, Tensor prior_yx, "
-            "Tensor noise_xy, Tensor noise_yx, Tensor scale")
-_OPTIONS = "float inv_temperature, float? clamp, str variant, str impl, bool deterministic"
-# -> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)
-adassl_backward_op = define_op(
-    f"adassl_backward(Tensor grad_ssl, Tensor grad_reg, {_TENSORS}, Tensor lse, {_OPTIONS}) -> (Tensor, Tensor, "
-    "Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _backward_kernel,
-    _backward_fake,
+# forward -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype; backward -> (demb_x, demb_y, dpost_xy,
+# dpost_yx, dprior_xy, dprior_yx, dscale); the one-pass training op (torch backend, core.trains_in_one_pass)
+# -> (l_ssl, l_reg, lse, dcont (2B, d), dtarg (2B, d), dscale), the core's gradients for grad_ssl = 1 on the
+# edited rows, which its backward scales and takes through the latent prologue's backward. The kernels give
+# no gradient for the noise (sampled, rarely differentiated): the reference's does.
+_ops = define_loss(
+    "adassl",
+    tensors=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "noise_xy", "noise_yx", "scale"),
+    graded=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "scale"),
+    options="float inv_temperature, float? clamp, str variant",
+    losses=("ssl", "reg"),
+    lse_shape=lambda emb_x: (2 * emb_x.shape[0],),
+    reference=_reference_losses,
+    stash_fake=_stash_fake,
+    stash_backward=_stash_backward,
+    reference_only=("noise_xy", "noise_yx"),
+    public="adassl_nt_xent",
 )
-# -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype
-adassl_forward_op = define_op(
-    f"adassl_forward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-    _forward_kernel,
-    _forward_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
-# Training on the torch backend (core.trains_in_one_pass): the forward and the core's gradients for
-# grad_ssl = 1 in one pass, -> (l_ssl, l_reg, lse, dcont (2B, d), dtarg (2B, d), dscale) in the accumulation
-# dtype; the backward scales the stash and runs the latent prologue's backward.
-adassl_forward_backward_op = define_op(
-    f"adassl_forward_backward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _one_pass_kernel,
-    _one_pass_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
+adassl_forward_op, adassl_backward_op, adassl_forward_backward_op = _ops.forward, _ops.backward, _ops.forward_backward
 
 
 # ----------------------------------------------------------------------------------------------------

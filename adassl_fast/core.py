@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adassl_fast import _checks, torch_backend
-from adassl_fast._library import backend, define_op, differentiable_backward
+from adassl_fast import _checks
+from adassl_fast._library import define_loss
 from adassl_fast.torch_backend import NORM_EPS
 
 
@@ -46,90 +46,34 @@ def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) 
 # torch.compile and opcheck see the same op whatever runs inside.
 
 
-def _forward_kernel(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
-    return backend(impl).nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp)
-
-
-def _forward_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
+def _stash_fake(cont, targ, pos, excl, scale):
     acc = _checks.accumulation_dtype(cont.dtype)
-    return cont.new_empty((), dtype=acc), cont.new_empty((cont.shape[0],), dtype=acc)
+    return cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
 
 
-def _backward_kernel(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
-    return backend(impl).nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp,
-                                          deterministic)
+def _stash_backward(stash, grads, inputs, options):
+    """The one-pass op's gradients (for grad_loss = 1), scaled by grad_loss."""
+    (grad_loss,), (cont, targ, *_) = grads, inputs
+    dcont, dtarg, dscale = (g * grad_loss for g in stash)
+    return dcont.to(cont.dtype), dtarg.to(targ.dtype), dscale
 
 
-def _backward_fake(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic):
-    return torch.empty_like(cont), torch.empty_like(targ), torch.empty_like(scale)
-
-
-def _one_pass_kernel(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
-    if impl != "torch":
-        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
-    return torch_backend.nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp)
-
-
-def _one_pass_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic):
-    acc = _checks.accumulation_dtype(cont.dtype)
-    stash = cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
-    return *_forward_fake(cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic), *stash
-
-
-def _setup_context(ctx, inputs, output):
-    cont, targ, pos, excl, scale, inv_temperature, clamp, impl, deterministic = inputs
-    lse, *stash = output[1:]  # stash: the one-pass op's (dcont, dtarg, dscale) for grad_loss = 1
-    ctx.save_for_backward(cont, targ, pos, excl, scale, lse, *stash)
-    ctx.options = (inv_temperature, clamp, impl, deterministic)
-    ctx.mark_non_differentiable(lse, *stash)
-    ctx.set_materialize_grads(False)  # no zero-filled (M,) gradient for lse, which nothing differentiates
-
-
-def _autograd_backward(ctx, grad_loss, *_grad_lse_and_stash):
-    if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
-        return (None,) * 9
-    cont, targ, pos, excl, scale, lse, *stash = ctx.saved_tensors
-    inv_temperature, clamp, impl, deterministic = ctx.options
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        dcont, dtarg, dscale = differentiable_backward(
-            "nt_xent", impl, lambda c, t, s: contrastive_reference(c, t, pos, excl, s, inv_temperature, clamp),
-            (cont, targ, scale), grad_loss,
-        )
-    elif stash:  # the one-pass op's gradients (for grad_loss = 1), scaled
-        dcont, dtarg, dscale = (g * grad_loss for g in stash)
-        dcont, dtarg = dcont.to(cont.dtype), dtarg.to(targ.dtype)
-    else:
-        dcont, dtarg, dscale = nt_xent_backward_op(
-            grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, impl, deterministic
-        )
-    return dcont, dtarg, None, None, dscale, None, None, None, None
-
-
-# (loss 0-dim, lse (M,)) in the accumulation dtype; docs/backends.md has the contract.
-nt_xent_backward_op = define_op(
-    "nt_xent_backward(Tensor grad_loss, Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, "
-    "Tensor lse, float inv_temperature, float? clamp, str impl, bool deterministic) -> (Tensor, Tensor, Tensor)",
-    _backward_kernel,
-    _backward_fake,
+# forward -> (loss 0-dim, lse (M,)) in the accumulation dtype; backward -> (dcont, dtarg, dscale); the
+# one-pass training op (torch backend, `trains_in_one_pass` picks it) -> (loss, lse, dcont, dtarg, dscale), the
+# gradients for grad_loss = 1 that its backward scales. docs/backends.md has the contract.
+_ops = define_loss(
+    "nt_xent",
+    tensors=("cont", "targ", "pos", "excl", "scale"),
+    graded=("cont", "targ", "scale"),
+    options="float inv_temperature, float? clamp",
+    losses=("loss",),
+    lse_shape=lambda cont: (cont.shape[0],),
+    reference=contrastive_reference,
+    stash_fake=_stash_fake,
+    stash_backward=_stash_backward,
 )
-_FORWARD_INPUTS = ("Tensor cont, Tensor targ, Tensor pos, Tensor excl, Tensor scale, float inv_temperature, "
-                   "float? clamp, str impl, bool deterministic")
-nt_xent_forward_op = define_op(
-    f"nt_xent_forward({_FORWARD_INPUTS}) -> (Tensor, Tensor)",
-    _forward_kernel,
-    _forward_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
-# Training on the torch backend: the forward and the gradients for grad_loss = 1 in one pass over S,
-# -> (loss, lse, dcont, dtarg, dscale); the backward scales the last three (`trains_in_one_pass` picks it).
-nt_xent_forward_backward_op = define_op(
-    f"nt_xent_forward_backward({_FORWARD_INPUTS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _one_pass_kernel,
-    _one_pass_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
+nt_xent_forward_op, nt_xent_backward_op, nt_xent_forward_backward_op = (
+    _ops.forward, _ops.backward, _ops.forward_backward)
 
 
 def trains_in_one_pass(impl: str, *tensors: Tensor) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adassl_fast import _checks, distributed
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import backend, define_op, differentiable_backward
+from adassl_fast._library import define_loss
 from adassl_fast.core import clamp_inclusive, contrastive_loss, contrastive_reference
 from adassl_fast.indices import diagonal_indices
 from adassl_fast.torch_backend import NORM_EPS
@@ -42,31 +42,6 @@ def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=No
 # torch.library ops (adassl_fast/_library.py).
 
 
-def _forward_kernel(query, key, scale, inv_temperature, clamp, impl, deterministic):
-    return backend(impl).info_nce_forward(query, key, scale, inv_temperature, clamp)
-
-
-def _forward_fake(query, key, scale, inv_temperature, clamp, impl, deterministic):
-    acc = _checks.accumulation_dtype(query.dtype)
-    return query.new_empty((), dtype=acc), query.new_empty((2, query.shape[0]), dtype=acc)
-
-
-def _backward_kernel(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
-    return backend(impl).info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic)
-
-
-def _backward_fake(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(scale)
-
-
-def _setup_context(ctx, inputs, output):
-    query, key, scale, inv_temperature, clamp, impl, deterministic = inputs
-    ctx.save_for_backward(query, key, scale, output[1])
-    ctx.options = (inv_temperature, clamp, impl, deterministic)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled (2, N) gradient for lse, which nothing differentiates
-
-
 def _symmetric_reference(query, key, scale, inv_temperature, clamp):
     """The symmetric loss by materialising S: both directions of the core's reference."""
     pos, excl = diagonal_indices(query.shape[0], query.device)
@@ -74,37 +49,18 @@ def _symmetric_reference(query, key, scale, inv_temperature, clamp):
     return (forward + contrastive_reference(key, query, pos, excl, scale, inv_temperature, clamp)) / 2
 
 
-def _autograd_backward(ctx, grad_loss, _grad_lse):
-    if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
-        return (None,) * 7
-    query, key, scale, lse = ctx.saved_tensors
-    inv_temperature, clamp, impl, deterministic = ctx.options
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        dquery, dkey, dscale = differentiable_backward(
-            "info_nce", impl, lambda q, k, s: _symmetric_reference(q, k, s, inv_temperature, clamp),
-            (query, key, scale), grad_loss,
-        )
-    else:
-        dquery, dkey, dscale = info_nce_backward_op(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl,
-                                                    deterministic)
-    return dquery, dkey, dscale, None, None, None, None
-
-
-# (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; docs/backends.md.
-info_nce_backward_op = define_op(
-    "info_nce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor scale, Tensor lse, "
-    "float inv_temperature, float? clamp, str impl, bool deterministic) -> (Tensor, Tensor, Tensor)",
-    _backward_kernel,
-    _backward_fake,
+# forward -> (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; backward -> (dquery,
+# dkey, dscale); docs/backends.md.
+_ops = define_loss(
+    "info_nce",
+    tensors=("query", "key", "scale"),
+    graded=("query", "key", "scale"),
+    options="float inv_temperature, float? clamp",
+    losses=("loss",),
+    lse_shape=lambda query: (2, query.shape[0]),
+    reference=_symmetric_reference,
 )
-info_nce_forward_op = define_op(
-    "info_nce_forward(Tensor query, Tensor key, Tensor scale, float inv_temperature, float? clamp, str impl, "
-    "bool deterministic) -> (Tensor, Tensor)",
-    _forward_kernel,
-    _forward_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
+info_nce_forward_op, info_nce_backward_op = _ops.forward, _ops.backward
 
 
 # ----------------------------------------------------------------------------------------------------
