@@ -149,25 +149,23 @@ def define_loss(
             if stash:
                 found_graded = stash_backward(stash, grads, inputs, options)
             else:
-                found_graded = ops.backward(*grads, *inputs, lse, *ctx.options)
+                found_graded = backward_op(*grads, *inputs, lse, *ctx.options)
             found = [None] * n
             for i, g in zip(graded_at, found_graded, strict=True):
                 found[i] = g
         found = [None if t.numel() == 0 else g for t, g in zip(inputs, found, strict=True)]
         return (*found, *(None,) * len(ctx.options))
 
-    ops = LossOps(
-        backward=define_op(
-            f"{name}_backward({grad_schema}, {tensor_schema}, Tensor lse, {option_schema}) -> {returns(len(graded))}",
-            backward_kernel, backward_fake),
-        forward=define_op(
-            f"{name}_forward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 1)}",
-            forward_kernel, forward_fake, backward=autograd_backward, setup_context=setup_context),
-        forward_backward=None if stash_backward is None else define_op(
-            f"{name}_forward_backward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 4)}",
-            one_pass_kernel, one_pass_fake, backward=autograd_backward, setup_context=setup_context),
-    )
-    return ops
+    backward_op = define_op(
+        f"{name}_backward({grad_schema}, {tensor_schema}, Tensor lse, {option_schema}) -> {returns(len(graded))}",
+        backward_kernel, backward_fake)
+    training = dict(backward=autograd_backward, setup_context=setup_context)
+    forward_op = define_op(f"{name}_forward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 1)}",
+                           forward_kernel, forward_fake, **training)
+    one_pass_op = None if stash_backward is None else define_op(
+        f"{name}_forward_backward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 4)}",
+        one_pass_kernel, one_pass_fake, **training)
+    return LossOps(forward_op, backward_op, one_pass_op)
 
 
 # Backends whose registered backward can run with grad mode on (create_graph=True): there it differentiates
