@@ -5,11 +5,10 @@ bernoulli_mask, l0_penalty. Modules: adassl_fast.nn. Backends: impl="reference" 
 "cuda" | "auto".
 """
 
-__version__ = "0.1.0"
-
 from adassl_fast import nn
 from adassl_fast._checks import set_checks
 from adassl_fast._dispatch import BackendUnavailable, info
+from adassl_fast._version import __version__
 from adassl_fast.adassl import adassl_nt_xent
 from adassl_fast.cached import cached_backward
 from adassl_fast.info_nce import info_nce
@@ -18,6 +17,7 @@ from adassl_fast.nt_xent import nt_xent
 
 __all__ = [
     "BackendUnavailable",
+    "__version__",
     "adassl_nt_xent",
     "bernoulli_mask",
     "cached_backward",

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from adassl_fast._version import __version__
+
 IMPLS = ("reference", "torch", "triton", "cuda")
 
 
@@ -102,9 +104,7 @@ def info() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    import adassl_fast
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name()
     backends = {}
     for impl in IMPLS:
         try:
@@ -117,7 +117,7 @@ def info() -> dict:
     # the CUDA backend's opt-in wgmma tile path on sm_90 devices (adassl_fast/_cuda.py)
     backends["cuda"]["wgmma"] = wgmma_requested()
     return {
-        "adassl_fast": adassl_fast.__version__,
+        "adassl_fast": __version__,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_runtime": torch.version.cuda,
@@ -128,7 +128,7 @@ def info() -> dict:
 
 
 @functools.cache
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

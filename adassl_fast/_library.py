@@ -1,5 +1,6 @@
-"""The one registration mechanism every op uses: a torch.library op with a fake (meta) implementation and
-an autograd formula, whose kernel picks the backend by its `impl` argument.
+"""The one op mechanism: the table from `impl` to a backend's entry points (`backend`), and the registration
+every op uses: a torch.library op with a fake (meta) implementation and an autograd formula, whose kernel
+picks the backend by its `impl` argument.
 
 The ops are defined through the low-level torch.library API rather than `torch.library.custom_op`: the
 latter wraps each call in a dynamo guard whose first use imports torch._dynamo (about 10 s of start-up on
@@ -9,8 +10,14 @@ a small CPU machine, paid by every process). torch.compile and opcheck see the s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from adassl_fast import _checks, torch_backend
+from adassl_fast.indices import diagonal_indices, partner_indices
 
 _LIB = torch.library.Library("adassl_fast", "DEF")
 
@@ -38,6 +45,127 @@ def define_op(schema: str, kernel, fake, *, backward=None, setup_context=None):
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_LIB)
     return getattr(torch.ops.adassl_fast, name).default
+
+
+@dataclass(frozen=True)
+class LossOps:
+    """The registered ops of one loss: forward -> (*losses, lse), backward -> the gradients of `graded`, and
+    (where the torch backend has it) the one-pass training op -> (*losses, lse, *stash)."""
+
+    forward: object
+    backward: object
+    forward_backward: object | None
+
+
+def define_loss(
+    name: str,
+    *,
+    tensors: tuple[str, ...],
+    graded: tuple[str, ...],
+    options: str,
+    losses: tuple[str, ...],
+    lse_shape: Callable,
+    reference: Callable,
+    stash_fake: Callable | None = None,
+    stash_backward: Callable | None = None,
+    reference_only: tuple[str, ...] = (),
+    public: str | None = None,
+) -> LossOps:
+    """Register `<name>_forward`, `<name>_backward` (and `<name>_forward_backward` where `stash_backward` is
+    given) with their kernels, fakes and autograd formula, all generated here for every loss.
+
+    Args:
+        name: the op's name; the kernels call `backend(impl).<name>_forward(*tensors, *options)` and
+            `.<name>_backward(*grads, *tensors, lse, *options, deterministic)` (docs/backends.md), the one-pass
+            op `torch_backend.<name>_forward_backward(*tensors, *options)`.
+        tensors: the names of the tensor inputs, in order; an empty (0,) tensor stands in for an absent input
+            (an op cannot take None in one call and a tensor in the next) and gets no gradient.
+        graded: the tensor inputs the backward kernels give gradients for, in the backward op's output order.
+        options: the schema of the non-tensor inputs ("float inv_temperature, float? clamp", ...); every op
+            takes `str impl, bool deterministic` after them.
+        losses: the names of the 0-dim losses the forward returns (its backward takes `grad_<loss>` of each).
+        lse_shape: the first tensor input -> the shape of the saved LSEs.
+        reference: (*tensors, *options) -> the losses by plain autograd ops: the double backward differentiates
+            it (`differentiable_backward`), and so does a gradient for an input outside `graded`.
+        stash_fake: (*tensors) -> fakes of the one-pass op's stash (the gradients for unit incoming gradients).
+        stash_backward: (stash, grads, tensors, options) -> the gradients of `graded` from the stash.
+        reference_only: the inputs only the reference can differentiate (named in the refusal of other backends).
+        public: the functional form's name in error messages (default `name`).
+    """
+    n = len(tensors)
+    tensor_schema = ", ".join(f"Tensor {t}" for t in tensors)
+    option_schema = f"{options}, str impl, bool deterministic"
+    grad_schema = ", ".join(f"Tensor grad_{loss}" for loss in losses)
+    returns = lambda k: "(" + ", ".join(["Tensor"] * k) + ")"
+    graded_at = [tensors.index(t) for t in graded]
+
+    def forward_kernel(*args):
+        *inputs, impl, _ = args
+        return getattr(backend(impl), f"{name}_forward")(*inputs)
+
+    def forward_fake(*args):
+        first = args[0]
+        acc = _checks.accumulation_dtype(first.dtype)
+        return (*(first.new_empty((), dtype=acc) for _ in losses), first.new_empty(lse_shape(first), dtype=acc))
+
+    def backward_kernel(*args):
+        *inputs, impl, deterministic = args
+        return getattr(backend(impl), f"{name}_backward")(*inputs, deterministic)
+
+    def backward_fake(*args):
+        inputs = args[len(losses):len(losses) + n]
+        return tuple(torch.empty_like(inputs[i]) for i in graded_at)
+
+    def one_pass_kernel(*args):
+        *inputs, impl, _ = args
+        if impl != "torch":
+            raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
+        return getattr(torch_backend, f"{name}_forward_backward")(*inputs)
+
+    def one_pass_fake(*args):
+        return *forward_fake(*args), *stash_fake(*args[:n])
+
+    def setup_context(ctx, inputs, output):
+        lse, *stash = output[len(losses):]  # stash: the one-pass op's gradients for unit incoming gradients
+        ctx.save_for_backward(*inputs[:n], lse, *stash)
+        ctx.options = inputs[n:]  # (*options, impl, deterministic)
+        ctx.mark_non_differentiable(lse, *stash)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which nothing differentiates
+
+    def autograd_backward(ctx, *grad_outputs):
+        grads = grad_outputs[:len(losses)]
+        if all(g is None for g in grads):  # no loss was differentiated (grads are not materialised)
+            return (None,) * (n + len(ctx.options))
+        saved = ctx.saved_tensors
+        inputs, lse, stash = saved[:n], saved[n], saved[n + 1:]
+        grads = tuple(lse.new_zeros(()) if g is None else g for g in grads)  # a loss not differentiated
+        *options, impl, _ = ctx.options
+        beyond_kernels = any(ctx.needs_input_grad[i] for i in range(n) if i not in graded_at)
+        if torch.is_grad_enabled() or beyond_kernels:
+            why = "double backward" if torch.is_grad_enabled() else f"a gradient for {' / '.join(reference_only)}"
+            found = differentiable_backward(public or name, impl, lambda *t: reference(*t, *options), inputs,
+                                            grads[0] if len(grads) == 1 else grads, why)
+        else:
+            if stash:
+                found_graded = stash_backward(stash, grads, inputs, options)
+            else:
+                found_graded = backward_op(*grads, *inputs, lse, *ctx.options)
+            found = [None] * n
+            for i, g in zip(graded_at, found_graded, strict=True):
+                found[i] = g
+        found = [None if t.numel() == 0 else g for t, g in zip(inputs, found, strict=True)]
+        return (*found, *(None,) * len(ctx.options))
+
+    backward_op = define_op(
+        f"{name}_backward({grad_schema}, {tensor_schema}, Tensor lse, {option_schema}) -> {returns(len(graded))}",
+        backward_kernel, backward_fake)
+    training = dict(backward=autograd_backward, setup_context=setup_context)
+    forward_op = define_op(f"{name}_forward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 1)}",
+                           forward_kernel, forward_fake, **training)
+    one_pass_op = None if stash_backward is None else define_op(
+        f"{name}_forward_backward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 4)}",
+        one_pass_kernel, one_pass_fake, **training)
+    return LossOps(forward_op, backward_op, one_pass_op)
 
 
 # Backends whose registered backward can run with grad mode on (create_graph=True): there it differentiates
@@ -78,3 +206,63 @@ def unsupported_backward(op: str, where: str, why: str = "double backward") -> N
         f'adassl_fast.{op}: {why} is not supported {where}; impl="torch" or impl="reference" (in one process) '
         "computes it exactly"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dispatch table: impl -> the entry points of docs/backends.md.
+
+
+class Backend(NamedTuple):
+    """One backend's entry points, with the signatures of docs/backends.md."""
+
+    nt_xent_forward: object
+    nt_xent_backward: object
+    info_nce_forward: object
+    info_nce_backward: object
+    adassl_forward: object
+    adassl_backward: object
+
+
+@functools.cache
+def backend(impl: str) -> Backend:
+    """The entry points of the backend `impl` ("torch", "triton" or "cuda"). Triton and the CUDA build are
+    imported on first use, so importing the library never needs them."""
+    if impl == "torch":
+        return _entry_points(torch_backend)
+    if impl == "triton":
+        return _triton_backend()
+    if impl == "cuda":
+        from adassl_fast import _cuda
+
+        # the CUDA backend composes the symmetric InfoNCE op from two calls of its nt_xent core
+        return Backend(_cuda.nt_xent_forward, _cuda.nt_xent_backward,
+                       torch_backend.symmetric_forward(_cuda.nt_xent_forward),
+                       torch_backend.symmetric_backward(_cuda.nt_xent_backward), _cuda.adassl_forward,
+                       _cuda.adassl_backward)
+    raise ValueError(f"no kernels for impl={impl!r}")
+
+
+def _entry_points(module) -> Backend:
+    return Backend(*(getattr(module, name) for name in Backend._fields))
+
+
+def _triton_backend() -> Backend:
+    """kernels/'s entry points, given the index vectors they take as arguments (kernels/ imports nothing of
+    the library)."""
+    from adassl_fast.kernels import adassl, info_nce, nt_xent
+
+    def info_nce_forward(query, *args):
+        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+
+    def info_nce_backward(grad_loss, query, *args):
+        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+
+    def adassl_forward(emb_x, *args):
+        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+    def adassl_backward(grad_ssl, grad_reg, emb_x, *args):
+        return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
+                                      indices=partner_indices(2 * len(emb_x), emb_x.device))
+
+    return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
+                   adassl_forward, adassl_backward)

@@ -7,28 +7,21 @@ the edited rows are contrasted against the targets:
     cont = [emb_y + r_yx; emb_x + r_xy],  targ = [emb_x; emb_y],  l_ssl = nt_xent(cont, targ)
     l_reg = (R(post_xy, prior_xy) + R(post_yx, prior_yx)) / 2,  R = KL ("v") or L0 ("s")
 
-Order: the reference composition, the torch kernels (latent prologue and its analytic backward, SPEC
-3.3-3.6, around the chunked nt_xent core), the torch.library ops shared by every backend, the
+Order: the reference composition, the torch.library ops shared by every backend (the torch backend's
+latent prologue and its analytic backward, SPEC 3.3-3.6, are in adassl_fast/torch_backend.py), the
 functional form.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from adassl_fast import _checks, latent
+from adassl_fast import _checks, distributed, latent, torch_backend
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import define_op, differentiable_backward
-from adassl_fast.nt_xent import (
-    _torch_backward,
-    _torch_forward,
-    _torch_forward_backward,
-    nt_xent_reference,
-    partner_indices,
-    trains_in_one_pass,
-)
+from adassl_fast._library import define_loss
+from adassl_fast.core import trains_in_one_pass
+from adassl_fast.nt_xent import nt_xent_reference
 
 VARIANTS = ("v", "s")
 
@@ -37,7 +30,8 @@ VARIANTS = ("v", "s")
 # Reference: the composition of the reference ops, as the authors' wrapper does it.
 
 
-def _reference_direction(post, prior, noise, variant):
+def reference_direction(post, prior, noise, variant):
+    """(r (B, d), R) of one direction by the reference ops: post (B, 2d), prior (B, 2d) or None, noise (B, d)."""
     d = post.shape[1] // 2
     if variant == "v":
         mu_q, pre_q = post[:, :d], post[:, d:]
@@ -55,8 +49,8 @@ def adassl_nt_xent_reference(
     acc = _checks.accumulation_dtype(emb_x.dtype)
     up = lambda t: None if t is None else t.to(acc)
     emb_x, emb_y, post_xy, post_yx = up(emb_x), up(emb_y), up(post_xy), up(post_yx)
-    r_xy, reg_xy = _reference_direction(post_xy, up(prior_xy), up(noise_xy), variant)
-    r_yx, reg_yx = _reference_direction(post_yx, up(prior_yx), up(noise_yx), variant)
+    r_xy, reg_xy = reference_direction(post_xy, up(prior_xy), up(noise_xy), variant)
+    r_yx, reg_yx = reference_direction(post_yx, up(prior_yx), up(noise_yx), variant)
     cont = torch.cat([emb_y + r_yx, emb_x + r_xy])
     targ = torch.cat([emb_x, emb_y])
     l_ssl = nt_xent_reference(cont, targ, temperature=temperature, scale=scale, clamp=clamp)
@@ -64,261 +58,52 @@ def adassl_nt_xent_reference(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Torch kernels: the latent prologue in closed form (forward and backward), around the chunked core.
+# torch.library ops (adassl_fast/_library.py). Variant "s" has no prior: empty (0,) tensors stand in for it
+# (ops cannot take None in one call and a tensor in the next without recompiling, and cannot return None).
 
 
-def _softplus_slope(pre: Tensor) -> Tensor:
-    """d softplus / d pre with torch's threshold: sigmoid(pre), exactly 1 above 20."""
-    return torch.where(pre > 20, torch.ones_like(pre), torch.sigmoid(pre))
-
-
-def _gaussian(pre: Tensor):
-    """sigma-related quantities of one Gaussian: (logvar clamped, d logvar / d pre with the clamp indicator)."""
-    sigma = F.softplus(pre) + latent.SIGMA_EPS
-    raw = 2 * torch.log(sigma)
-    inside = (raw >= -latent.LOGVAR_BOUND) & (raw <= latent.LOGVAR_BOUND)
-    dlogvar_dpre = torch.where(inside, 2 * _softplus_slope(pre) / sigma, torch.zeros_like(pre))
-    return raw.clamp(-latent.LOGVAR_BOUND, latent.LOGVAR_BOUND), dlogvar_dpre
-
-
-def _direction_forward(post, prior, noise, variant):
-    """r (B, d) and the regulariser summed over rows and dims, for one direction."""
-    d = post.shape[1] // 2
-    head, tail = post[:, :d], post[:, d:]
-    if variant == "v":
-        logvar_q, _ = _gaussian(tail)
-        logvar_p, _ = _gaussian(prior[:, d:])
-        r = head + noise * torch.exp(0.5 * logvar_q)
-        delta = head - prior[:, :d]
-        kl = 0.5 * (logvar_p - logvar_q + torch.exp(logvar_q - logvar_p) + delta**2 * torch.exp(-logvar_p) - 1)
-        return r, kl.sum()
-    soft = torch.sigmoid(head + latent.logistic_noise(noise))
-    return (soft > 0.5).to(tail.dtype) * tail, torch.sigmoid(head).sum()
-
-
-def _direction_backward(grad_r, reg_weight, post, prior, noise, variant):
-    """(dpost, dprior) of one direction from dL/dr and the regulariser's weight d l_reg / d R_sum."""
-    d = post.shape[1] // 2
-    head, tail = post[:, :d], post[:, d:]
-    if variant == "v":
-        logvar_q, dlvq_dpre = _gaussian(tail)
-        logvar_p, dlvp_dpre = _gaussian(prior[:, d:])
-        delta = head - prior[:, :d]
-        inv_var_p = torch.exp(-logvar_p)
-        ratio = torch.exp(logvar_q - logvar_p)
-        d_mu = grad_r + reg_weight * delta * inv_var_p
-        d_logvar_q = grad_r * noise * 0.5 * torch.exp(0.5 * logvar_q) + reg_weight * 0.5 * (ratio - 1)
-        d_logvar_p = reg_weight * 0.5 * (1 - ratio - delta**2 * inv_var_p)
-        dpost = torch.cat([d_mu, d_logvar_q * dlvq_dpre], 1)
-        dprior = torch.cat([-reg_weight * delta * inv_var_p, d_logvar_p * dlvp_dpre], 1)
-        return dpost, dprior
-    soft = torch.sigmoid(head + latent.logistic_noise(noise))
-    keep = torch.sigmoid(head)
-    d_logits = grad_r * tail * soft * (1 - soft) + reg_weight * keep * (1 - keep)
-    return torch.cat([d_logits, grad_r * (soft > 0.5).to(tail.dtype)], 1), None
-
-
-def _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    up = lambda t: t.to(acc) if t.numel() else None
-    r_xy, reg_xy = _direction_forward(up(post_xy), up(prior_xy), up(noise_xy), variant)
-    r_yx, reg_yx = _direction_forward(up(post_yx), up(prior_yx), up(noise_yx), variant)
-    ex, ey = up(emb_x), up(emb_y)
-    return torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey]), (reg_xy + reg_yx) / (2 * emb_x.shape[0])
-
-
-def _torch_forward_adassl(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                          inv_temperature, clamp, variant):
-    cont, targ, l_reg = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
-    pos, excl = partner_indices(cont.shape[0], cont.device)
-    l_ssl, lse = _torch_forward(cont, targ, pos, excl, scale, inv_temperature, clamp)
-    return l_ssl, l_reg, lse
-
-
-def _torch_forward_backward_adassl(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                                   inv_temperature, clamp, variant):
-    """(l_ssl, l_reg, lse, dcont, dtarg, dscale): the nt_xent core's one-pass training schedule on the edited
-    rows, its gradients for grad_ssl = 1 (the backward scales them and runs the latent prologue's backward)."""
-    cont, targ, l_reg = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
-    pos, excl = partner_indices(cont.shape[0], cont.device)
-    l_ssl, lse, dcont, dtarg, dscale = _torch_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp)
-    return l_ssl, l_reg, lse, dcont, dtarg, dscale
-
-
-def _torch_backward_adassl(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
-                           noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic):
-    cont, targ, _ = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
-    pos, excl = partner_indices(cont.shape[0], cont.device)
-    dcont, dtarg, dscale = _torch_backward(grad_ssl, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, True)
-    return _prologue_backward(dcont, dtarg, dscale, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx,
-                              noise_xy, noise_yx, variant)
-
-
-def _prologue_backward(dcont, dtarg, dscale, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
-                       noise_yx, variant):
-    """The op's seven gradients from the core's (dcont, dtarg, dscale) on the edited rows (accumulation dtype)
-    and grad_reg: the latent prologue's analytic backward."""
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    b = emb_x.shape[0]
-    reg_weight = grad_reg.to(acc) / (2 * b)
-    up = lambda t: t.to(acc) if t.numel() else None
-    dpost_xy, dprior_xy = _direction_backward(dcont[b:], reg_weight, up(post_xy), up(prior_xy), up(noise_xy), variant)
-    dpost_yx, dprior_yx = _direction_backward(dcont[:b], reg_weight, up(post_yx), up(prior_yx), up(noise_yx), variant)
-    out = lambda g, like: torch.empty_like(like) if g is None else g.to(like.dtype)
-    return (
-        (dtarg[:b] + dcont[b:]).to(emb_x.dtype),
-        (dtarg[b:] + dcont[:b]).to(emb_y.dtype),
-        out(dpost_xy, post_xy),
-        out(dpost_yx, post_yx),
-        out(dprior_xy, prior_xy),
-        out(dprior_yx, prior_yx),
-        dscale,
+def _reference_losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
+                      clamp, variant):
+    """(l_ssl, l_reg) of the op's inputs by composing the reference ops (differentiable throughout)."""
+    none_if_empty = lambda t: t if t.numel() else None
+    return adassl_nt_xent_reference(
+        emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
+        temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
     )
 
 
-def _kernels(impl: str):
-    if impl == "torch":
-        return _torch_forward_adassl, _torch_backward_adassl
-    if impl == "triton":
-        from adassl_fast.kernels import adassl as triton_kernels
-
-        # the kernels take nt_xent's partner columns as arguments (they import nothing of the library)
-        def forward(emb_x, *args):
-            return triton_kernels.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
-
-        def backward(grad_ssl, grad_reg, emb_x, *args):
-            return triton_kernels.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
-                                                  indices=partner_indices(2 * len(emb_x), emb_x.device))
-
-        return forward, backward
-    if impl == "cuda":
-        from adassl_fast import _cuda
-
-        return _cuda.adassl_forward, _cuda.adassl_backward
-    raise ValueError(f"no adassl kernels for impl={impl!r}")
+def _stash_fake(emb_x, *tensors):
+    rows = emb_x.new_empty((2 * emb_x.shape[0], emb_x.shape[1]), dtype=_checks.accumulation_dtype(emb_x.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(tensors[-1])
 
 
-# ----------------------------------------------------------------------------------------------------
-# torch.library ops. Variant "s" has no prior: empty (0,) tensors stand in for it (ops cannot take None
-# in one call and a tensor in the next without recompiling, and cannot return None).
+def _stash_backward(stash, grads, inputs, options):
+    """The core's stashed gradients on the edited rows (for grad_ssl = 1), scaled, through the latent
+    prologue's backward."""
+    grad_ssl, grad_reg = grads
+    dcont, dtarg, dscale = (g * grad_ssl for g in stash)
+    return torch_backend.adassl_gradients(dcont, dtarg, dscale, grad_reg, *inputs[:8], options[-1])
 
 
-def _forward_kernel(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
-                    clamp, variant, impl, deterministic):
-    forward, _ = _kernels(impl)
-    return forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
-                   clamp, variant)
-
-
-def _forward_fake(emb_x, *args):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    scalar = lambda: emb_x.new_empty((), dtype=acc)
-    return scalar(), scalar(), emb_x.new_empty((2 * emb_x.shape[0],), dtype=acc)
-
-
-def _backward_kernel(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                     scale, lse, inv_temperature, clamp, variant, impl, deterministic):
-    _, backward = _kernels(impl)
-    return backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                    scale, lse, inv_temperature, clamp, variant, deterministic)
-
-
-def _backward_fake(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                   scale, *args):
-    return tuple(torch.empty_like(t) for t in (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, scale))
-
-
-def _one_pass_kernel(*args):
-    *tensors_and_options, impl, deterministic = args
-    if impl != "torch":
-        raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
-    return _torch_forward_backward_adassl(*tensors_and_options)
-
-
-def _one_pass_fake(emb_x, emb_y, *args):
-    acc = _checks.accumulation_dtype(emb_x.dtype)
-    rows = emb_x.new_empty((2 * emb_x.shape[0], emb_x.shape[1]), dtype=acc)
-    scale = args[6]
-    return *_forward_fake(emb_x, emb_y, *args), rows, torch.empty_like(rows), torch.empty_like(scale)
-
-
-def _setup_context(ctx, inputs, output):
-    *tensors, inv_temperature, clamp, variant, impl, deterministic = inputs
-    lse, *stash = output[2:]  # stash: the one-pass op's (dcont, dtarg, dscale) on the edited rows, grad_ssl = 1
-    ctx.save_for_backward(*tensors, lse, *stash)
-    ctx.options = (inv_temperature, clamp, variant, impl, deterministic)
-    ctx.mark_non_differentiable(lse, *stash)
-    ctx.set_materialize_grads(False)  # no zero-filled (2B,) gradient for lse, which nothing differentiates
-
-
-def _reference_losses(inv_temperature, clamp, variant):
-    """(l_ssl, l_reg) of the op's tensor inputs by composing the reference ops (differentiable throughout)."""
-
-    def losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale):
-        none_if_empty = lambda t: t if t.numel() else None
-        return adassl_nt_xent_reference(
-            emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
-            temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
-        )
-
-    return losses
-
-
-def _autograd_backward(ctx, grad_ssl, grad_reg, *_grad_lse_and_stash):
-    if grad_ssl is None and grad_reg is None:  # neither loss was differentiated
-        return (None,) * 14
-    saved = ctx.saved_tensors
-    tensors, lse, stash = saved[:9], saved[9], saved[10:]
-    # a loss the caller did not differentiate arrives as None (grads are not materialised)
-    grad_ssl = lse.new_zeros(()) if grad_ssl is None else grad_ssl
-    grad_reg = lse.new_zeros(()) if grad_reg is None else grad_reg
-    inv_temperature, clamp, variant, impl, _ = ctx.options
-    # The kernels give no gradient for the noise (sampled, rarely differentiated): the reference's does.
-    noise_grad = ctx.needs_input_grad[6] or ctx.needs_input_grad[7]
-    if torch.is_grad_enabled() or noise_grad:
-        why = "double backward" if torch.is_grad_enabled() else "a gradient for noise_xy / noise_yx"
-        grads = differentiable_backward("adassl_nt_xent", impl, _reference_losses(inv_temperature, clamp, variant),
-                                        tensors, (grad_ssl, grad_reg), why)
-        return (*grads, None, None, None, None, None)
-    if stash:  # the one-pass op's core gradients on the edited rows (for grad_ssl = 1), scaled
-        dcont, dtarg, dscale = (g * grad_ssl for g in stash)
-        grads = _prologue_backward(dcont, dtarg, dscale, grad_reg, *tensors[:8], variant)
-    else:
-        grads = adassl_backward_op(grad_ssl, grad_reg, *tensors, lse, *ctx.options)
-    demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale = grads
-    has_prior = tensors[4].numel() > 0
-    return (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy if has_prior else None,
-            dprior_yx if has_prior else None, None, None, dscale, None, None, None, None, None)
-
-
-_TENSORS = ("Tensor emb_x, Tensor emb_y, Tensor post_xy, Tensor post_yx, Tensor prior_xy, Tensor prior_yx, "
-            "Tensor noise_xy, Tensor noise_yx, Tensor scale")
-_OPTIONS = "float inv_temperature, float? clamp, str variant, str impl, bool deterministic"
-# -> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)
-adassl_backward_op = define_op(
-    f"adassl_backward(Tensor grad_ssl, Tensor grad_reg, {_TENSORS}, Tensor lse, {_OPTIONS}) -> (Tensor, Tensor, "
-    "Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _backward_kernel,
-    _backward_fake,
+# forward -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype; backward -> (demb_x, demb_y, dpost_xy,
+# dpost_yx, dprior_xy, dprior_yx, dscale); the one-pass training op (torch backend, core.trains_in_one_pass)
+# -> (l_ssl, l_reg, lse, dcont (2B, d), dtarg (2B, d), dscale), the core's gradients for grad_ssl = 1 on the
+# edited rows, which its backward scales and takes through the latent prologue's backward. The kernels give
+# no gradient for the noise (sampled, rarely differentiated): the reference's does.
+_ops = define_loss(
+    "adassl",
+    tensors=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "noise_xy", "noise_yx", "scale"),
+    graded=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "scale"),
+    options="float inv_temperature, float? clamp, str variant",
+    losses=("ssl", "reg"),
+    lse_shape=lambda emb_x: (2 * emb_x.shape[0],),
+    reference=_reference_losses,
+    stash_fake=_stash_fake,
+    stash_backward=_stash_backward,
+    reference_only=("noise_xy", "noise_yx"),
+    public="adassl_nt_xent",
 )
-# -> (l_ssl, l_reg, lse (2B,)) in the accumulation dtype
-adassl_forward_op = define_op(
-    f"adassl_forward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
-    _forward_kernel,
-    _forward_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
-# Training on the torch backend (nt_xent.trains_in_one_pass): the forward and the core's gradients for
-# grad_ssl = 1 in one pass, -> (l_ssl, l_reg, lse, dcont (2B, d), dtarg (2B, d), dscale) in the accumulation
-# dtype; the backward scales the stash and runs the latent prologue's backward.
-adassl_forward_backward_op = define_op(
-    f"adassl_forward_backward({_TENSORS}, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _one_pass_kernel,
-    _one_pass_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
+adassl_forward_op, adassl_backward_op, adassl_forward_backward_op = _ops.forward, _ops.backward, _ops.forward_backward
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,8 +200,6 @@ def adassl_nt_xent(
     lam = _checks.scale_tensor(scale, emb_x)
     impl = resolve_impl(impl, emb_x.device, emb_x.dtype, emb_x.shape[1])
     if process_group is not None:
-        from adassl_fast import distributed
-
         return distributed.adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
                                           lam, temperature, clamp, variant, impl, deterministic, process_group,
                                           schedule=schedule, timeout=timeout)

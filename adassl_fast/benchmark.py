@@ -171,9 +171,9 @@ def device_name(device: str) -> str:
             import torch
 
             return torch.cuda.get_device_name(index)
-    from adassl_fast._dispatch import _cpu_name
+    from adassl_fast._dispatch import cpu_name
 
-    return _cpu_name()
+    return cpu_name()
 
 
 @functools.cache
@@ -277,7 +277,7 @@ def _plain_eager_loss(op: str):
     """The plain eager peer of `op`: AdaSSL's latent edit as the reference composes it, then plain NT-Xent."""
     import torch
 
-    from adassl_fast.adassl import _reference_direction
+    from adassl_fast.adassl import reference_direction
 
     if op == "nt_xent":
         return plain_eager_nt_xent
@@ -285,8 +285,8 @@ def _plain_eager_loss(op: str):
         return plain_eager_info_nce
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
-        r_xy, reg_xy = _reference_direction(pxy, qxy, nxy, "v")
-        r_yx, reg_yx = _reference_direction(pyx, qyx, nyx, "v")
+        r_xy, reg_xy = reference_direction(pxy, qxy, nxy, "v")
+        r_yx, reg_yx = reference_direction(pyx, qyx, nyx, "v")
         return plain_eager_nt_xent(torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey])) + (reg_xy + reg_yx) / 2
 
     return adassl

@@ -52,6 +52,12 @@ identically on every rank); a dedicated group for the losses (`torch.distributed
 them apart from DDP's gradient buckets altogether.
 
 impl="reference" runs the torch backend's kernels here (the reference is a single-process oracle).
+`adassl_nt_xent` runs the torch backend's latent prologue on the local rows whatever `impl` is, and the
+core calls on the edited rows with `impl` (see `_EditedRows` for why).
+
+The autograd.Functions here sit beside the registered ops because their forward and backward communicate:
+one op call covers one block of columns, and the schedule (gather or ring, the loss all-reduce, the
+column-gradient reduce-scatter or lap) lives between those calls.
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._library import unsupported_backward
-from adassl_fast.nt_xent import nt_xent_backward_op, nt_xent_forward_op
+from adassl_fast.core import nt_xent_backward_op, nt_xent_forward_op
+from adassl_fast.indices import diagonal_indices, partner_indices
+from adassl_fast.torch_backend import edited_rows, prologue_backward
 
 SCHEDULES = ("gather", "ring")
 DEFAULT_SCHEDULE: str | None = None  # None: ADASSL_FAST_SCHEDULE, else "ring"
@@ -491,9 +499,7 @@ def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_gr
     comm = _comm("nt_xent", process_group, schedule, timeout)
     options = [("temperature", float(temperature)), ("clamp", clamp)]
     (m_sizes,) = _metadata(comm, cont.device, cont.dtype, cont.shape[1], options, [("the rows of cont", cont.shape[0])])
-    m = cont.shape[0]
-    pos = torch.arange(m, device=cont.device)
-    excl = (pos + m // 2) % m
+    pos, excl = partner_indices(cont.shape[0], cont.device)
     problem = _Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))
     plan = _Plan(comm, [m_sizes, m_sizes], [problem], 1.0 / temperature, clamp, impl, deterministic)
     return _DistributedContrastive.apply(plan, lam, cont, targ)
@@ -506,9 +512,7 @@ def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic
     options = [("temperature", float(temperature)), ("clamp", clamp), ("symmetric", bool(symmetric))]
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], options,
                            [("the rows of query", query.shape[0])])
-    n = query.shape[0]
-    pos = torch.arange(n, device=query.device)
-    excl = torch.full_like(pos, -1)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
     weight = (0.5 if symmetric else 1.0) / sum(n_sizes)
     problems = [_Problem(0, 1, pos, excl, weight)]
     if symmetric:
@@ -518,40 +522,32 @@ def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic
 
 
 class _EditedRows(torch.autograd.Function):
-    """The AdaSSL latent prologue on the local rows: -> (cont, targ, R_xy_sum + R_yx_sum), with the
-    analytic backward of adassl.py (straight-through mask for "s")."""
+    """The AdaSSL latent prologue on the local rows: -> (cont, targ, R_xy_sum + R_yx_sum), with the torch
+    backend's analytic backward (straight-through mask for "s").
+
+    A Function of its own because the ring needs the edited rows themselves (they travel between ranks and
+    each block is one core op call), and no registered op returns them: the AdaSSL op's fused backends form
+    them in registers and never write them out. It runs the torch prologue whatever `impl` is (O(B d)
+    elementwise work, against the core's O(M^2 d)); the core calls on the edited rows honour `impl`.
+    """
 
     @staticmethod
     def forward(ctx, variant, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx):
-        from adassl_fast.adassl import _edited_rows
-
-        cont, targ, reg_mean = _edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                                            variant)
+        cont, targ, reg_mean = edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                                           variant)
         ctx.variant = variant
-        ctx.save_for_backward(emb_x, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx)
+        ctx.save_for_backward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx)
         return cont.to(emb_x.dtype), targ.to(emb_x.dtype), reg_mean * (2 * emb_x.shape[0])
 
     @staticmethod
     def backward(ctx, dcont, dtarg, dreg):
-        from adassl_fast.adassl import _direction_backward
-
         _refuse_double_backward("adassl_nt_xent")
         if ctx.needs_input_grad[7] or ctx.needs_input_grad[8]:
             raise unsupported_backward("adassl_nt_xent", "with process_group", "a gradient for noise_xy / noise_yx")
-        emb_x, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx = ctx.saved_tensors
+        emb_x, *rest = ctx.saved_tensors
         acc = _checks.accumulation_dtype(emb_x.dtype)
-        up = lambda t: t.to(acc) if t.numel() else None
-        b = emb_x.shape[0]
-        dcont, dtarg = dcont.to(acc), dtarg.to(acc)
-        weight = dreg.to(acc)
-        dpost_xy, dprior_xy = _direction_backward(dcont[b:], weight, up(post_xy), up(prior_xy), up(noise_xy),
-                                                  ctx.variant)
-        dpost_yx, dprior_yx = _direction_backward(dcont[:b], weight, up(post_yx), up(prior_yx), up(noise_yx),
-                                                  ctx.variant)
-        cast = lambda g, like: None if g is None else g.to(like.dtype)
-        return (None, (dtarg[:b] + dcont[b:]).to(emb_x.dtype), (dtarg[b:] + dcont[:b]).to(emb_x.dtype),
-                cast(dpost_xy, post_xy), cast(dpost_yx, post_yx), cast(dprior_xy, prior_xy),
-                cast(dprior_yx, prior_yx), None, None)
+        grads = prologue_backward(dcont.to(acc), dtarg.to(acc), dreg.to(acc), emb_x, *rest, ctx.variant)
+        return None, *grads, None, None
 
 
 def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, temperature, clamp,
@@ -564,10 +560,9 @@ def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
                            [("the rows of emb_x", emb_x.shape[0])])
     cont, targ, reg_sum = _EditedRows.apply(variant, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
                                             noise_yx)
-    m = cont.shape[0]
-    pos = torch.arange(m, device=cont.device)
+    pos, excl = partner_indices(cont.shape[0], cont.device)
     m_sizes = [2 * b for b in b_sizes]
-    plan = _Plan(comm, [m_sizes, m_sizes], [_Problem(0, 1, pos, (pos + m // 2) % m, 1.0 / sum(m_sizes))],
+    plan = _Plan(comm, [m_sizes, m_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))],
                  1.0 / temperature, clamp, impl, deterministic)
     l_ssl = _DistributedContrastive.apply(plan, lam, cont, targ)
     l_reg = _GlobalSum.apply(comm, reg_sum / (2 * sum(b_sizes)))

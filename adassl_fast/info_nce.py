@@ -1,6 +1,6 @@
 """CLIP-style InfoNCE on an N x N similarity (positives on the diagonal), symmetric or one-directional.
 
-The one-directional loss is the nt_xent core (adassl_fast/nt_xent.py) with no excluded column. The
+The one-directional loss is the nt_xent core (adassl_fast/core.py) with no excluded column. The
 symmetric loss has its own op: dL/dS = (P + P' - 2 I) / 2N holds both directions (P the row softmax, P'
 the column softmax), so a backward pass over S gives both inputs' gradients at once (8 N^2 d FLOPs, where
 two one-directional backward passes cost 16). The torch and Triton backends run it that way; the CUDA
@@ -15,20 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adassl_fast import _checks
+from adassl_fast import _checks, distributed
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast._library import define_op, differentiable_backward
-from adassl_fast.nt_xent import (
-    NORM_EPS,
-    _row_blocks,
-    _torch_backward,
-    _torch_forward,
-    clamp_inclusive,
-    contrastive_loss,
-    contrastive_reference,
-    diagonal_indices,
-    one_exp_pass,
-)
+from adassl_fast._library import define_loss
+from adassl_fast.core import clamp_inclusive, contrastive_loss, contrastive_reference
+from adassl_fast.indices import diagonal_indices
+from adassl_fast.torch_backend import NORM_EPS
 
 
 def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None):
@@ -47,105 +39,7 @@ def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=No
 
 
 # ----------------------------------------------------------------------------------------------------
-# Symmetric kernels. A backend's one-directional nt_xent core gives the symmetric loss in two calls per
-# phase; `_symmetric_forward` / `_symmetric_backward` build that from it.
-
-
-def _symmetric_forward(directional):
-    """(loss, lse (2, N)) from a one-directional core forward: rows against columns, then the reverse."""
-
-    def forward(query, key, scale, inv_temperature, clamp):
-        pos, excl = diagonal_indices(query.shape[0], query.device)
-        loss_r, lse_r = directional(query, key, pos, excl, scale, inv_temperature, clamp)
-        loss_c, lse_c = directional(key, query, pos, excl, scale, inv_temperature, clamp)
-        return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
-
-    return forward
-
-
-def _symmetric_backward(directional):
-    """(dquery, dkey, dscale) from a one-directional core backward: one call per direction, summed."""
-
-    def backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-        pos, excl = diagonal_indices(query.shape[0], query.device)
-        half = grad_loss / 2
-        dq, dk, ds = directional(half, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic)
-        dk2, dq2, ds2 = directional(half, key, query, pos, excl, scale, lse[1], inv_temperature, clamp,
-                                    deterministic)
-        return dq + dq2, dk + dk2, ds + ds2
-
-    return backward
-
-
-def _torch_forward_symmetric(query, key, scale, inv_temperature, clamp):
-    """One pass for both directions where one exp serves rows and columns (|scale / tau| < 30, or a clamp
-    below 30: the usual settings), else one pass per direction."""
-    if not one_exp_pass(scale, inv_temperature, clamp):
-        return _symmetric_forward(_torch_forward)(query, key, scale, inv_temperature, clamp)
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    p = _row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True)
-    col_lse = p.col_sum.log_()
-    return ((p.lse - p.positive).mean() + (col_lse - p.positive).mean()) / 2, torch.stack([p.lse, col_lse])
-
-
-def _torch_backward_symmetric(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    return _torch_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
-                           col_lse=lse[1])
-
-
-def _kernels(impl: str):
-    """(forward, backward) of the symmetric InfoNCE op for a backend name (docs/backends.md)."""
-    if impl == "torch":
-        return _torch_forward_symmetric, _torch_backward_symmetric
-    if impl == "triton":
-        from adassl_fast.kernels import info_nce as triton_kernels
-
-        # the kernels take the diagonal indices as arguments (they import nothing of the library)
-        def forward(query, *args):
-            return triton_kernels.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
-
-        def backward(grad_loss, query, *args):
-            return triton_kernels.info_nce_backward(grad_loss, query, *args,
-                                                    indices=diagonal_indices(len(query), query.device))
-
-        return forward, backward
-    if impl == "cuda":
-        from adassl_fast import _cuda
-
-        return _symmetric_forward(_cuda.nt_xent_forward), _symmetric_backward(_cuda.nt_xent_backward)
-    raise ValueError(f"no info_nce kernels for impl={impl!r}")
-
-
-# ----------------------------------------------------------------------------------------------------
 # torch.library ops (adassl_fast/_library.py).
-
-
-def _forward_kernel(query, key, scale, inv_temperature, clamp, impl, deterministic):
-    forward, _ = _kernels(impl)
-    return forward(query, key, scale, inv_temperature, clamp)
-
-
-def _forward_fake(query, key, scale, inv_temperature, clamp, impl, deterministic):
-    acc = _checks.accumulation_dtype(query.dtype)
-    return query.new_empty((), dtype=acc), query.new_empty((2, query.shape[0]), dtype=acc)
-
-
-def _backward_kernel(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
-    _, backward = _kernels(impl)
-    return backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic)
-
-
-def _backward_fake(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl, deterministic):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(scale)
-
-
-def _setup_context(ctx, inputs, output):
-    query, key, scale, inv_temperature, clamp, impl, deterministic = inputs
-    ctx.save_for_backward(query, key, scale, output[1])
-    ctx.options = (inv_temperature, clamp, impl, deterministic)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled (2, N) gradient for lse, which nothing differentiates
 
 
 def _symmetric_reference(query, key, scale, inv_temperature, clamp):
@@ -155,37 +49,18 @@ def _symmetric_reference(query, key, scale, inv_temperature, clamp):
     return (forward + contrastive_reference(key, query, pos, excl, scale, inv_temperature, clamp)) / 2
 
 
-def _autograd_backward(ctx, grad_loss, _grad_lse):
-    if grad_loss is None:  # the loss was not differentiated (grads are not materialised)
-        return (None,) * 7
-    query, key, scale, lse = ctx.saved_tensors
-    inv_temperature, clamp, impl, deterministic = ctx.options
-    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-        dquery, dkey, dscale = differentiable_backward(
-            "info_nce", impl, lambda q, k, s: _symmetric_reference(q, k, s, inv_temperature, clamp),
-            (query, key, scale), grad_loss,
-        )
-    else:
-        dquery, dkey, dscale = info_nce_backward_op(grad_loss, query, key, scale, lse, inv_temperature, clamp, impl,
-                                                    deterministic)
-    return dquery, dkey, dscale, None, None, None, None
-
-
-# (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; docs/backends.md.
-info_nce_backward_op = define_op(
-    "info_nce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor scale, Tensor lse, "
-    "float inv_temperature, float? clamp, str impl, bool deterministic) -> (Tensor, Tensor, Tensor)",
-    _backward_kernel,
-    _backward_fake,
+# forward -> (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; backward -> (dquery,
+# dkey, dscale); docs/backends.md.
+_ops = define_loss(
+    "info_nce",
+    tensors=("query", "key", "scale"),
+    graded=("query", "key", "scale"),
+    options="float inv_temperature, float? clamp",
+    losses=("loss",),
+    lse_shape=lambda query: (2, query.shape[0]),
+    reference=_symmetric_reference,
 )
-info_nce_forward_op = define_op(
-    "info_nce_forward(Tensor query, Tensor key, Tensor scale, float inv_temperature, float? clamp, str impl, "
-    "bool deterministic) -> (Tensor, Tensor)",
-    _forward_kernel,
-    _forward_fake,
-    backward=_autograd_backward,
-    setup_context=_setup_context,
-)
+info_nce_forward_op, info_nce_backward_op = _ops.forward, _ops.backward
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,8 +97,6 @@ def info_nce(
     lam = _checks.scale_tensor(scale, query)
     impl = resolve_impl(impl, query.device, query.dtype, query.shape[1])
     if process_group is not None:
-        from adassl_fast import distributed
-
         return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
                                     schedule=schedule, timeout=timeout)
     if impl == "reference":

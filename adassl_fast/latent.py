@@ -14,11 +14,8 @@ from torch import Tensor
 
 from adassl_fast import _checks
 from adassl_fast._dispatch import BackendUnavailable
-from adassl_fast.nt_xent import clamp_inclusive
-
-SIGMA_EPS = 1e-6
-LOGVAR_BOUND = 10.0
-UNIFORM_EPS = 1e-6
+from adassl_fast.core import clamp_inclusive
+from adassl_fast.torch_backend import LOGVAR_BOUND, SIGMA_EPS, logistic_noise
 
 
 def log_variance(pre: Tensor) -> Tensor:
@@ -34,12 +31,6 @@ def gaussian_kl_reference(mu_q: Tensor, pre_q: Tensor, mu_p: Tensor, pre_p: Tens
 
 def gaussian_sample_reference(mu_q: Tensor, pre_q: Tensor, noise: Tensor) -> Tensor:
     return mu_q + noise * torch.exp(0.5 * log_variance(pre_q))
-
-
-def logistic_noise(noise: Tensor) -> Tensor:
-    """Logistic(0, 1) from uniform noise clamped to [1e-6, 1 - 1e-6]."""
-    u = noise.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
-    return torch.log(u) - torch.log(1 - u)
 
 
 def bernoulli_mask_reference(logits: Tensor, noise: Tensor) -> Tensor:

@@ -192,7 +192,7 @@ def _calibrate(rows, d, dtype, device, repeats):
     import torch.distributed as dist
 
     from adassl_fast import _dispatch
-    from adassl_fast.nt_xent import nt_xent_backward_op, nt_xent_forward_op
+    from adassl_fast.core import nt_xent_backward_op, nt_xent_forward_op
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}

@@ -5,9 +5,10 @@ import torch
 
 import adassl_fast
 from adassl_fast.adassl import adassl_forward_op
+from adassl_fast.core import nt_xent_forward_op
+from adassl_fast.indices import partner_indices
 from adassl_fast.info_nce import info_nce_forward_op
 from adassl_fast.nn import InfoNCELoss, NTXentLoss
-from adassl_fast.nt_xent import nt_xent_forward_op, partner_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every backend that can run here goes through the same ops; Triton runs in its interpreter on CPU.

@@ -59,10 +59,10 @@ def test_one_pass_training_holds_little_more_than_the_gradients():
     # One forward + backward holds the inputs' gradients (2 M d), v and the stashed gradients (3 M d) and one
     # logit slab: 6 M d floats bound that with a row to spare, plus the slab and 4 MiB. The two-pass schedule at
     # fcc2923 peaked at 58.6 MiB here (bound: 44 MiB).
-    from adassl_fast.nt_xent import _SLAB_ELEMENTS
+    from adassl_fast.torch_backend import SLAB_ELEMENTS
 
     m, d = 8192, 128
     extra = sorted(peak_extra_bytes("torch", m, d)[0] for _ in range(3))[1]
-    bound = 6 * m * d * 4 + 4 * _SLAB_ELEMENTS + (4 << 20)
+    bound = 6 * m * d * 4 + 4 * SLAB_ELEMENTS + (4 << 20)
     print(f"\nM={m} d={d} float32 fwd+bwd: torch {extra / 2**20:.1f} MiB (bound {bound / 2**20:.0f} MiB)")
     assert extra <= bound

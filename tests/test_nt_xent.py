@@ -68,7 +68,7 @@ def test_backend_matches_reference_float64(impl, m, d, tau, clamp, scale):
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_backend_with_active_clamp_and_multiple_blocks(impl, monkeypatch):
     # Force several row blocks so the block loop's edges are exercised at an odd size.
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "_SLAB_ELEMENTS", 7 * 130)
+    monkeypatch.setattr(sys.modules["adassl_fast.torch_backend"], "SLAB_ELEMENTS", 7 * 130)
     cont, targ, lam = _inputs(130, 11, scale=6.0)
     ref, ref_grads = _value_and_grads(nt_xent_reference, cont, targ, lam, temperature=0.1, clamp=20.0)
     got, got_grads = _value_and_grads(adassl_fast.nt_xent, cont, targ, lam, temperature=0.1, impl=impl)
@@ -153,22 +153,6 @@ def test_zero_negative_and_huge_scales(impl, scale):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-def test_index_vectors_are_made_once_per_size_and_device():
-    from adassl_fast._checks import scale_tensor
-    from adassl_fast.nt_xent import diagonal_indices, partner_indices
-
-    pos, excl = partner_indices(6, "cpu")
-    assert pos.tolist() == [0, 1, 2, 3, 4, 5] and excl.tolist() == [3, 4, 5, 0, 1, 2]
-    assert partner_indices(6, torch.device("cpu"))[1] is excl  # cached: no kernels the next step
-    assert partner_indices(8, "cpu")[1].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
-    pos, excl = diagonal_indices(3, "cpu")
-    assert pos.tolist() == [0, 1, 2] and excl.tolist() == [-1, -1, -1]
-    like = torch.zeros(2, 2, dtype=torch.bfloat16)
-    one = scale_tensor(None, like)
-    assert one.item() == 1.0 and one.dtype == torch.float32 and scale_tensor(None, like) is one
-    assert scale_tensor(2.5, like).item() == 2.5 and scale_tensor(2.5, like.double()).dtype == torch.float64
-
-
 # ----------------------------------------------------------------------------------------------------
 # The torch backend's two schedules: one pass for training (each logit block formed once, the gradients
 # stashed for the backward) and two passes (forward statistics, then the backward from the saved LSEs).
@@ -176,7 +160,7 @@ def test_index_vectors_are_made_once_per_size_and_device():
 
 def _two_pass(monkeypatch):
     """Make the functional layer take the two-pass ops even where it would train in one pass."""
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "trains_in_one_pass", lambda *args: False)
+    monkeypatch.setattr(sys.modules["adassl_fast.core"], "trains_in_one_pass", lambda *args: False)
 
 
 @pytest.mark.parametrize("path", ["one_pass", "two_pass"])
@@ -189,7 +173,7 @@ def _two_pass(monkeypatch):
     ],
 )
 def test_torch_paths_match_reference_float64(path, m, d, tau, clamp, scale, slab, monkeypatch):
-    monkeypatch.setattr(sys.modules["adassl_fast.nt_xent"], "_SLAB_ELEMENTS", slab)
+    monkeypatch.setattr(sys.modules["adassl_fast.torch_backend"], "SLAB_ELEMENTS", slab)
     if path == "two_pass":
         _two_pass(monkeypatch)
     cont, targ, lam = _inputs(m, d, scale=scale)
@@ -229,13 +213,3 @@ def test_create_graph_backward_of_the_one_pass_op_takes_the_two_pass_gradient():
     ref = torch.autograd.grad(nt_xent_reference(cont, targ, scale=lam), [cont, targ, lam])
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.detach(), r, rtol=1e-10, atol=1e-12)
-
-
-def test_one_pass_op_refuses_other_backends():
-    from adassl_fast.nt_xent import nt_xent_forward_backward_op, partner_indices
-
-    cont, targ, _ = _inputs(6, 4)
-    pos, excl = partner_indices(6, "cpu")
-    with pytest.raises(ValueError, match="torch backend"):
-        nt_xent_forward_backward_op(cont, targ, pos, excl, torch.tensor(1.0, dtype=torch.float64), 10.0, 20.0,
-                                    "triton", True)

@@ -10,7 +10,7 @@ from adassl_fast.kernels import adassl as ak
 from adassl_fast.kernels import launch
 
 from adassl_fast.adassl import adassl_nt_xent_reference
-from adassl_fast.nt_xent import partner_indices
+from adassl_fast.indices import partner_indices
 
 pytestmark = pytest.mark.triton
 

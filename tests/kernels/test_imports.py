@@ -8,6 +8,8 @@ import ast
 import sys
 from pathlib import Path
 
+from tests.import_graph import find_cycle, import_nodes
+
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 ALLOWED = {"torch", "triton"} | set(sys.stdlib_module_names)
 
@@ -15,7 +17,7 @@ ALLOWED = {"torch", "triton"} | set(sys.stdlib_module_names)
 def _imports(path: Path) -> tuple[set[str], set[str]]:
     """(top-level packages of the absolute imports, kernels/ modules of the relative ones) of one file."""
     absolute, relative = set(), set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in import_nodes(path):
         if isinstance(node, ast.Import):
             absolute |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -31,27 +33,6 @@ def _graph() -> dict[str, set[str]]:
     return {path.stem: _imports(path)[1] for path in sorted(KERNELS.glob("*.py"))}
 
 
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of `graph` (module -> modules it imports) as a path a -> ... -> a, or None."""
-    done, active = set(), []
-
-    def visit(module):
-        if module in active:
-            return active[active.index(module):] + [module]
-        if module in done:
-            return None
-        active.append(module)
-        for dep in sorted(graph.get(module, ())):
-            found = visit(dep)
-            if found:
-                return found
-        active.pop()
-        done.add(module)
-        return None
-
-    return next((c for c in map(visit, sorted(graph)) if c), None)
-
-
 def test_kernels_import_only_torch_triton_and_the_standard_library():
     files = sorted(KERNELS.glob("*.py"))
     assert len(files) > 5, files
@@ -62,9 +43,4 @@ def test_kernels_import_only_torch_triton_and_the_standard_library():
 
 
 def test_kernels_have_no_import_cycle():
-    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
-
-
-def test_the_cycle_check_finds_a_cycle():
-    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert find_cycle(_graph()) is None, " -> ".join(find_cycle(_graph()))

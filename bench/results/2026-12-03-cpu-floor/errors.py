@@ -13,8 +13,8 @@ from adassl_fast.adassl import adassl_nt_xent_reference
 from adassl_fast.info_nce import info_nce_reference
 from adassl_fast.nt_xent import nt_xent_reference
 
-nt, ad = sys.modules["adassl_fast.nt_xent"], sys.modules["adassl_fast.adassl"]
-ONE_PASS = nt.trains_in_one_pass
+core, ad, tb = (sys.modules[f"adassl_fast.{m}"] for m in ("core", "adassl", "torch_backend"))
+ONE_PASS = core.trains_in_one_pass
 CASES = [(130, 11, 0.1, 20.0, 6.0, 7 * 130), (98, 37, 0.3, 20.0, 1.3, 1 << 22), (66, 24, 0.1, None, 250.0, 16 * 66),
          (1030, 93, 0.07, None, 1.0, 1 << 18)]  # M, d, tau, clamp, scale, slab elements
 
@@ -57,10 +57,10 @@ def adassl(worst, b, d, lam, tau, clamp):
 def main():
     torch.manual_seed(123)
     for path in ("one pass", "two passes"):
-        nt.trains_in_one_pass = ad.trains_in_one_pass = ONE_PASS if path == "one pass" else (lambda *a: False)
+        core.trains_in_one_pass = ad.trains_in_one_pass = ONE_PASS if path == "one pass" else (lambda *a: False)
         worst = {}
         for m, d, tau, clamp, scale, slab in CASES:
-            nt._SLAB_ELEMENTS = slab
+            tb.SLAB_ELEMENTS = slab
             c, t = (torch.randn(m, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
             lam = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
             contrastive(worst, c, t, lam, tau, clamp)

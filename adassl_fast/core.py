@@ -1,0 +1,93 @@
+"""The nt_xent core op (docs/backends.md): mean_i [lse_i - S_{i,pos_i}] over S = scale / tau * u v^T, clamped,
+each row's positive and excluded column given as index vectors. Every loss and the distributed schedules
+are built on it.
+
+Here: its reference (materialising, the oracle its double backward differentiates), its three
+torch.library ops (forward, backward, and the torch backend's one-pass training op; `impl` picks the
+backend through `_library.backend`), and `contrastive_loss`, which picks the schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adassl_fast import _checks
+from adassl_fast._library import define_loss
+from adassl_fast.torch_backend import NORM_EPS
+
+
+def clamp_inclusive(x: Tensor, bound: float) -> Tensor:
+    """clamp(x, -bound, bound) whose gradient passes at exactly +-bound (torch 2.3 behaviour, SPEC 2.1)."""
+    inside = (x >= -bound) & (x <= bound)
+    return torch.where(inside, x, x.detach().clamp(-bound, bound))
+
+
+def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) -> Tensor:
+    """The nt_xent core's loss mean_i [lse_i - S^_{i,pos_i}] (docs/backends.md) by materialising S (M, N).
+
+    Plain autograd ops: the ops' registered backward differentiates it for second-order gradients.
+    """
+    acc = _checks.accumulation_dtype(cont.dtype)
+    u = F.normalize(cont.to(acc), dim=1, eps=NORM_EPS)
+    v = F.normalize(targ.to(acc), dim=1, eps=NORM_EPS)
+    logits = u @ v.t() * (scale * inv_temperature)
+    if clamp is not None:
+        logits = clamp_inclusive(logits, clamp)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    excluded = (columns == excl.unsqueeze(1)) & (excl >= 0).unsqueeze(1)
+    lse = torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+    positive = logits.gather(1, pos.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return (lse - torch.where(pos >= 0, positive, 0.0)).mean()
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops: one registration for every backend (adassl_fast/_library.py), so autograd,
+# torch.compile and opcheck see the same op whatever runs inside.
+
+
+def _stash_fake(cont, targ, pos, excl, scale):
+    acc = _checks.accumulation_dtype(cont.dtype)
+    return cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
+
+
+def _stash_backward(stash, grads, inputs, options):
+    """The one-pass op's gradients (for grad_loss = 1), scaled by grad_loss."""
+    (grad_loss,), (cont, targ, *_) = grads, inputs
+    dcont, dtarg, dscale = (g * grad_loss for g in stash)
+    return dcont.to(cont.dtype), dtarg.to(targ.dtype), dscale
+
+
+# forward -> (loss 0-dim, lse (M,)) in the accumulation dtype; backward -> (dcont, dtarg, dscale); the
+# one-pass training op (torch backend, `trains_in_one_pass` picks it) -> (loss, lse, dcont, dtarg, dscale), the
+# gradients for grad_loss = 1 that its backward scales. docs/backends.md has the contract.
+_ops = define_loss(
+    "nt_xent",
+    tensors=("cont", "targ", "pos", "excl", "scale"),
+    graded=("cont", "targ", "scale"),
+    options="float inv_temperature, float? clamp",
+    losses=("loss",),
+    lse_shape=lambda cont: (cont.shape[0],),
+    reference=contrastive_reference,
+    stash_fake=_stash_fake,
+    stash_backward=_stash_backward,
+)
+nt_xent_forward_op, nt_xent_backward_op, nt_xent_forward_backward_op = (
+    _ops.forward, _ops.backward, _ops.forward_backward)
+
+
+def trains_in_one_pass(impl: str, *tensors: Tensor) -> bool:
+    """Whether a call takes the torch backend's one-pass training op: grad mode on and some input needing a
+    gradient (decided here, since inside an op autograd is already below), outside torch.compile (whose
+    tracing keeps the two-pass ops). Elsewhere the forward alone (one GEMM per block) is cheaper."""
+    return (impl == "torch" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
+    """mean_i [lse_i - S_{i,pos_i}] through the op of `impl` (not "reference"); inputs already checked."""
+    args = (cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
+    if trains_in_one_pass(impl, cont, targ, scale):
+        return nt_xent_forward_backward_op(*args)[0]
+    return nt_xent_forward_op(*args)[0]
+
