@@ -2,8 +2,8 @@
 
 What it measures: each method trains the same MLP encoder (10 -> 256 -> 256 -> 256 -> 16) on SPEC 6.4's
 natural pairs (z ~ U[-1,1]^10, each factor kept w.p. 0.8 else resampled, x = g(z) standardised, g a frozen
-invertible MLP), with the same temperature (0.05, the paper's 3DIdent protocol), batch, optimiser, cosine
-learning-rate schedule and steps: `adassl-fast train`'s defaults, so `adassl-fast train --method M --seed S`
+invertible MLP), with the same temperature (0.05, the paper's 3DIdent protocol), batch, optimiser, learning rate
+and steps: `adassl-fast train`'s defaults, so `adassl-fast train --method M --seed S`
 trains run (M, S) of the table. A seed fixes the mixing g (one mixing per seed, so the +- is over
 mixings), the initialisation, the training stream and the latent noise; every method sees the same three.
 On held-out samples, from L2-normalised embeddings: linear R^2 (fit on one held-out set, scored on
