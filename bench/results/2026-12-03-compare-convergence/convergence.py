@@ -9,7 +9,9 @@ Two kinds, both over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, peak l
 
     python convergence.py run constant --steps 8000 --eval-every 500 --out constant.json
     python convergence.py run cosine --budgets 1000,2000,6000 --out cosine_a.json
-    python convergence.py plot constant.json cosine_a.json [cosine_b.json ...] --out convergence.png
+    python convergence.py plot constant.json cosine_a.json [more cosine files] --out convergence.png
+
+A cosine file may also be a compare.json written by `adassl-fast compare --lr-schedule cosine`.
 """
 
 from __future__ import annotations
@@ -83,13 +85,20 @@ def _mean_std(point: dict, method: str, metric: str) -> tuple[float, float]:
 
 
 def level_off(points: list, method: str, metric: str, tol: float = 0.01) -> int:
-    """The first evaluated step from which the seed-mean stays within `tol` of its best value on the curve."""
+    """The first evaluated step whose seed-mean is within `tol` of the best seed-mean on the curve."""
     means = [_mean_std(pt, method, metric)[0] for pt in points]
-    best = max(means)
-    for i in range(len(means)):
-        if all(m >= best - tol for m in means[i:]):
-            return points[i]["step"]
-    return points[-1]["step"]
+    return next(pt["step"] for pt, m in zip(points, means, strict=True) if m >= max(means) - tol)
+
+
+def _cosine_points(path: str) -> list:
+    """Points of a `run cosine` file, or the one point of an `adassl-fast compare` summary."""
+    d = json.load(open(path))
+    if "points" in d:
+        return d["points"]
+    steps = d["meta"]["protocol"]["steps"]
+    methods = [m for m in d if m != "meta"]
+    return [{"step": steps, "metrics": {m: {str(s): {k: d[m][k]["values"][s] for k in METRICS}
+                                            for s in range(len(d[m]["r2"]["values"]))} for m in methods}}]
 
 
 def plot(argv) -> None:
@@ -105,7 +114,7 @@ def plot(argv) -> None:
     p.add_argument("--default-steps", type=int, default=0, help="draw the default compare's --steps")
     a = p.parse_args(argv)
     const = json.load(open(a.constant))
-    cos = {"points": sorted((pt for f in a.cosine for pt in json.load(open(f))["points"]), key=lambda pt: pt["step"])}
+    cos = {"points": sorted((pt for f in a.cosine for pt in _cosine_points(f)), key=lambda pt: pt["step"])}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = {"simclr": "tab:blue", "adassl-v": "tab:orange", "adassl-s": "tab:green"}
     summary = {}
@@ -125,7 +134,7 @@ def plot(argv) -> None:
                         capsize=3, label=f"{m}, cosine over the budget")
         if a.default_steps:
             ax.axvline(a.default_steps, color="k", lw=1.5, label=f"default compare ({a.default_steps} steps)")
-        ax.set_title(f"{compare.METRIC_NAMES[metric]} (held-out; dotted: level-off, within 0.01 of best)")
+        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off)", fontsize=10)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
