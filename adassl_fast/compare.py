@@ -113,24 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = train.Config()
     p = _Parser(prog="adassl-fast compare", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=_int_at_least(1), default=3,
+    p.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N>=1",
                    help="seeds 0..N-1; each fixes a mixing, an initialisation and a data stream")
-    p.add_argument("--steps", type=_int_at_least(1), default=defaults.steps, help="training steps per run")
-    p.add_argument("--batch-size", type=_int_at_least(2), default=defaults.batch_size, help="pairs per step")
-    p.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak AdamW learning rate")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default=defaults.lr_schedule,
+    p.add_argument("--steps", type=_int_at_least(1), default=defaults.steps, metavar="N>=1",
+                   help="training steps per run")
+    p.add_argument("--batch-size", type=_int_at_least(2), default=defaults.batch_size, metavar="N>=2",
+                   help="pairs per step")
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr, metavar="X>0",
+                   help="AdamW learning rate (the peak, with --lr-schedule cosine)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule,
                    help="learning rate over the steps")
-    p.add_argument("--temperature", type=_positive_float, default=defaults.temperature,
+    p.add_argument("--temperature", type=_positive_float, default=defaults.temperature, metavar="X>0",
                    help="NT-Xent temperature of every method (without --tune-tau)")
-    p.add_argument("--methods", type=_method_list, default=list(METHODS),
+    p.add_argument("--methods", type=_method_list, default=",".join(METHODS), metavar="LIST",
                    help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--tune-tau", action="store_true", help="train at every --taus value, keep each method's best")
-    p.add_argument("--taus", type=_tau_list, default=[0.05, 0.1, 0.2, 0.5],
-                   help="comma-separated temperatures for --tune-tau")
-    p.add_argument("--eval-samples", type=_int_at_least(16), default=defaults.eval_samples,
+    p.add_argument("--taus", type=_tau_list, default="0.05,0.1,0.2,0.5", metavar="LIST",
+                   help="comma-separated temperatures > 0 for --tune-tau")
+    p.add_argument("--eval-samples", type=_int_at_least(16), default=defaults.eval_samples, metavar="N>=16",
                    help="held-out samples in each of the two evaluation sets")
-    p.add_argument("--workers", type=_int_at_least(1), default=min(os.cpu_count() or 1, 4),
-                   help="groups of runs trained side by side in threads, one CPU thread each")
+    p.add_argument("--workers", type=_int_at_least(1), default=min(os.cpu_count() or 1, 4), metavar="N>=1",
+                   help="groups of runs trained side by side in threads (CPUs / N torch threads each)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a live progress bar with ETA on stderr")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.json and compare.png")
@@ -222,12 +225,11 @@ class Runs:
         head_sq = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in h]) ** 2 if h else enc_sq.new_zeros(())
                                for h in self.heads])
         total = (enc_sq + head_sq).sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, per run
         for p in self.encoder.parameters():
             p.grad.mul_(coef[:, None, None])
-        for r, h in enumerate(self.heads):
-            if h:
-                torch._foreach_mul_([p.grad for p in h], coef[r])
+        for h, norm in zip(self.heads, total, strict=True):
+            torch.nn.utils.clip_grads_with_norm_(h, max_norm, norm)
 
     def step(self, step: int) -> Tensor:
         """One optimisation step of every run; returns the (R,) losses (not synchronised)."""
@@ -263,10 +265,10 @@ class Runs:
         """Train every run for the configs' steps; -> (final metrics per run, curve records at `eval_steps`).
 
         `advance(k)` is called after every step with k = the number of runs (a progress bar's update)."""
-        curve = []
-        for step in range(1, self.configs[0].steps + 1):
+        curve, steps = [], self.configs[0].steps
+        for step in range(1, steps + 1):
             losses = self.step(step)
-            if step % CHECK_EVERY == 0 and not bool(torch.isfinite(losses).all()):
+            if (step % CHECK_EVERY == 0 or step == steps) and not bool(torch.isfinite(losses).all()):
                 bad = [self.configs[r].method for r in torch.nonzero(~torch.isfinite(losses))[:, 0].tolist()]
                 raise FloatingPointError(f"step {step}: non-finite loss in run(s) of {', '.join(bad)}")
             if step in eval_steps:

@@ -57,8 +57,9 @@ def _compare_args(*argv):
 
 def test_compare_runs_are_adassl_fast_train_runs(tmp_path):
     """A stacked group trains each run exactly as `adassl-fast train` trains it alone (same init, data, noise,
-    clipping and schedule): after a few steps the encoders agree to float rounding (a wrong noise stream,
-    clipping or learning rate moves them by ~1e-3)."""
+    clipping and schedule): after a few steps the encoders agree to float rounding. Adam turns rounding in a
+    near-zero gradient into a step of up to ~lr, so a few weights may differ by ~1e-4; the mean difference is
+    ~1e-8, where a wrong noise stream or learning rate gives ~1e-4."""
     steps = 4
     args = _compare_args("--steps", str(steps), "--batch-size", "32", "--eval-samples", "64")
     configs = [compare.run_config(m, 1, 0.05, args) for m in compare.METHODS]
@@ -71,7 +72,8 @@ def test_compare_runs_are_adassl_fast_train_runs(tmp_path):
         alone = torch.load(out / train.CHECKPOINT, weights_only=False)["model"]
         layers = [k for k in alone if k.startswith("encoder.") and k.endswith(".weight")]
         for i, key in enumerate(layers):
-            torch.testing.assert_close(runs.encoder.weights[i][r].T, alone[key], atol=2e-5, rtol=0)
+            diff = (runs.encoder.weights[i][r].T - alone[key]).abs()
+            assert diff.mean() < 1e-6 and diff.max() < 1e-3, (cfg.method, key, diff.mean(), diff.max())
         assert len(layers) == len(runs.encoder.weights)
 
 
