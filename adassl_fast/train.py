@@ -332,6 +332,8 @@ def beta_warmup_steps(cfg: Config) -> int:
     up over 10k of 150k steps, AdaSSL-S not at all). `adassl-fast compare` uses the same."""
     if cfg.beta_warmup_steps >= 0:
         return cfg.beta_warmup_steps
+    if cfg.beta_warmup_steps != -1:
+        raise ValueError(f"beta_warmup_steps must be >= 0, or -1 for SPEC 7's share, got {cfg.beta_warmup_steps}")
     return round(cfg.steps / 15) if cfg.method == "adassl-v" else 0
 
 
