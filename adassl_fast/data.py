@@ -15,7 +15,7 @@ one mixing per seed.
 Observations are standardised: x = (g(z) - mean) / std per coordinate, with mean and std measured once
 on 2^17 draws of z from a stream of their own, so the affine is a fixed part of the seed's frozen
 mixing (the same for every batch, step and split), as one would standardise an MLP's inputs. Raw,
-g(z) has coordinate std ~0.25 and means up to ~0.4, which leaves a fresh encoder's embeddings nearly
+g(z) has coordinate std ~0.25 and means up to ~0.5, which leaves a fresh encoder's embeddings nearly
 collinear.
 
 Real pairs: a folder of video frames (root/<clip>/<frames sorted by name>, pairs k frames apart within a

@@ -74,7 +74,7 @@ class Config:
     encoder: str = "auto"  # mlp | resnet (auto: mlp for synthetic, resnet for images)
     encoder_hidden: tuple = (256, 256, 256)
     # optimisation
-    steps: int = 5000  # past where every method levels off (bench/results/2026-12-03-compare-convergence)
+    steps: int = 5000  # where the slowest method, AdaSSL-V, levels off (bench/results/2026-12-03-compare-convergence)
     batch_size: int = 256  # pairs per step per rank
     lr: float = 1e-3
     # constant | cosine (lr * (1 + cos(pi (k - 1) / steps)) / 2 at step k). Constant: at 5000 steps cosine leaves
