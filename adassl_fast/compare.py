@@ -1,20 +1,30 @@
 """`adassl-fast compare`: vanilla SimCLR vs AdaSSL-V vs AdaSSL-S on the embedded synthetic benchmark.
 
 What it measures: each method trains the same MLP encoder (10 -> 256 -> 256 -> 256 -> 16) on SPEC 6.4's
-natural pairs (z ~ U[-1,1]^10, each factor kept w.p. 0.8 else resampled, x = g(z) through a frozen
-invertible MLP), with the same temperature (0.05, the paper's 3DIdent protocol), batch, optimiser and
-steps, over several seeds (seeds change the initialisation, the training stream and the latent noise;
-the mixing g and the held-out sets are shared). On held-out samples, from L2-normalised embeddings: linear
-R^2 (fit on one held-out set, scored on another), MCC (|Pearson|, Hungarian matching) and DCI
-disentanglement (Lasso importances). Prints mean +- std per method, writes a JSON summary and a bar chart,
-and prints the JSON path last. JSON: {"<method>": {"r2"|"mcc"|"dci_d": {"mean", "std", "values"},
-"temperature"}, ..., "meta": {"per_temperature", "protocol", "time_s"}}.
+natural pairs (z ~ U[-1,1]^10, each factor kept w.p. 0.8 else resampled, x = g(z) standardised, g a frozen
+invertible MLP), with the same temperature (0.05, the paper's 3DIdent protocol), batch, optimiser, learning rate
+and steps: `adassl-fast train`'s defaults, so `adassl-fast train --method M --seed S`
+trains run (M, S) of the table. A seed fixes the mixing g (one mixing per seed, so the +- is over
+mixings), the initialisation, the training stream and the latent noise; every method sees the same three.
+On held-out samples, from L2-normalised embeddings: linear R^2 (fit on one held-out set, scored on
+another), MCC (|Pearson|, Hungarian matching) and DCI disentanglement (Lasso importances). Prints mean +-
+std per method and each AdaSSL variant's paired difference to SimCLR (per seed, and how many seeds it is
+ahead on), writes a JSON summary and a bar chart, and prints the JSON path last. JSON: {"<method>":
+{"r2"|"mcc"|"dci_d": {"mean", "std", "values"}, "temperature"}, ..., "meta": {"paired", "per_temperature",
+"protocol", "time_s"}}; "paired": {"<method>": {"<metric>": {"deltas", "mean", "ahead"}}}.
 
 Methods (SPEC 7, 3DIdent column, scaled): AdaSSL-V: additive editor, latent predictor 16-128-128-2x16,
 beta 0.5 warmed up over the first 1/15 of training (10k of 150k in the paper); AdaSSL-S: modular editor,
-same predictor, beta 0.5, no warm-up. `--tune-tau` repeats everything for each temperature of
-`--taus` and keeps each method's best by mean R^2 (selected on the same held-out data it reports: an
-optimistic but equal treatment of all methods).
+same predictor, beta 0.5, no warm-up. `--tune-tau` repeats everything for each temperature of `--taus` and
+keeps each method's best by mean R^2 (selected on the same held-out data it reports: an optimistic but
+equal treatment of all methods).
+
+How it is fast: all runs of one temperature (methods x seeds) train as one stacked encoder, R copies of
+the MLP whose layers are batched matmuls over (R, rows, features); each run keeps its own loss head
+(adassl_fast's NTXentLoss / AdaSSL modules, called once per run per step), its own gradient clipping and
+its own latent-noise generator, so a run computes what `adassl-fast train` computes for it alone (AdamW is
+elementwise, so one optimiser over the stacked weights equals one per run). No value is read back to
+Python inside the loop except a finiteness check every 100 steps; evaluation runs once, at the end.
 """
 
 from __future__ import annotations
@@ -24,52 +34,252 @@ import json
 import math
 import os
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adassl_fast import metrics as metrics_mod
+from adassl_fast import train
 
 METHODS = {
     "simclr": dict(method="simclr"),
-    "adassl-v": dict(method="adassl-v", editor="add", beta=0.5),
-    "adassl-s": dict(method="adassl-s", editor="modular", beta=0.5, beta_warmup_steps=0),
+    "adassl-v": dict(method="adassl-v", editor="add"),
+    "adassl-s": dict(method="adassl-s", editor="modular"),
 }
 METRICS = ("r2", "mcc", "dci_d")
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+METRIC_NAMES = {"r2": "linear R^2", "mcc": "MCC", "dci_d": "DCI-D"}
+CHECK_EVERY = 100  # steps between finiteness checks of the losses (each one synchronises)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+
+class UsageError(Exception):
+    """A command-line mistake: `main` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)  # instead of argparse's usage block and sys.exit
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _tau_list(text: str) -> list[float]:
+    taus = [_positive_float(t) for t in text.split(",") if t.strip()]
+    if not taus:
+        raise argparse.ArgumentTypeError("expected comma-separated temperatures, e.g. 0.05,0.1")
+    return list(dict.fromkeys(taus))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adassl-fast compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--tune-tau", action="store_true", help="sweep --taus per method and keep each one's best")
-    p.add_argument("--taus", default="0.05,0.1,0.2,0.5")
-    p.add_argument("--eval-samples", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
-                   help="parallel training processes (one thread each)")
-    p.add_argument("--out", default="runs/compare")
+    defaults = train.Config()
+    p = _Parser(prog="adassl-fast compare", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=_int_at_least(1), default=3, metavar="N>=1",
+                   help="seeds 0..N-1; each fixes a mixing, an initialisation and a data stream")
+    p.add_argument("--steps", type=_int_at_least(1), default=defaults.steps, metavar="N>=1",
+                   help="training steps per run")
+    p.add_argument("--batch-size", type=_int_at_least(2), default=defaults.batch_size, metavar="N>=2",
+                   help="pairs per step")
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr, metavar="X>0",
+                   help="AdamW learning rate (the peak, with --lr-schedule cosine)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule,
+                   help="learning rate over the steps")
+    p.add_argument("--temperature", type=_positive_float, default=defaults.temperature, metavar="X>0",
+                   help="NT-Xent temperature of every method (without --tune-tau)")
+    p.add_argument("--methods", type=_method_list, default=",".join(METHODS), metavar="LIST",
+                   help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--tune-tau", action="store_true", help="train at every --taus value, keep each method's best")
+    p.add_argument("--taus", type=_tau_list, default="0.05,0.1,0.2,0.5", metavar="LIST",
+                   help="comma-separated temperatures > 0 for --tune-tau")
+    p.add_argument("--eval-samples", type=_int_at_least(100), default=defaults.eval_samples, metavar="N>=100",
+                   help="held-out samples in each of the two evaluation sets")
+    p.add_argument("--workers", type=_int_at_least(1), default=min(os.cpu_count() or 1, 4), metavar="N>=1",
+                   help="groups of runs trained side by side in threads (CPUs / N torch threads each)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a live progress bar with ETA on stderr")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.json and compare.png")
     return p
 
 
-def run_config(method: str, seed: int, tau: float, args, out: Path) -> dict:
-    return dict(METHODS[method], temperature=tau, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                lr=args.lr, eval_samples=args.eval_samples, beta_warmup_steps=_warmup(method, args.steps),
-                out=str(out / f"{method}_tau{tau:g}_seed{seed}"), overwrite=True, progress=False,
-                log_every=max(args.steps // 10, 1), ckpt_every=args.steps, threads=1)
+def run_config(method: str, seed: int, tau: float, args) -> train.Config:
+    """The `adassl-fast train` config of one run: its defaults, with the command line's overrides."""
+    return train.make_config(**METHODS[method], temperature=tau, seed=seed, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                             eval_samples=args.eval_samples, progress=False)
 
 
-def _warmup(method: str, steps: int) -> int:
-    return round(steps / 15) if method == "adassl-v" else 0
+# ----------------------------------------------------------------------------------------------------
+# Many runs as one model.
 
 
-def _train_one(values: dict) -> dict:
-    from adassl_fast import train
+class StackedMLP(nn.Module):
+    """R independent copies of `train.mlp_encoder`, one batched matmul per layer.
 
-    result = train.train(train.make_config(**values))
-    return {"eval": result["eval"], "time": result["time"], "final_loss": result["losses"][-1]["loss"]}
+    Built from R encoders of the same shape (their initial weights are copied); forward maps
+    (R, rows, n_in) -> (R, rows, n_out), run r through encoder r.
+    """
+
+    def __init__(self, encoders: list[nn.Sequential]):
+        super().__init__()
+        layers = [[m for m in enc if isinstance(m, nn.Linear)] for enc in encoders]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([run[i].weight.detach().T for run in layers])) for i in range(len(layers[0])))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([run[i].bias.detach()[None] for run in layers])) for i in range(len(layers[0])))
+
+    def forward(self, x: Tensor) -> Tensor:
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b, x, w)
+            if i < last:
+                x = F.leaky_relu(x, 0.01)
+        return x
+
+
+class Runs:
+    """Runs trained together: per run an `adassl-fast train` model (its encoder moved into one StackedMLP),
+    per distinct seed one synthetic data set (from `datasets`, a cache shared between groups, when given)."""
+
+    def __init__(self, configs: list[train.Config], datasets: dict | None = None):
+        first = configs[0]
+        shared = ("steps", "batch_size", "lr", "lr_schedule", "weight_decay", "grad_clip", "n_latents", "emb_dim",
+                  "encoder_hidden", "eval_samples")
+        for cfg in configs:
+            if cfg.data != "synthetic" or any(getattr(cfg, k) != getattr(first, k) for k in shared):
+                raise ValueError(f"runs trained together must share the synthetic data and {', '.join(shared)}")
+        self.configs = configs
+        cache = {} if datasets is None else datasets
+        self.datasets: dict[tuple, object] = {}
+        self.models, self.noise = [], []
+        for cfg in configs:
+            # As train.train: the seed, then the encoder, then the head; the latent noise continues that stream.
+            torch.manual_seed(cfg.seed)
+            self.models.append(train.SSLModel(cfg, train.make_encoder(cfg)))
+            self.noise.append(torch.Generator())
+            self.noise[-1].set_state(torch.get_rng_state())
+            key = (cfg.data_seed, cfg.seed)
+            if key not in cache:
+                cache[key] = train.make_data(cfg, 0, 1)
+            self.datasets[key] = cache[key]
+        keys = list(self.datasets)
+        self.run_data = torch.tensor([keys.index((cfg.data_seed, cfg.seed)) for cfg in configs])
+        self.encoder = StackedMLP([m.encoder for m in self.models])
+        self.heads = [list(m.head.parameters()) for m in self.models]
+        decay = [*self.encoder.weights, *(p for h in self.heads for p in h if p.ndim != 1)]
+        no_decay = [*self.encoder.biases, *(p for h in self.heads for p in h if p.ndim == 1)]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": first.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=first.lr,
+                                           fused=True)
+
+    def _loss(self, r: int, e_x: Tensor, e_y: Tensor) -> Tensor:
+        model, cfg = self.models[r], self.configs[r]
+        if not cfg.method.startswith("adassl"):
+            return model.loss(e_x, e_y)["loss"]
+        draw = torch.randn if cfg.method == "adassl-v" else torch.rand  # what the head would draw itself
+        shape = (len(e_x), cfg.latent_dim)
+        noise_xy, noise_yx = (draw(shape, generator=self.noise[r]) for _ in range(2))
+        return model.head(e_x, e_y, noise_xy=noise_xy, noise_yx=noise_yx)["loss"]
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """torch.nn.utils.clip_grad_norm_ per run: each run's norm over its slice of the encoder and its head."""
+        enc_sq = sum(p.grad.pow(2).sum((1, 2)) for p in self.encoder.parameters())
+        head_sq = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in h]) ** 2 if h else enc_sq.new_zeros(())
+                               for h in self.heads])
+        total = (enc_sq + head_sq).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient, per run
+        for p in self.encoder.parameters():
+            p.grad.mul_(coef[:, None, None])
+        for h, norm in zip(self.heads, total, strict=True):
+            torch.nn.utils.clip_grads_with_norm_(h, max_norm, norm)
+
+    def step(self, step: int) -> Tensor:
+        """One optimisation step of every run; returns the (R,) losses (not synchronised)."""
+        cfg = self.configs[0]
+        b = cfg.batch_size
+        pairs = torch.stack([torch.cat(ds.batch(step, b)) for ds in self.datasets.values()])
+        emb = self.encoder(pairs[self.run_data])  # (R, 2B, d): rows [x; x+] of each run
+        losses = torch.stack([self._loss(r, emb[r, :b], emb[r, b:]) for r in range(len(self.configs))])
+        losses.sum().backward()  # the runs share no parameter: each gets its own loss's gradient
+        if cfg.grad_clip > 0:
+            self._clip_gradients(cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = train.lr_at(step, cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses.detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> list[dict]:
+        """Held-out metrics of every run, as train.evaluate: linear R^2, MCC and DCI-D of L2-normalised
+        embeddings of the run's own seed's two evaluation sets."""
+        n = self.configs[0].eval_samples
+        sets = {split: [ds.eval_set(n, split) for ds in self.datasets.values()] for split in ("train", "test")}
+        emb = {split: F.normalize(self.encoder(torch.stack([x for x, _ in s])[self.run_data]), dim=-1)
+               for split, s in sets.items()}
+        results = []
+        for r, k in enumerate(self.run_data.tolist()):
+            results.append(metrics_mod.evaluate(emb["train"][r], sets["train"][k][1], emb["test"][r],
+                                                sets["test"][k][1]))
+        return results
+
+    def train(self, advance=None, eval_steps=()) -> tuple[list[dict], list[dict]]:
+        """Train every run for the configs' steps; -> (final metrics per run, curve records at `eval_steps`).
+
+        `advance(k)` is called after every step with k = the number of runs (a progress bar's update)."""
+        curve, steps = [], self.configs[0].steps
+        for step in range(1, steps + 1):
+            losses = self.step(step)
+            if (step % CHECK_EVERY == 0 or step == steps) and not bool(torch.isfinite(losses).all()):
+                bad = [self.configs[r].method for r in torch.nonzero(~torch.isfinite(losses))[:, 0].tolist()]
+                raise FloatingPointError(f"step {step}: non-finite loss in run(s) of {', '.join(bad)}")
+            if step in eval_steps:
+                curve.append({"step": step, "runs": self.evaluate()})
+            if advance is not None:
+                advance(len(self.configs))
+        return self.evaluate(), curve
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics and report.
 
 
 def _stats(values: list[float]) -> dict:
@@ -78,10 +288,30 @@ def _stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "values": values}
 
 
+def paired(summary: dict, method: str, baseline: str = "simclr") -> dict:
+    """Per metric: the per-seed differences method - baseline, their mean and how many favour `method`."""
+    out = {}
+    for k in METRICS:
+        deltas = [a - b for a, b in zip(summary[method][k]["values"], summary[baseline][k]["values"], strict=True)]
+        out[k] = {"deltas": deltas, "mean": sum(deltas) / len(deltas), "ahead": sum(d > 0 for d in deltas)}
+    return out
+
+
 def _table(rows: dict, title: str) -> str:
-    lines = [title, f"{'method':<22}" + "".join(f"{m:>18}" for m in ("R^2", "MCC", "DCI-D"))]
+    lines = [title, f"{'method':<22}" + "".join(f"{METRIC_NAMES[m]:>18}" for m in METRICS)]
     for name, res in rows.items():
         lines.append(f"{name:<22}" + "".join(f"{res[m]['mean']:>10.3f} +- {res[m]['std']:.3f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def _paired_table(pairs: dict, seeds: int) -> str:
+    lines = [f"paired against simclr (same seed: same mixing, data stream and initialisation; "
+             f"per seed 0..{seeds - 1}, mean, seeds ahead)"]
+    for method, by_metric in pairs.items():
+        for k, p in by_metric.items():
+            per_seed = " ".join(f"{d:+.3f}" for d in p["deltas"])
+            lines.append(f"{method:<10} {METRIC_NAMES[k]:<11} {per_seed}   mean {p['mean']:+.3f}   "
+                         f"ahead on {p['ahead']}/{seeds}")
     return "\n".join(lines)
 
 
@@ -100,77 +330,108 @@ def _plot(summary: dict, path: Path) -> bool:
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(METRICS))]
         ax.bar(xs, [summary[m][k]["mean"] for k in METRICS], width, yerr=[summary[m][k]["std"] for k in METRICS],
                capsize=3, label=f"{m} (tau={summary[m]['temperature']:g})")
-    ax.set_xticks(range(len(METRICS)), ["linear R^2", "MCC", "DCI-D"])
+    ax.set_xticks(range(len(METRICS)), [METRIC_NAMES[k] for k in METRICS])
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("synthetic natural pairs (SPEC 6.4), held-out, mean +- std over seeds")
+    ax.set_title("synthetic natural pairs (SPEC 6.4), held-out, mean +- std over seeds (mixings)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        print(f"adassl-fast compare: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
-        return 2
-    taus = [float(t) for t in args.taus.split(",")] if args.tune_tau else [args.temperature]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = [(m, tau, seed) for m in methods for tau in taus for seed in range(args.seeds)]
-    configs = [run_config(m, seed, tau, args, out) for m, tau, seed in jobs]
-    print(f"compare: {len(methods)} methods x {len(taus)} temperature(s) x {args.seeds} seeds, {args.steps} steps, "
-          f"batch {args.batch_size}, {args.workers} worker(s)", file=sys.stderr)
-    t0 = time.perf_counter()
-    if args.workers > 1:
-        import multiprocessing
+# ----------------------------------------------------------------------------------------------------
+# Main.
 
-        # One BLAS/OpenMP thread per worker: the ops are tiny and idle threads spinning on a busy core cost
-        # far more than they give. The environment is inherited by the spawned workers before they import.
-        saved = {k: os.environ.get(k) for k in THREAD_VARS}
-        os.environ.update({k: "1" for k in THREAD_VARS})
-        try:
-            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = list(pool.map(_train_one, configs))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    else:
-        results = [_train_one(c) for c in configs]
+
+def _train_all(args, taus: list[float]) -> dict:
+    """{(method, tau): [metrics of seed 0, 1, ...]}: the runs dealt round-robin into `--workers` stacked
+    groups, trained in parallel threads (the ops release the GIL, and each thread's ops run on its own core)."""
+    from tqdm import tqdm
+
+    jobs = [(m, seed, tau) for tau in taus for m in args.methods for seed in range(args.seeds)]
+    groups = [jobs[i::args.workers] for i in range(min(args.workers, len(jobs)))]
+    datasets: dict = {}
+    stacks = [Runs([run_config(m, seed, tau, args) for m, seed, tau in g], datasets) for g in groups]
+    bar = tqdm(total=args.steps * len(jobs), desc=f"compare ({len(jobs)} runs)", unit=" run-steps",
+               dynamic_ncols=True, file=sys.stderr, disable=not args.progress)
+    lock = threading.Lock()
+
+    def advance(k: int) -> None:
+        with lock:
+            bar.update(k)
+
+    with bar, ThreadPoolExecutor(len(stacks)) as pool:
+        evals = list(pool.map(lambda runs: runs.train(advance)[0], stacks))
+    by_job = {job: ev for group, group_evals in zip(groups, evals, strict=True)
+              for job, ev in zip(group, group_evals, strict=True)}
+    return {(m, tau): [by_job[m, seed, tau] for seed in range(args.seeds)] for m in args.methods for tau in taus}
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: {e.strerror or e}") from None
+    return args
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = _parse(parser, sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    taus = args.taus if args.tune_tau else [args.temperature]
+    out = args.out
+    print(f"compare: {len(args.methods)} methods x {len(taus)} temperature(s) x {args.seeds} seeds, {args.steps} "
+          f"steps ({args.lr_schedule} lr {args.lr:g}), batch {args.batch_size}, {args.workers} worker(s)",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    # One intra-op thread per worker: the ops are small, and idle threads spinning on a busy core cost more
+    # than they give.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
+    try:
+        results = _train_all(args, taus)
+    finally:
+        torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t0
 
-    grid: dict = {}
-    for (m, tau, _), res in zip(jobs, results, strict=True):
-        grid.setdefault(m, {}).setdefault(tau, []).append(res)
-    per_tau = {m: {tau: {k: _stats([r["eval"][k] for r in runs]) for k in METRICS} for tau, runs in by_tau.items()}
-               for m, by_tau in grid.items()}
+    per_tau = {m: {tau: {k: _stats([r[k] for r in results[m, tau]]) for k in METRICS} for tau in taus}
+               for m in args.methods}
     summary = {}
-    for m in methods:
+    for m in args.methods:
         best = max(taus, key=lambda t, m=m: per_tau[m][t]["r2"]["mean"])
         summary[m] = dict(per_tau[m][best], temperature=best)
     if args.tune_tau:
-        rows = {f"{m} tau={tau:g}": per_tau[m][tau] for m in methods for tau in taus}
+        rows = {f"{m} tau={tau:g}": per_tau[m][tau] for m in args.methods for tau in taus}
         print(_table(rows, "temperature sweep (held-out, mean +- std over seeds)"))
         print()
-    rows = {f"{m} (tau={summary[m]['temperature']:g})": summary[m] for m in methods}
-    print(_table(rows, f"{args.seeds} seeds x {args.steps} steps, {elapsed:.0f} s"))
+    rows = {f"{m} (tau={summary[m]['temperature']:g})": summary[m] for m in args.methods}
+    print(_table(rows, f"{args.seeds} seeds x {args.steps} steps, {elapsed:.0f} s (held-out, mean +- std over seeds)"))
+    pairs = {}
+    if "simclr" in args.methods:
+        pairs = {m: paired(summary, m) for m in args.methods if m != "simclr"}
+        if pairs:
+            print()
+            print(_paired_table(pairs, args.seeds))
 
-    report = {m: summary[m] for m in methods}
+    cfg = run_config(args.methods[0], 0, taus[0], args)
+    report = {m: summary[m] for m in args.methods}
     report["meta"] = {
+        "paired": pairs,
         "per_temperature": {m: {f"{tau:g}": v for tau, v in d.items()} for m, d in per_tau.items()},
-        "protocol": {"benchmark": "SPEC 6.4 synthetic natural pairs (n=10, keep 0.8, 3-layer invertible MLP mixing)",
+        "protocol": {"benchmark": "SPEC 6.4 synthetic natural pairs (n=10, keep 0.8, 3-layer invertible MLP mixing "
+                                  "with SPEC 6.1's 25,000-matrix conditioning, standardised; one mixing per seed)",
                      "metrics": "held-out, L2-normalised embeddings: linear R^2, MCC (Pearson+Hungarian), DCI-D "
                                 "(LassoCV importances)",
                      "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                     "temperatures": taus, "tune_tau": args.tune_tau,
-                     "methods": {m: {k: v for k, v in run_config(m, 0, 0.0, args, out).items()
-                                     if k in ("method", "editor", "beta", "beta_warmup_steps")} for m in methods}},
+                     "lr_schedule": args.lr_schedule, "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip,
+                     "eval_samples": args.eval_samples, "temperatures": taus, "tune_tau": args.tune_tau,
+                     "methods": {m: _method_meta(run_config(m, 0, taus[0], args)) for m in args.methods}},
         "time_s": elapsed,
     }
     json_path = out / "compare.json"
@@ -179,6 +440,13 @@ def main(argv=None) -> int:
         print(f"chart: {out / 'compare.png'}")
     print(json_path)
     return 0
+
+
+def _method_meta(cfg: train.Config) -> dict:
+    meta = {"method": cfg.method}
+    if cfg.method.startswith("adassl"):
+        meta.update(editor=cfg.editor, beta=cfg.beta, beta_warmup_steps=train.beta_warmup_steps(cfg))
+    return meta
 
 
 if __name__ == "__main__":

@@ -46,6 +46,50 @@ def test_batches_are_a_function_of_seed_rank_and_step():
     assert not torch.equal(ds.eval_set(64, "train")[1], z)
 
 
+def test_conditioning_threshold_is_the_minimum_over_25000_draws_of_the_same_generator():
+    assert data.COND_SAMPLES == 25_000  # SPEC 6.1 (cl-ica's n_iter_cond_thresh)
+    mix = data.mixing_mlp(10, 3, seed=7)
+    # Recompute the threshold independently: the first 25,000 unit-column U(-1, 1) matrices of the seed's generator.
+    g = torch.Generator().manual_seed(7)
+    w = torch.rand(25_000, 10, 10, generator=g, dtype=torch.float64) * 2 - 1
+    s = torch.linalg.svdvals(w / w.norm(dim=1, keepdim=True))
+    threshold = float((s[:, 0] / s[:, -1]).min())
+    assert mix.cond_threshold == pytest.approx(threshold, rel=1e-12)
+    for m in mix:
+        if isinstance(m, torch.nn.Linear):  # stored as float32: the cast moves cond by ~1e-7
+            assert float(torch.linalg.cond(m.weight.double())) <= threshold * (1 + 1e-5)
+
+
+def test_standardisation_is_a_fixed_affine_of_the_seeds_mixing():
+    ds = data.SyntheticPairs(10, seed=0, cond_samples=200)
+    # The affine is the seed's: the training stream does not change it, another seed's mixing does.
+    same = data.SyntheticPairs(10, seed=0, cond_samples=200, batch_seed=9)
+    assert torch.equal(ds.mean, same.mean) and torch.equal(ds.std, same.std)
+    other = data.SyntheticPairs(10, seed=1, cond_samples=200)
+    assert not torch.allclose(ds.mean, other.mean)
+    # Every batch and split goes through that one affine, never through its own statistics.
+    for step, size in ((3, 4), (8, 64)):
+        z, z_pos = ds.latent_pairs(size, data.step_generator(0, step))
+        x, x_pos = ds.batch(step, size)
+        assert torch.equal(x, (ds.mixing(z) - ds.mean) / ds.std)
+        assert torch.equal(x_pos, (ds.mixing(z_pos) - ds.mean) / ds.std)
+    assert ds.batch(3, 4)[0].mean(0).abs().max() > 1e-3  # a batch standardised by itself would have mean 0
+    # ... and it standardises: a large held-out sample has per-coordinate mean ~0 and std ~1.
+    x, _ = ds.eval_set(1 << 15, "test")
+    assert x.mean(0).abs().max() < 0.03 and (x.std(0) - 1).abs().max() < 0.03
+    raw = ds.mixing(ds.eval_set(1 << 15, "test")[1] * data.LATENT_SD)
+    assert raw.std(0).max() < 0.6  # the raw mixing is far from unit scale: the affine is not the identity
+
+
+def test_train_draws_one_mixing_per_seed_by_default():
+    from adassl_fast import train
+
+    mixing = lambda **kw: train.make_data(train.make_config(**kw), 0, 1).mixing[0].weight
+    assert torch.equal(mixing(seed=7), data.mixing_mlp(10, 3, seed=7)[0].weight)
+    assert not torch.equal(mixing(seed=7), mixing(seed=8))
+    assert torch.equal(mixing(seed=8, data_seed=7), mixing(seed=7))  # an explicit data_seed pins g
+
+
 def _write_images(folder, names, size=(20, 16)):
     Image = pytest.importorskip("PIL.Image")
     folder.mkdir(parents=True, exist_ok=True)
