@@ -452,6 +452,23 @@ def _check_resumable(payload: dict, cfg: Config, world_size: int, path: Path) ->
     if cfg.steps < payload["step"]:
         raise CheckpointError(f"--resume: {path} is at step {payload['step']} but --steps is {cfg.steps}; pass "
                               f"--steps {payload['step']} or more")
+    stretched = _step_schedules(cfg)
+    if cfg.steps != saved["steps"] and stretched:
+        raise CheckpointError(f"--resume: --steps {cfg.steps} differs from the run's {saved['steps']}, and the "
+                              f"{' and '.join(stretched)} scale with --steps, so the continued run would not be the one "
+                              f"checkpointed; resume with --steps {saved['steps']}")
+
+
+def _step_schedules(cfg: Config) -> list[str]:
+    """The schedules of this config that are functions of the run's length (--steps)."""
+    schedules = []
+    if cfg.lr_schedule == "cosine":
+        schedules.append("cosine learning rate")
+    if cfg.beta_warmup_steps == -1 and cfg.method == "adassl-v":
+        schedules.append("beta warm-up (steps / 15)")
+    if cfg.method == "byol" or (cfg.method.startswith("adassl") and cfg.objective == "byol"):
+        schedules.append("BYOL target EMA rate")
+    return schedules
 
 
 def _restore(payload: dict, path: Path, modules: dict) -> None:

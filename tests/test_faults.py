@@ -169,6 +169,21 @@ def test_resume_refuses_steps_below_the_checkpoint(tmp_path, capsys):
     assert train.load_checkpoint(run_dir / "checkpoint.pt")["step"] == 4
 
 
+def test_resume_refuses_other_steps_when_a_schedule_scales_with_them(tmp_path, capsys):
+    """AdaSSL-V's default beta warm-up is steps / 15: a longer --steps on resume would change it mid-run."""
+    run_dir = tmp_path / "run"
+    _run(run_dir, stop_after=4)
+    err = _main_error(capsys, _argv(run_dir, "--resume", "--steps", "60"))
+    assert "--steps 60 differs from the run's 6" in err and "beta warm-up" in err
+
+
+def test_resume_may_extend_a_run_whose_schedules_do_not_scale_with_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(run_dir, method="simclr", stop_after=4)
+    result = _run(run_dir, method="simclr", steps=8, resume=True)
+    assert result["step"] == 8
+
+
 def test_a_checkpoint_that_does_not_fit_the_model_is_one_clear_error(tmp_path, capsys):
     run_dir = tmp_path / "run"
     _run(run_dir, stop_after=2)
