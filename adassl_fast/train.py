@@ -455,8 +455,8 @@ def _check_resumable(payload: dict, cfg: Config, world_size: int, path: Path) ->
     stretched = _step_schedules(cfg)
     if cfg.steps != saved["steps"] and stretched:
         raise CheckpointError(f"--resume: --steps {cfg.steps} differs from the run's {saved['steps']}, and the "
-                              f"{' and '.join(stretched)} scale with --steps, so the continued run would not be the one "
-                              f"checkpointed; resume with --steps {saved['steps']}")
+                              f"{' and '.join(stretched)} scale with --steps, so the continued run would not be the "
+                              f"one checkpointed; resume with --steps {saved['steps']}")
 
 
 def _step_schedules(cfg: Config) -> list[str]:
