@@ -112,13 +112,17 @@ class ModularEditor(nn.Module):
 
 
 class NTXentLoss(_LearnableScale):
-    """SPEC 2.1's NT-Xent of `cont` (M, d) rows against `targ` (M, d) columns; see adassl_fast.nt_xent.
+    """SimCLR's NT-Xent of two views `z0`, `z1` (B, d) of the same B samples (API.md "Modules").
 
-    With `learnable_scale` it owns `lambda_train` (init log(e - 1)); the logits are scaled by
-    softplus(lambda_train). For vanilla SimCLR pass cont = [e_y; e_x], targ = [e_x; e_y].
+    The call lightly / PyTorch Metric Learning / solo-learn users make: each of the 2B rows is contrasted
+    with the 2B - 1 others (its own similarity excluded), the other view of its sample is the positive, and
+    the loss is the mean cross-entropy over the 2B rows. It equals `nt_xent([z1; z0], [z0; z1], ...)`:
+    row i's excluded column i + B is then row i itself. With `learnable_scale` it owns `lambda_train`
+    (init log(e - 1)); the logits are scaled by softplus(lambda_train). AdaSSL's stacked form (edited rows
+    against targets) is the functional `adassl_fast.nt_xent(cont, targ)` and `AdaSSL`.
     """
 
-    def __init__(self, temperature: float = 0.1, learnable_scale: bool = False, clamp: float | None = 20.0,
+    def __init__(self, temperature: float = 0.5, learnable_scale: bool = False, clamp: float | None = None,
                  impl: str = "auto", process_group=None):
         super().__init__()
         self.temperature = _checks.positive_float("temperature", temperature)
@@ -127,9 +131,12 @@ class NTXentLoss(_LearnableScale):
         self.process_group = process_group
         self._init_scale(learnable_scale)
 
-    def forward(self, cont: Tensor, targ: Tensor) -> Tensor:
-        return nt_xent(cont, targ, temperature=self.temperature, scale=self.scale, clamp=self.clamp, impl=self.impl,
-                       process_group=self.process_group)
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        """z0, z1: (B, d), the two views; returns the 0-dim loss (float32, float64 for float64 input)."""
+        if z0.shape != z1.shape:
+            raise ValueError(f"z0 and z1 must have the same shape (B, d), got {tuple(z0.shape)} and {tuple(z1.shape)}")
+        return nt_xent(torch.cat([z1, z0]), torch.cat([z0, z1]), temperature=self.temperature, scale=self.scale,
+                       clamp=self.clamp, impl=self.impl, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, clamp={self.clamp}"

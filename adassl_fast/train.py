@@ -317,7 +317,7 @@ class SSLModel(nn.Module):
 
     def loss(self, e_x, e_y, t_x=None, t_y=None) -> dict:
         if self.method == "simclr":
-            loss = self.head(torch.cat([e_y, e_x]), torch.cat([e_x, e_y]))
+            loss = self.head(e_x, e_y)  # SimCLR: nt_xent([e_y; e_x], [e_x; e_y])
             return {"loss": loss, "l_ssl": loss}
         if self.method == "infonce":
             loss = self.head(e_x, e_y)

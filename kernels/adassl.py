@@ -5,10 +5,11 @@ rows `cont = [emb_y + r_yx; emb_x + r_xy]` against `targ = [emb_x; emb_y]`, both
 sources (no concatenation of the inputs):
 - the normalising pre-kernel forms the edited rows from emb / post / prior / noise in registers
   (PROLOGUE 1 = "v", 2 = "s"; kernels/latent.py), sums the KL / L0 regulariser, and writes the
-  *normalised* edited rows u (M x d, input dtype) that the matmul kernels stream. That O(M d) buffer is
-  the one departure from "the edited rows never reach HBM" (docs/backends.md): without it the column-owned
-  backward kernel re-formed every streamed row tile (softplus, exp, log per element: ~8x the exp work
-  of its own tile at d = 128, 128-row blocks), which made AdaSSL 2.4x slower than nt_xent on an H200.
+  *normalised* edited rows u (M x d, operand dtype: fp16 for fp32 inputs) that the matmul kernels stream.
+  That O(M d) buffer is the one departure from "the edited rows never reach HBM" (docs/backends.md):
+  without it the column-owned backward kernel re-formed every streamed row tile (softplus, exp, log per
+  element: ~8x the exp work of its own tile at d = 128, 128-row blocks), which made AdaSSL 2.4x slower
+  than nt_xent on an H200.
   No M x M matrix is ever written.
 - backward: the finishing kernel of the row side turns dcont into d emb (additive editor:
   d emb_ctx += dcont), d post, d prior, adding the regulariser's gradient times grad_reg. emb_x / emb_y

@@ -284,7 +284,7 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
     ld = u.shape[1]  # the matrix kernels' width: d padded to 16 (normalize_rows)
     lsec = col_lse if sym else lse
     n_loss = 2 * M if sym else M
-    common = dict(BLOCK_D=block_d(d), SYM=sym, **logits.constexprs(dtype))
+    common = dict(BLOCK_D=block_d(d), SYM=sym, **logits.constexprs(u.dtype))
 
     def row_kernel(atomic: bool):
         n_rb = cdiv(M, cfg_r.block_m)

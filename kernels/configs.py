@@ -6,7 +6,8 @@ test (tests/test_cross_compile.py) and `pick_config()` is what the launchers (an
 Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
 - arch: the GPU class (arch_class()): "sm90" (H100 / H200), "sm80" (A100 and other parts with >= 163 KB of
   shared memory a block), "sm86" (RTX 30 / 40 / 50, A10, L4, L40: 99 KB); "interp" (TRITON_INTERPRET).
-- dtype class: "16" (bf16 / fp16 operands), "32" (fp32, IEEE dot), "64" (fp64, interpreter only).
+- dtype class: "16" (bf16 / fp16 operands: bf16 and fp16 inputs, and fp32 inputs, whose normalised rows
+  are fp16: operand_dtype()), "64" (fp64, interpreter only).
 - BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
@@ -90,10 +91,12 @@ _TABLE = {
     ("sm86", "16", 512): {"fwd": (64, 32, 8, 2), "bwd_row": (64, 16, 8, 2), "bwd_col": (64, 16, 8, 2),
                           "atomic": False},
 }
+# fp32 inputs run the "16" entries: the normalising pre-kernel reads fp32 rows and writes fp16 unit rows
+# (operand_dtype), statistics and gradient accumulation stay fp32 (docs/backends.md, "fp32 inputs").
 # Not shipped (cross-compile sweep, 2026-11-28), so pick_config raises and dispatch falls back to the torch
 # backend:
-# - fp32 (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16 (row) and
-#   32 x 16 without wgmma (column, atomic row: 16 x 16); at d = 256 every backward shape spilled.
+# - fp32 operands (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16
+#   (row) and 32 x 16 without wgmma (column, atomic row: 16 x 16); at d = 256 every backward shape spilled.
 # - fp64 compiles without spills at d = 128 (fp64 mma.sync, 64 x 32 tiles), but a Python float kernel
 #   argument (inv_temperature, the clamp) is fp32 on a GPU, so results would not be float64-exact.
 
@@ -114,8 +117,18 @@ def block_d(d: int) -> int:
     return max(16, 1 << (max(int(d), 1) - 1).bit_length())
 
 
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the normalised rows u, v that the matrix kernels stream, for inputs of `dtype`.
+
+    fp32 inputs are normalised in fp32 and rounded once to fp16: unit vectors lie in [-1, 1], where fp16
+    keeps 3 more mantissa bits than bf16, and the bf16 / fp16 shapes then serve them (docs/backends.md).
+    """
+    return torch.float16 if dtype == torch.float32 else dtype
+
+
 def dtype_class(dtype: torch.dtype) -> str:
-    return {torch.float16: "16", torch.bfloat16: "16", torch.float32: "32", torch.float64: "64"}[dtype]
+    """The table's dtype class for inputs of `dtype` (the class of their operand dtype)."""
+    return {torch.float16: "16", torch.bfloat16: "16", torch.float64: "64"}[operand_dtype(dtype)]
 
 
 @functools.cache  # read once: Triton itself decides at decoration time (import), and this runs ~10 times a step
@@ -160,8 +173,8 @@ def _lookup(arch: str, dt: str, bd: int) -> tuple[tuple, str, int]:
         if cbd >= bd:
             return _TABLE[(arch, dt, cbd)], dt, cbd
     raise ValueError(
-        f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 "
-        "with d <= 512 (fp32 / fp64 run in the interpreter only); use impl='torch'"
+        f"no vetted Triton config for arch={arch} dtype class={dt} BLOCK_D={bd}: the GPU table covers bf16 / fp16 / "
+        "fp32 (fp16 operands) with d <= 512 (fp64 runs in the interpreter only); use impl='torch'"
     )
 
 

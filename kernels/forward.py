@@ -23,7 +23,7 @@ from .tiles import LOG2E, Logits, clamp_binds, holds_special, operand, row_indic
 def _fwd_kernel(
     part_ptr,  # (3, nsplit, M) ACC out: running max and sum (log2 units), positive logit (log2 units)
     # u_ptr .. clamp2: Logits.args (kernels/tiles.py)
-    u_ptr, v_ptr,  # (M, d), (N, d) normalised rows (input dtype)
+    u_ptr, v_ptr,  # (M, d), (N, d) normalised rows (operand dtype: configs.operand_dtype)
     pos_ptr, excl_ptr,  # (M,) int64
     scale_ptr,  # () ACC
     M, N, d, inv_t, clamp2,  # clamp2: the clamp in log2 units

@@ -35,16 +35,14 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype) -> tuple[bool, str]:
-    """(UPCAST, PREC) for the matrix kernels on inputs of `dtype`.
+    """(UPCAST, PREC) for the matrix kernels on operands (u, v: configs.operand_dtype) of `dtype`.
 
     UPCAST turns loaded bf16 / fp16 tiles into fp32: the interpreter computes 16-bit floats wrongly, so it
-    is set only under TRITON_INTERPRET. fp32 on a GPU: 3xTF32 on the tensor cores (about fp32 accuracy);
-    IEEE FMA dots spill badly.
+    is set only under TRITON_INTERPRET. float64 operands run only in the interpreter, with IEEE dots.
     """
-    half = dtype in (torch.float16, torch.bfloat16)
-    if half:
+    if dtype in (torch.float16, torch.bfloat16):
         return interpreting(), "tf32"
-    return False, "ieee" if interpreting() or dtype == torch.float64 else "tf32x3"
+    return False, "ieee"
 
 
 def column_splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> int:

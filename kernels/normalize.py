@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import block_d
+from .configs import block_d, operand_dtype
 from .latent import build_rows
 from .launch import cdiv, empty, rows_per_program
 from .rows import RowSource, store_rows
@@ -23,7 +23,7 @@ EPS = tl.constexpr(1e-12)
 def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
                      emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr):
-    """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (input dtype, row
+    """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (out_ptr's dtype, row
     stride ld, zeros in columns [d, ld)) and 1 / max(|x_i|, eps); returns the block's regulariser sum (0 for
     PROLOGUE 0)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -41,7 +41,7 @@ def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
 
 @triton.jit
 def _normalize_kernel(
-    out_ptr,  # (n_rows, ld) out, input dtype: the cont side's u, the matrix kernels' operand
+    out_ptr,  # (n_rows, ld) out, operand dtype (configs.operand_dtype): the cont side's u
     inv_ptr,  # (n_rows,) ACC out: its 1 / max(|x_i|, eps)
     reg_ptr,  # (grid_u,) ACC out: per-program regulariser sum (PROLOGUE != 0)
     half, n_rows, d, ld,  # ld: d rounded up to 16, the row stride of u and v (see normalize_rows)
@@ -68,7 +68,8 @@ def normalize_rows(rows: RowSource, cols: RowSource, stat):
     """(u (M, ld), 1/|x| (M,), per-program regulariser sums, v (N, ld), 1/|t| (N,)) of both sides, one launch.
 
     `rows` gives the M cont rows (for AdaSSL formed from emb / post / prior / noise), `cols` the N targ rows
-    (a plain two-part source). u and v, in the input dtype, are what the matrix kernels stream: O((M + N) d)
+    (a plain two-part source). u and v, in the operand dtype (the input dtype; fp16 for fp32 inputs, rounded
+    once from the fp32 unit rows: configs.operand_dtype), are what the matrix kernels stream: O((M + N) d)
     bytes, written once per call, so the column kernel never re-forms AdaSSL's edited rows per tile (that
     multiplied its exp / log work by ~8). Their rows are ld = d rounded up to 16 wide, zero-padded: the
     matrix kernels then see 16-divisible strides and widths whatever d is (Triton's aligned, vectorised code;
@@ -77,8 +78,8 @@ def normalize_rows(rows: RowSource, cols: RowSource, stat):
     dev, dtype, d = rows.emb_a.device, rows.emb_a.dtype, rows.width
     M, N = rows.rows, cols.rows
     ld = cdiv(d, 16) * 16
-    u, inv_u = empty((M, ld), dtype, dev), empty(M, stat, dev)
-    v, inv_v = empty((N, ld), dtype, dev), empty(N, stat, dev)
+    u, inv_u = empty((M, ld), operand_dtype(dtype), dev), empty(M, stat, dev)
+    v, inv_v = empty((N, ld), operand_dtype(dtype), dev), empty(N, stat, dev)
     block, block_t = rows_per_program(d, rows.prologue, finishing=False), rows_per_program(d, 0, finishing=False)
     grid_u = cdiv(M, block)
     reg = empty(grid_u, stat, dev)

@@ -25,7 +25,9 @@ from adassl_fast.kernels.configs import SMEM_BUDGET
 from tests.compiled import resource_usage, run_worker
 
 ARCH_CC = {"sm90": 90, "sm80": 80, "sm86": 86}
-DTYPES = {"16": "bf16", "32": "fp32"}
+DTYPES = {"16": "bf16"}
+# fp32 inputs (kernels/configs.py operand_dtype): fp32 rows in, the normalised rows u, v as fp16 operands
+F32_INPUTS = dict(dtype="fp32", operand="fp16")
 
 # argument name -> pointer type ("X" = the input dtype, "S" = the statistics dtype)
 _PTRS = {
@@ -36,6 +38,7 @@ _PTRS = {
 _X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "u_ptr", "v_ptr",
       "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b", "vout_ptr", "targ_a", "targ_b",
       "cdst_a", "cdst_b"}
+_OPERANDS = {"u_ptr", "v_ptr", "out_ptr", "vout_ptr"}  # the normalised rows: the job's operand dtype
 _FLOATS = {"inv_t", "clamp2"}
 _ALIGNED_INTS = {"d", "ld"}  # d % 16 == 0 specialises d like this; ld (normalize_rows) always is
 
@@ -54,7 +57,7 @@ def jobs():
                for arch, dt, bd, cfg in shipped if "_sym_" in cfg.name}
     for arch, dt, bd, cfg in shipped:
         kind = cfg.name.split(f"_{arch}")[0]
-        prec = "tf32" if dt == "16" else "tf32x3"
+        prec = "tf32"
         base = dict(arch=arch, dtype=DTYPES[dt], config=cfg.name, matmul=True,
                     options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         # what the launchers run with this config (kernels/forward.py forward_core, kernels/backward.py backward_core);
@@ -86,17 +89,22 @@ def jobs():
             for clamp in (False, True):
                 consts = dict(BLOCK_D=bd, CLAMP=clamp, UPCAST=False, PREC=prec, **blocks, **extra)
                 out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
+            # fp32 inputs stream fp16 operands through the same shapes (the clamp: the most registers)
+            out.append(dict(base, **F32_INPUTS, kernel=kernel, variant=f"{label}-clamp-f32in",
+                            constexprs=dict(consts, CLAMP=True)))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
     # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
     from adassl_fast.kernels.launch import rows_per_program
 
-    for arch in ("sm90", "sm80"):
-        small = dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False)
+    for arch, inputs in (("sm90", {}), ("sm80", {}), ("sm90", F32_INPUTS), ("sm80", F32_INPUTS)):
+        small = dict(dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False), **inputs)
+        f32 = "-f32in" if inputs else ""
         for bd in sorted({b for a, _, b, _ in shipped_configs() if a == arch}):
             for prologue, label in ((0, "nt_xent"), (1, "adassl_v"), (2, "adassl_s")):
                 block = rows_per_program(bd, prologue, False)
                 tblock = rows_per_program(bd, 0, False)  # the targ side's rows per program, in the same launch
-                out.append(dict(small, kernel="_normalize_kernel", variant=label, config=f"m{block}_t{tblock}_d{bd}",
+                out.append(dict(small, kernel="_normalize_kernel", variant=label + f32,
+                                config=f"m{block}_t{tblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=block, BLOCK_T=tblock, BLOCK_D=bd, PROLOGUE=prologue)))
             # the finishing launches backward_core makes: plain ops finish both sides in one launch; AdaSSL (its
             # sinks alias) the targ side, then the edited rows adding to it
@@ -106,11 +114,12 @@ def jobs():
                                                          ("adassl_v", 1, True, True, False),
                                                          ("adassl_s", 2, True, True, False)):
                 fblock = rows_per_program(bd, prologue, True)
-                out.append(dict(small, kernel="_finish_kernel", variant=label, config=f"m{fblock}_d{bd}",
+                out.append(dict(small, kernel="_finish_kernel", variant=label + f32, config=f"m{fblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
                                                 ACCUM=accum, DSCALE=dscale, BOTH=both, BLOCK_C=cblock,
                                                 TWO_PART_C=False)))
-        out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
+        if not inputs:
+            out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
     for j in out:
         j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"
     return out
@@ -138,6 +147,8 @@ def _compile_one(job):
             sig[n] = "constexpr"
         elif n in _PTRS:
             sig[n] = "*" + {"S": stat}.get(_PTRS[n], _PTRS[n])
+        elif n in _OPERANDS:
+            sig[n] = "*" + job.get("operand", job["dtype"])
         elif n in _X:
             sig[n] = "*" + job["dtype"]
         elif n in _FLOATS:

@@ -82,8 +82,34 @@ def test_triton_without_a_vetted_gpu_config_is_unavailable_or_skipped_by_auto(mo
     here = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter runs Triton
     assert resolve_impl("triton", here, torch.bfloat16, 128) == "triton"
     with pytest.raises(adassl_fast.BackendUnavailable, match='impl="triton" cannot run: no vetted Triton config'):
-        resolve_impl("triton", here, torch.float32, 128)
+        resolve_impl("triton", here, torch.float64, 128)
     if not torch.cuda.is_available():  # auto moves on to cuda, then torch
-        assert resolve_impl("auto", torch.device("cuda"), torch.float32, 128) == "torch"
+        assert resolve_impl("auto", torch.device("cuda"), torch.float64, 128) == "torch"
         assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 512) == "triton"  # the widest entry
         assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16, 600) == "torch"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("arch", ["sm90", "sm80", "sm86"])
+def test_auto_picks_triton_for_float32_cuda_tensors(monkeypatch, arch):
+    """fp32 features (F.normalize's output under AMP) stay on the fused path (fp16 operands, fp32 statistics:
+    docs/backends.md), never falling to a first-use CUDA build or the torch backend."""
+    from adassl_fast.kernels import configs
+
+    monkeypatch.delenv("ADASSL_FAST_IMPL", raising=False)
+    monkeypatch.setattr(configs, "arch_of", lambda device: arch)
+    cuda = torch.device("cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        _triton_reason.cache_clear()
+        monkeypatch.setattr(adassl_fast._dispatch, "_cuda_reason", lambda: "no CUDA build here")
+    try:
+        for d in (5, 100, 128, 300, 512):
+            assert resolve_impl("auto", cuda, torch.float32, d) == "triton", d
+            assert configs.pick_config("bwd_row", cuda, torch.float32, d) == configs.pick_config(
+                "bwd_row", cuda, torch.float16, d)  # the fp16 operands' shapes
+        assert resolve_impl("auto", cuda, torch.float32, 600) == "torch"  # past the widest entry
+        monkeypatch.setenv("ADASSL_FAST_IMPL", "torch")  # the opt-out for true fp32 operands
+        assert resolve_impl("auto", cuda, torch.float32, 128) == "torch"
+    finally:
+        _triton_reason.cache_clear()

@@ -20,11 +20,11 @@ pytestmark = [pytest.mark.gpu,
 ], ids=["nt_xent", "info_nce"])
 def test_graphed_loss_replays_eager_results(make, impl):
     eager_fn, graphed = make(impl).cuda(), make(impl).cuda()  # graphing replaces a module's forward
-    M, d = 1030, 96  # M not a multiple of any block, d not a power of two
-    sample = [torch.randn(M, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    B, d = 515, 96  # M = 2B = 1030 rows: not a multiple of any block; d not a power of two
+    sample = [torch.randn(B, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
     graphed = torch.cuda.make_graphed_callables(graphed, tuple(sample))
     for _ in range(3):  # fresh inputs each replay: the graph reads its inputs, not the capture's values
-        a, b = (torch.randn(M, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        a, b = (torch.randn(B, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         eager = eager_fn(a, b)
         want = torch.autograd.grad(eager, (a, b, eager_fn.lambda_train))
         got_loss = graphed(a, b)

@@ -25,27 +25,32 @@ from adassl_fast.kernels.configs import SMEM_BUDGET
 from tests.compiled import resource_usage, run_worker
 
 # (GPU class, op, M, d, deterministic): odd M with column splits, M = 65536 with one split, d = 100 and 300
-# (not multiples of 16; BLOCK_D 128 and 512); bf16, and one fp16 case ("nt_xent_f16"). sm_80 and sm_86 compile
-# what differs from sm_90 the most: the finishing kernel's unaligned rows, and the 99 KB class's d = 512 shapes.
+# (not multiples of 16; BLOCK_D 128 and 512); bf16, one fp16 case ("nt_xent_f16") and fp32 inputs ("*_f32": fp32
+# rows into the normalising and finishing kernels, fp16 operands in the matrix kernels, which must use wgmma on
+# sm_90). sm_80 and sm_86 compile what differs from sm_90 the most: the finishing kernel's unaligned rows, and
+# the 99 KB class's d = 512 shapes.
 CASES = [("sm90", "nt_xent", 1030, 96, True), ("sm90", "nt_xent", 1030, 100, False),
          ("sm90", "nt_xent_f16", 1030, 100, True),
          ("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True),
          ("sm90", "info_nce", 1030, 100, True), ("sm90", "info_nce", 65536, 128, True),
          ("sm90", "adassl_v", 1030, 100, True), ("sm90", "adassl_s", 1030, 300, True),
          ("sm80", "nt_xent", 1030, 100, True), ("sm80", "adassl_v", 1030, 300, True),
-         ("sm86", "nt_xent", 1030, 300, True), ("sm86", "adassl_v", 1030, 100, True)]
+         ("sm86", "nt_xent", 1030, 300, True), ("sm86", "adassl_v", 1030, 100, True),
+         ("sm90", "nt_xent_f32", 1030, 100, True), ("sm90", "adassl_s_f32", 1030, 300, False),
+         ("sm80", "info_nce_f32", 1030, 300, True), ("sm86", "nt_xent_f32", 1030, 300, False)]
+DTYPES = {"_f16": "float16", "_f32": "float32"}  # op suffix -> input dtype (else bfloat16)
 CLASSES = {"sm90": 90, "sm80": 80, "sm86": 86}  # -> compute capability; the stand-in's device index is the order
 
 
 def _step(op: str, M: int, d: int, deterministic: bool):
-    """Forward + backward of `op` through the public API on CPU tensors, bf16 (fp16 for "*_f16"); nothing is
-    computed."""
+    """Forward + backward of `op` through the public API on CPU tensors, bf16 (or DTYPES' for a suffix);
+    nothing is computed."""
     import torch
 
     import adassl_fast
 
-    dtype = torch.float16 if op.endswith("_f16") else torch.bfloat16
-    op = op.removesuffix("_f16")
+    dtype = getattr(torch, DTYPES.get(op[-4:], "bfloat16"))
+    op = op.removesuffix(op[-4:]) if op[-4:] in DTYPES else op
 
     def leaf(*shape):
         return torch.randn(*shape, dtype=dtype, requires_grad=True)
@@ -113,7 +118,8 @@ def _worker():
         kernels = []
         for k in compiled[before:]:
             usage = resource_usage(k.asm["cubin"])
-            kernels.append(dict(name=k.name, shared=int(k.metadata.shared), spill=usage["stack"] + usage["local"]))
+            kernels.append(dict(name=k.name, shared=int(k.metadata.shared), spill=usage["stack"] + usage["local"],
+                                registers=usage["registers"], wgmma="wgmma.mma_async" in k.asm["ptx"]))
         out.append(dict(case=list(case), error=error, launches_compiled=kernels))
     print(json.dumps(out))
 
@@ -130,6 +136,8 @@ def test_public_ops_launch_through_triton_jit(report, case):
     assert r["error"] is None, r["error"]
     for k in r["launches_compiled"]:  # (a kernel an earlier case compiled is not listed again)
         assert k["spill"] == 0 and k["shared"] <= SMEM_BUDGET[case[0]], k
+        if case[0] == "sm90" and k["name"] in ("_fwd_kernel", "_bwd_row_kernel", "_bwd_col_kernel"):
+            assert k["wgmma"], k
 
 
 @pytest.mark.slow
@@ -138,7 +146,7 @@ def test_every_case_compiled_its_own_specialisations(report):
     for case in (CASES[0], CASES[9], CASES[11]):
         assert len(report[case]["launches_compiled"]) >= 6, case
     for case in (("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True),
-                 ("sm90", "nt_xent_f16", 1030, 100, True)):
+                 ("sm90", "nt_xent_f16", 1030, 100, True), ("sm90", "nt_xent_f32", 1030, 100, True)):
         assert report[case]["launches_compiled"], case
 
 

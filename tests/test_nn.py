@@ -105,21 +105,47 @@ def noises(variant, b, d_r):
 # Loss modules.
 
 
-@pytest.mark.parametrize("learnable", [False, True])
-def test_nt_xent_loss_matches_hand_path(learnable):
-    loss_fn = NTXentLoss(temperature=0.2, learnable_scale=learnable).double()
-    if learnable:
-        assert float(loss_fn.scale.detach()) == pytest.approx(1.0, abs=1e-7)  # float32 init
-        with torch.no_grad():
-            loss_fn.lambda_train.fill_(0.7)
-    cont = torch.randn(10, 5, dtype=D64, requires_grad=True)
-    targ = torch.randn(10, 5, dtype=D64, requires_grad=True)
-    got = loss_fn(cont, targ)
-    lam = F.softplus(loss_fn.lambda_train) if learnable else 1.0
-    want = hand_nt_xent(cont, targ, 0.2, lam)
+def lightly_nt_xent(out0, out1, temperature):
+    """lightly 1.5 / 1.6 `NTXentLoss(temperature, memory_bank_size=0)` as its documentation states it, written
+    here from that convention (not its code): out0 and out1 (B, d) are L2-normalised, the 2B rows
+    [out0; out1] are compared by cosine similarity / temperature with every other row (the self-similarity
+    excluded), the positive of row i is the same sample's other view, and the loss is the mean
+    cross-entropy over the 2B rows."""
+    z = F.normalize(torch.cat([out0, out1]), dim=1)
+    n, b = z.shape[0], out0.shape[0]
+    logits = (z @ z.t() / temperature).masked_fill(torch.eye(n, dtype=torch.bool), -math.inf)
+    positives = torch.cat([torch.arange(b, n), torch.arange(b)])
+    return F.cross_entropy(logits, positives)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.03])  # 0.03: logits up to 33, past the old default clamp of 20
+def test_nt_xent_loss_is_lightlys_two_view_loss(temperature):
+    b, d = 9, 5
+    z0 = torch.randn(b, d, dtype=D64, requires_grad=True)
+    z1 = torch.randn(b, d, dtype=D64, requires_grad=True)
+    loss_fn = NTXentLoss() if temperature == 0.5 else NTXentLoss(temperature=temperature)
+    got, want = loss_fn(z0, z1), lightly_nt_xent(z0, z1, temperature)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    wrt = [cont, targ] + ([loss_fn.lambda_train] if learnable else [])
+    assert_close_grads(grads(got, [z0, z1]), grads(want, [z0, z1]))
+
+
+def test_nt_xent_loss_learnable_scale_and_clamp():
+    loss_fn = NTXentLoss(temperature=0.2, learnable_scale=True, clamp=3.0).double()
+    assert float(loss_fn.scale.detach()) == pytest.approx(1.0, abs=1e-7)  # float32 init
+    with torch.no_grad():
+        loss_fn.lambda_train.fill_(0.7)
+    z0 = torch.randn(7, 3, dtype=D64, requires_grad=True)
+    z1 = torch.randn(7, 3, dtype=D64, requires_grad=True)
+    got = loss_fn(z0, z1)
+    want = hand_nt_xent(torch.cat([z1, z0]), torch.cat([z0, z1]), 0.2, F.softplus(loss_fn.lambda_train), clamp=3.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    wrt = [z0, z1, loss_fn.lambda_train]
     assert_close_grads(grads(got, wrt), grads(want, wrt))
+
+
+def test_nt_xent_loss_rejects_views_of_different_shapes():
+    with pytest.raises(ValueError, match="z0 and z1 must have the same shape"):
+        NTXentLoss()(torch.randn(4, 3), torch.randn(5, 3))
 
 
 def test_info_nce_loss_matches_hand_path():

@@ -92,9 +92,10 @@ def test_lookup_takes_the_smallest_covering_block_d_and_refuses_the_rest(h200):
     cfg = configs.pick_config("fwd", CUDA, torch.bfloat16, 37)  # d = 37 pads to 64, served by the d = 128 entry
     assert cfg.name.startswith("fwd_sm90_f16_d128_")
     assert configs.unsupported_reason(CUDA, torch.float16, 128) is None
+    assert configs.unsupported_reason(CUDA, torch.float32, 128) is None  # fp16 operands (operand_dtype)
     assert configs.pick_config("bwd_row", CUDA, torch.bfloat16, 129).name.startswith("bwd_row_sm90_f16_d256_")
     assert configs.pick_config("bwd_col", CUDA, torch.bfloat16, 257).name.startswith("bwd_col_sm90_f16_d512_")
-    for dtype, d in ((torch.bfloat16, 513), (torch.float32, 128)):
+    for dtype, d in ((torch.bfloat16, 513), (torch.float64, 128)):
         assert "no vetted Triton config" in configs.unsupported_reason(CUDA, dtype, d)
 
 

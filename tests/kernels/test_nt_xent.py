@@ -222,6 +222,46 @@ def test_half_precision_through_upcast(dtype, d, deterministic):
         assert rel_err(got, want) < 3e-2, f"{what}: relative error {rel_err(got, want):.2e}"
 
 
+# fp16's unit roundoff: the kernels round fp32 inputs' unit rows to fp16 once (configs.operand_dtype)
+FP16_UNIT = 2.0**-11
+
+
+@pytest.mark.parametrize("d,deterministic,clamp", [(37, True, None), (300, False, 20.0), (5, True, 20.0)])
+def test_float32_inputs_through_fp16_operands(d, deterministic, clamp):
+    """fp32 inputs: fp32 norms, unit rows rounded once to fp16, fp32 statistics and gradient accumulation, fp32
+    gradients. Against float64 (docs/backends.md, "fp32 inputs") with a bound derived from that rounding alone:
+    each unit-row entry moves by at most FP16_UNIT relatively, so every cosine by at most
+    delta_c = 2 FP16_UNIT + FP16_UNIT^2 (Cauchy-Schwarz) and every logit by delta = s / tau * delta_c. Then
+    |d loss| <= 2 delta (the LSE is 1-Lipschitz in the max norm), a softmax row moves by at most 2 delta in
+    l1, so a row gradient before the normalisation backward moves by at most s / tau / M (2 delta +
+    2 FP16_UNIT (v rounded) + 2 FP16_UNIT (G rounded to fp16 on a GPU)), and the normalisation backward
+    (a projection) scales that by 1 / |x_i|; dscale moves by at most (2 delta + 2 delta_c) / tau."""
+    M, scale_value, temperature = 130, 1.5, 0.1
+    cont = torch.randn(M, d) * 3.0
+    targ = (cont.roll(1, 0) + 0.5 * torch.randn(M, d)) * 0.2
+    scale = torch.tensor(scale_value)
+    pos, excl = _nt_indices(M)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 1 / temperature, clamp, deterministic)
+    assert loss.dtype == lse.dtype == ds.dtype == torch.float32
+    assert dc.dtype == dt.dtype == torch.float32
+    # the same rounding in float64: only fp32 accumulation separates the kernels from it
+    e_loss, e_dc, e_dt, e_ds = _rounded_operands_reference(cont, targ, scale, temperature, clamp, torch.float16)
+    _close(loss, e_loss, 2e-6, 1e-6, what="loss vs fp16-operand float64")
+    for got, want, what in ((dc, e_dc, "dcont"), (dt, e_dt, "dtarg"), (ds, e_ds, "dscale")):
+        assert rel_err(got, want) < 1e-4, f"{what} vs fp16-operand float64: {rel_err(got, want):.2e}"
+    # the derived bound against float64 on the unrounded inputs (a clamp of 20 never binds at s / tau = 15)
+    r_loss, r_dc, r_dt, r_ds = _reference(cont, targ, scale, temperature, clamp)
+    s_tau = scale_value / temperature
+    delta_c = 2 * FP16_UNIT + FP16_UNIT**2
+    delta = s_tau * delta_c
+    assert abs(loss.double() - r_loss).item() <= 2 * delta
+    assert abs(ds.double() - r_ds).item() <= (2 * delta + 2 * delta_c) / temperature
+    row_bound = s_tau / M * (2 * delta + 4 * FP16_UNIT)
+    for got, want, x in ((dc, r_dc, cont), (dt, r_dt, targ)):
+        err = (got.double() - want).norm(dim=1)
+        assert (err <= row_bound / x.double().norm(dim=1)).all(), (err * x.double().norm(dim=1)).max() / row_bound
+
+
 def test_deterministic_schedule_is_bitwise_reproducible():
     cont, targ, pos, excl, scale = _problem(130, 24, torch.float32)
     a = _run(cont, targ, pos, excl, scale, 5.0, None, True)
