@@ -221,6 +221,8 @@ class Backend(NamedTuple):
     info_nce_backward: object
     adassl_forward: object
     adassl_backward: object
+    siglip_forward: object = None  # None: the backend has no SigLIP kernels (adassl_fast/siglip.py)
+    siglip_backward: object = None
 
 
 @functools.cache
