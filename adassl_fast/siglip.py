@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adassl_fast import _checks, _library
-from adassl_fast._dispatch import BackendUnavailable, resolve_impl
+from adassl_fast._dispatch import resolve_impl_among
 from adassl_fast.core import trains_in_one_pass
 from adassl_fast.torch_backend import NORM_EPS
 
@@ -63,16 +63,6 @@ _ops = _library.define_loss(
 )
 
 
-def _siglip_impl(impl: str, query: Tensor) -> str:
-    """The backend that runs SigLIP: "auto" takes the torch backend where it would pick a fused one."""
-    resolved = resolve_impl(impl, query.device, query.dtype, query.shape[1])
-    if resolved in SIGLIP_IMPLS:
-        return resolved
-    if impl == "auto":
-        return "torch"
-    raise BackendUnavailable(f'impl="{resolved}" has no SigLIP kernels yet; impl="torch" or "reference" runs it')
-
-
 def siglip(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: bool = True, impl: str = "auto",
            process_group=None) -> Tensor:
     """SigLIP's sigmoid loss over the N x N logits scale * <u_i, v_j> + bias (u, v the L2-normalised rows of
@@ -90,7 +80,7 @@ def siglip(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: boo
         raise NotImplementedError("adassl_fast.siglip: process_group is not supported yet")
     scale = _checks.scale_tensor(scale, query)
     bias = _checks.scale_tensor(bias, query)
-    impl = _siglip_impl(impl, query)
+    impl = resolve_impl_among(impl, SIGLIP_IMPLS, "SigLIP", query.device, query.dtype, query.shape[1])
     if impl == "reference":
         return siglip_reference(query, key, scale=scale, bias=bias, normalize=normalize)
     params = torch.stack([scale, bias])

@@ -87,13 +87,16 @@ class _Pass(NamedTuple):
 
 
 def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_weight=None, lse=None, col_lse=None,
-                col_sum=False) -> _Pass:
+                col_sum=False, labels=None) -> _Pass:
     """One pass over the row blocks of S = scale / tau * u v^T, clamped, each row's excluded column removed.
 
     grad_weight (float or 0-dim tensor) w: also the gradients of w * sum_i [lse_i - S_{i,pos_i}] (plus
     w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
     lse (M,): the row LSEs to differentiate with (the two-pass backward); None computes them in this pass.
     col_sum: also sum_i exp(S_ij) (needs `one_exp_pass`).
+    labels (row labels (M,), column labels (N,)): row i's positives are the columns j of its label, and its
+    positive term the mean of their (clamped) logits (docs/spec.md 2.12; pos must be -1 throughout). Per block
+    the label tiles are compared: nothing M x N outlives the block.
     """
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
@@ -125,11 +128,15 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
         # (a create_graph backward runs the backward op with autograd recording these ops: out= is refused there)
         slab = u_scaled @ v.t() if u_scaled.requires_grad else torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
         positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos_blk, excl[r0:r1], clamp, clamp_active)
+        if labels is not None:
+            same = labels[0][r0:r1].unsqueeze(1) == labels[1]
+            count = same.sum(1).to(acc)
+            positive[r0:r1] = torch.where(same, slab, 0.0).sum(1) / count
         if col_lse is not None and not unshifted:
             col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
         shift = _exponentiate(slab, None if lse is None else lse[r0:r1], unshifted)
         # row sums from the slab where no G V follows, or where the clamp's mask will change the slab first
-        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None) else None
+        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None or labels is not None) else None
         if sums is not None:
             sums += slab.sum(0)
         if not grads:
@@ -143,6 +150,10 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
             else:
                 slab.add_(col_part)
             row_scale, hot = None, hot * 2
+        if labels is not None:  # minus the positives' mean: row_scale G = slab - row_scale [same] / count
+            row_scale = row_sum if lse is None else row_scale
+            weight = (1.0 if col_lse is None else 2.0) / count
+            slab.sub_(same * (weight if row_scale is None else weight * row_scale).unsqueeze(1))
         if outside is not None:
             slab.masked_fill_(outside, 0.0)
         gv_ones = slab @ v_ones
@@ -220,13 +231,24 @@ def _block_gradient(e, ev, row_scale, hot, pos_blk, u_scaled, v, grad_v):
     return gv - v.index_select(0, col.squeeze(1)) * hot.unsqueeze(1)
 
 
-def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
-    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp)
+def _label_pairs(labels):
+    """A square op's labels as row_blocks takes them: rows and columns share one labelling."""
+    return None if labels is None else (labels, labels)
+
+
+def _unpaired(n: int, device) -> tuple[Tensor, Tensor]:
+    """pos, excl for label-defined positives: no single positive column, nothing excluded."""
+    none = torch.full((n,), -1, dtype=torch.int64, device=device)
+    return none, none
+
+
+def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None):
+    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=_label_pairs(labels))
     return (p.lse - p.positive).mean(), p.lse
 
 
 def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
-                    col_lse=None):
+                    col_lse=None, labels=None):
     """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}] from the saved LSEs.
 
     col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
@@ -234,14 +256,15 @@ def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatu
     """
     weight = grad_loss.to(lse.dtype) / (2 * cont.shape[0] if col_lse is not None else cont.shape[0])
     p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=weight, lse=lse,
-                    col_lse=col_lse)
+                    col_lse=col_lse, labels=_label_pairs(labels))
     return p.dcont.to(cont.dtype), p.dtarg.to(targ.dtype), p.dscale
 
 
-def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None):
     """(loss, lse, dcont, dtarg, dscale) in one pass: the gradients for grad_loss = 1, in the accumulation
     dtype (the op's backward scales them by the incoming gradient)."""
-    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0])
+    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0],
+                   labels=_label_pairs(labels))
     return (p.lse - p.positive).mean(), p.lse, p.dcont, p.dtarg, p.dscale
 
 
@@ -276,21 +299,55 @@ def symmetric_backward(directional):
     return backward
 
 
-def info_nce_forward(query, key, scale, inv_temperature, clamp):
+def _square_indices(query, labels):
+    n = query.shape[0]
+    return diagonal_indices(n, query.device) if labels is None else _unpaired(n, query.device)
+
+
+def info_nce_forward(query, key, scale, inv_temperature, clamp, labels=None):
     """One pass for both directions where one exp serves rows and columns (|scale / tau| < 30, or a clamp
-    below 30: the usual settings), else one pass per direction."""
+    below 30: the usual settings), else one pass per direction. labels (N,): label-defined positives (the
+    positives' mean logit is the same sum down the columns as along the rows: the labelling is shared)."""
+    pos, excl = _square_indices(query, labels)
     if not one_exp_pass(scale, inv_temperature, clamp):
-        return symmetric_forward(nt_xent_forward)(query, key, scale, inv_temperature, clamp)
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    p = row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True)
+        loss_r, lse_r = nt_xent_forward(query, key, pos, excl, scale, inv_temperature, clamp, labels)
+        loss_c, lse_c = nt_xent_forward(key, query, pos, excl, scale, inv_temperature, clamp, labels)
+        return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
+    p = row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True, labels=_label_pairs(labels))
     col_lse = p.col_sum.log_()
     return ((p.lse - p.positive).mean() + (col_lse - p.positive).mean()) / 2, torch.stack([p.lse, col_lse])
 
 
-def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-    pos, excl = diagonal_indices(query.shape[0], query.device)
+def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels=None):
+    pos, excl = _square_indices(query, labels)
     return nt_xent_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
-                            col_lse=lse[1])
+                            col_lse=lse[1], labels=labels)
+
+
+# InfoNCE with label-defined positives (docs/spec.md 2.12): one-directional (the core with labels) and symmetric.
+
+
+def labelled_forward(query, key, labels, scale, inv_temperature, clamp):
+    return nt_xent_forward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature, clamp,
+                           labels)
+
+
+def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic):
+    return nt_xent_backward(grad_loss, query, key, *_unpaired(query.shape[0], query.device), scale, lse,
+                            inv_temperature, clamp, deterministic, labels=labels)
+
+
+def labelled_forward_backward(query, key, labels, scale, inv_temperature, clamp):
+    return nt_xent_forward_backward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature,
+                                    clamp, labels)
+
+
+def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp):
+    return info_nce_forward(query, key, scale, inv_temperature, clamp, labels)
+
+
+def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic):
+    return info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels)
 
 
 
