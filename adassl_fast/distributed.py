@@ -1,4 +1,4 @@
-"""Negatives from every rank: `nt_xent`, `info_nce` and `adassl_nt_xent` over a torch.distributed group.
+"""Negatives from every rank: `nt_xent`, `info_nce`, `adassl_nt_xent` and `siglip` over a torch.distributed group.
 
 The functional ops call into this module when `process_group` is given (API.md "Distributed"). Everything
 travels through torch.distributed (NCCL on GPUs, gloo on CPUs); the per-block work is the nt_xent core of
@@ -76,7 +76,7 @@ from adassl_fast import _checks
 from adassl_fast._library import unsupported_backward
 from adassl_fast.core import nt_xent_backward_op, nt_xent_forward_op
 from adassl_fast.indices import diagonal_indices, partner_indices
-from adassl_fast.torch_backend import edited_rows, prologue_backward
+from adassl_fast.torch_backend import edited_rows, prologue_backward, siglip_blocks
 
 SCHEDULES = ("gather", "ring")
 DEFAULT_SCHEDULE: str | None = None  # None: ADASSL_FAST_SCHEDULE, else "ring"
@@ -168,7 +168,7 @@ class _Comm:
 
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_OP_CODES = {"nt_xent": 1, "info_nce": 2, "adassl_nt_xent": 3}
+_OP_CODES = {"nt_xent": 1, "info_nce": 2, "adassl_nt_xent": 3, "siglip": 4}
 _META_FIELDS = 12
 
 
@@ -248,6 +248,10 @@ class _Plan:
     impl: str
     deterministic: bool
     col_tensors: list = field(default_factory=list)
+    # SigLIP (docs/spec.md 2.11): normalize's value, and `scale` holds (scale, bias); None: the nt_xent core.
+    # Its blocks are sums of elementwise terms (`torch_backend.siglip_blocks`, positives = the column offset of
+    # the row's own key, None off its block): no row statistic, so an "LSE" slot carries the block sums.
+    siglip_normalize: bool | None = None
 
     def __post_init__(self):
         self.col_tensors = sorted({p.cols for p in self.problems})
@@ -296,6 +300,25 @@ def _kernel_impl(impl: str) -> str:
     return "torch" if impl == "reference" else impl
 
 
+def _block_forward(plan, p, rows, cols, pos, excl, scale, positives):
+    """(the block's share of the rows' summed loss terms, its LSE: the row LSEs, or for SigLIP that share)."""
+    if plan.siglip_normalize is not None:
+        total = siglip_blocks(rows, cols, scale, plan.siglip_normalize, positives=positives)[0]
+        return total, total
+    loss, lse = nt_xent_forward_op(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
+                                   _kernel_impl(plan.impl), plan.deterministic)
+    return loss * rows.shape[0], lse
+
+
+def _block_backward(plan, weight, rows, cols, pos, excl, scale, lse, positives):
+    """(drows, dcols, dscale) of weight x the block's summed loss terms."""
+    if plan.siglip_normalize is not None:
+        return siglip_blocks(rows, cols, scale, plan.siglip_normalize, positives=positives, loss=False,
+                             grad_weight=weight)[1:]
+    return nt_xent_backward_op(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
+                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+
+
 def _forward_gather(plan, scale, tensors):
     comm = plan.comm
     gathered = {c: _gather_rows(plan, tensors[c], plan.sizes[c]) for c in plan.col_tensors}
@@ -304,9 +327,8 @@ def _forward_gather(plan, scale, tensors):
     for p in plan.problems:
         off = _offsets(plan.sizes[p.cols])[comm.rank]
         pos, excl = _shift(p.pos, off), _shift(p.excl, off)
-        loss, lse = nt_xent_forward_op(tensors[p.rows], gathered[p.cols], pos, excl, scale, plan.inv_temperature,
-                                       plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
-        part = loss * (p.coef * tensors[p.rows].shape[0])
+        summed, lse = _block_forward(plan, p, tensors[p.rows], gathered[p.cols], pos, excl, scale, off)
+        part = summed * p.coef
         total = part if total is None else total + part
         lses.append(lse)
         idx.append((pos, excl))
@@ -322,10 +344,9 @@ def _backward_gather(plan, scale, tensors, lses, saved, grad_out):
     dscale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     add = lambda cur, g: g.to(acc) if cur is None else cur + g
     for p, lse, (pos, excl) in zip(plan.problems, lses, idx, strict=True):
-        g = grad_out.to(acc) * (comm.world * p.coef * tensors[p.rows].shape[0])
-        drows, dcols, ds = nt_xent_backward_op(g, tensors[p.rows], gathered[p.cols], pos, excl, scale, lse,
-                                               plan.inv_temperature, plan.clamp, _kernel_impl(plan.impl),
-                                               plan.deterministic)
+        g = grad_out.to(acc) * (comm.world * p.coef)
+        off = _offsets(plan.sizes[p.cols])[comm.rank]
+        drows, dcols, ds = _block_backward(plan, g, tensors[p.rows], gathered[p.cols], pos, excl, scale, lse, off)
         grads[p.rows] = add(grads[p.rows], drows)
         col_grads[p.cols] = add(col_grads.get(p.cols), dcols)
         dscale = dscale + ds
@@ -361,11 +382,14 @@ def _forward_ring(plan, scale, tensors):
             own = src == comm.rank
             block = held[p.cols][: plan.sizes[p.cols][src]]
             pos, excl = (p.pos, p.excl) if own else (minus[p.rows], minus[p.rows])
-            loss, lse = nt_xent_forward_op(tensors[p.rows], block, pos, excl, scale, plan.inv_temperature,
-                                           plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+            summed, lse = _block_forward(plan, p, tensors[p.rows], block, pos, excl, scale, 0 if own else None)
+            if plan.siglip_normalize is not None:  # the blocks' sums add up; "positives" stays 0
+                lses[j] = lse if lses[j] is None else lses[j] + lse
+                positives[j] = torch.zeros_like(lse)
+                continue
             lses[j] = lse if lses[j] is None else torch.logaddexp(lses[j], lse)
             if own:  # sum_i S_{i,pos_i} = sum_i lse_own_i - M_r * loss_own
-                positives[j] = lse.sum() - loss * tensors[p.rows].shape[0]
+                positives[j] = lse.sum() - summed
         comm.wait(works, f"the ring forward step {k} (block of rank {src})")
         if k < w - 1:
             for c in plan.col_tensors:
@@ -389,7 +413,7 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
     grads = [None] * len(tensors)
     dscale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     minus = {p.rows: torch.full_like(p.pos, -1) for p in plan.problems}
-    weights = [grad_out.to(acc) * (w * p.coef * tensors[p.rows].shape[0]) for p in plan.problems]
+    weights = [grad_out.to(acc) * (w * p.coef) for p in plan.problems]
     for k in range(w):
         src, before = comm.peer(-k), comm.peer(-k + 1)
         sends, recvs = [], []
@@ -407,9 +431,8 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
             own = src == comm.rank
             block = held[p.cols][: plan.sizes[p.cols][src]]
             pos, excl = (p.pos, p.excl) if own else (minus[p.rows], minus[p.rows])
-            drows, dcols, ds = nt_xent_backward_op(weights[j], tensors[p.rows], block, pos, excl, scale, lses[j],
-                                                   plan.inv_temperature, plan.clamp, _kernel_impl(plan.impl),
-                                                   plan.deterministic)
+            drows, dcols, ds = _block_backward(plan, weights[j], tensors[p.rows], block, pos, excl, scale, lses[j],
+                                               0 if own else None)
             grads[p.rows] = drows.to(acc) if grads[p.rows] is None else grads[p.rows] + drows
             partial[p.cols] = dcols.to(acc) if p.cols not in partial else partial[p.cols] + dcols
             dscale = dscale + ds
@@ -567,3 +590,15 @@ def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     l_ssl = _DistributedContrastive.apply(plan, lam, cont, targ)
     l_reg = _GlobalSum.apply(comm, reg_sum / (2 * sum(b_sizes)))
     return l_ssl, l_reg
+
+
+def siglip(query, key, params, normalize, impl, process_group, *, schedule=None, timeout=None) -> Tensor:
+    """Distributed SigLIP: query and key concatenated in rank order, params = (scale, bias) (2,); returns the
+    global loss (the sum over the global N x N terms / N), world_size x the global gradients as the others."""
+    comm = _comm("siglip", process_group, schedule, timeout)
+    (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], [("normalize", bool(normalize))],
+                           [("the rows of query", query.shape[0])])
+    pos, excl = diagonal_indices(query.shape[0], query.device)
+    plan = _Plan(comm, [n_sizes, n_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(n_sizes))], 1.0, None, impl, True,
+                 siglip_normalize=normalize)
+    return _DistributedContrastive.apply(plan, params, query, key)

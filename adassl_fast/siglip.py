@@ -3,7 +3,7 @@
     loss = -(1/N) sum_ij log sigmoid(z_ij (scale * <u_i, v_j> + bias)),  z_ii = +1, z_ij = -1 (i != j)
 
 (docs/spec.md 2.11, 3.7). No row statistic links the entries, so the torch backend forms the loss and every
-gradient in one pass over row blocks (`torch_backend._siglip_blocks`), holding O(N d) memory. The op takes
+gradient in one pass over row blocks (`torch_backend.siglip_blocks`), holding O(N d) memory. The op takes
 scale and bias as one (2,) tensor `params`; the fused backends (Triton, CUDA) have no SigLIP kernels yet.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adassl_fast import _checks, _library
+from adassl_fast import _checks, _library, distributed
 from adassl_fast._dispatch import resolve_impl_among
 from adassl_fast.core import trains_in_one_pass
 from adassl_fast.torch_backend import NORM_EPS
@@ -76,14 +76,14 @@ def siglip(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: boo
     _checks.same_layout("key", key, "query", query)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if process_group is not None:
-        raise NotImplementedError("adassl_fast.siglip: process_group is not supported yet")
     scale = _checks.scale_tensor(scale, query)
     bias = _checks.scale_tensor(bias, query)
     impl = resolve_impl_among(impl, SIGLIP_IMPLS, "SigLIP", query.device, query.dtype, query.shape[1])
+    params = torch.stack([scale, bias])
+    if process_group is not None:  # the ring (or gather) schedule of adassl_fast/distributed.py
+        return distributed.siglip(query, key, params, normalize, impl, process_group)
     if impl == "reference":
         return siglip_reference(query, key, scale=scale, bias=bias, normalize=normalize)
-    params = torch.stack([scale, bias])
     args = (query, key, params, normalize, impl, True)
     if trains_in_one_pass(impl, query, key, params):
         return _ops.forward_backward(*args)[0]

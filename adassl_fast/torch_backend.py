@@ -487,11 +487,13 @@ def logistic_noise(noise: Tensor) -> Tensor:
 # Then dU = a G V, dV = a G^T U, da = sum_i u_i . (G V)_i, db = sum_ij G_ij, and the normalisation backward.
 
 
-def _siglip_blocks(query, key, params, normalize, *, loss=True, grad_weight=None):
-    """One pass over the row blocks of L = params[0] * u v^T + params[1] (N x N, positives on the diagonal).
+def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad_weight=None):
+    """One pass over the row blocks of L = params[0] * u v^T + params[1] (M x N), row i's positive column
+    i + positives (None: no positive among these columns, as for another rank's block in the ring).
 
-    Returns (loss or None, dquery, dkey, dparams), the gradients (of grad_weight * N * loss) in the
-    accumulation dtype where grad_weight (0-dim or float) is given, else None. normalize=False: u, v = the rows.
+    Returns (the SUM of the M x N terms or None, dquery, dkey, dparams), the gradients (of grad_weight * that
+    sum) in the accumulation dtype where grad_weight (0-dim or float) is given, else None. normalize=False:
+    u, v = the rows.
     """
     acc = _checks.accumulation_dtype(query.dtype)
     a, b = float(params[0]), float(params[1])
@@ -499,22 +501,22 @@ def _siglip_blocks(query, key, params, normalize, *, loss=True, grad_weight=None
     norm_u = torch.linalg.vector_norm(x, dim=1) if normalize else None
     norm_v = torch.linalg.vector_norm(y, dim=1) if normalize else None
     v = y if norm_v is None else y / norm_v.clamp_min(NORM_EPS).unsqueeze(1)
-    n, d = x.shape
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
     grads = grad_weight is not None
     if grads:
         v_ones = torch.cat([v, v.new_ones(n, 1)], 1)  # G [V, 1] also sums each row of G
         v = v_ones[:, :d]
     total = torch.zeros((), dtype=acc, device=x.device)
     if grads:
-        gv = torch.empty(n, d + 1, dtype=acc, device=x.device)
+        gv = torch.empty(m, d + 1, dtype=acc, device=x.device)
         grad_v = torch.zeros(n, d, dtype=acc, device=x.device)
     step = _rows_per_block(n)
-    buffer = torch.empty(min(step, n), n, dtype=acc, device=x.device)
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
+    buffer = torch.empty(min(step, m), n, dtype=acc, device=x.device)
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
         u_blk = x[r0:r1] if norm_u is None else x[r0:r1] / norm_u[r0:r1].clamp_min(NORM_EPS).unsqueeze(1)
         slab = torch.mm(u_blk, v.t(), out=buffer[: r1 - r0]).mul_(a).add_(b)
-        diag = slab.diagonal(r0)
+        diag = slab.new_empty(0) if positives is None else slab.diagonal(r0 + positives)
         if loss:
             total += F.softplus(slab).sum() - diag.sum()
         if not grads:
@@ -523,9 +525,9 @@ def _siglip_blocks(query, key, params, normalize, *, loss=True, grad_weight=None
         diag.sub_(1.0)  # N G of the block
         torch.mm(slab, v_ones, out=gv[r0:r1])
         grad_v.addmm_(slab.t(), u_blk)
-    loss_value = total / n if loss else None
+    total = total if loss else None
     if not grads:
-        return loss_value, None, None, None
+        return total, None, None, None
     del slab, buffer
     dcont, dbias_rows = gv[:, :d], gv[:, d]
     u_dot = torch.linalg.vecdot(x, dcont)  # x_i . (N G V)_i
@@ -539,22 +541,22 @@ def _siglip_blocks(query, key, params, normalize, *, loss=True, grad_weight=None
         grad_v.mul_(grad_weight * a)
     else:
         _normalize_backward_(grad_v, y, norm_v, torch.linalg.vecdot(y, grad_v), grad_weight * a)
-    return loss_value, dcont, grad_v, torch.stack([dscale, dbias]).to(params.dtype)
+    return total, dcont, grad_v, torch.stack([dscale, dbias]).to(params.dtype)
 
 
 def siglip_forward(query, key, params, normalize):
     """(loss, an empty LSE): SigLIP keeps no row statistic between its forward and backward."""
-    loss, *_ = _siglip_blocks(query, key, params, normalize)
-    return loss, loss.new_empty(0)
+    total, *_ = siglip_blocks(query, key, params, normalize)
+    return total / query.shape[0], total.new_empty(0)
 
 
 def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
-    _, dq, dk, dparams = _siglip_blocks(query, key, params, normalize, loss=False,
+    _, dq, dk, dparams = siglip_blocks(query, key, params, normalize, loss=False,
                                         grad_weight=grad_loss.to(params.dtype) / query.shape[0])
     return dq.to(query.dtype), dk.to(key.dtype), dparams
 
 
 def siglip_forward_backward(query, key, params, normalize):
     """(loss, empty LSE, dquery, dkey, dparams) in one pass, the gradients for grad_loss = 1."""
-    loss, dq, dk, dparams = _siglip_blocks(query, key, params, normalize, grad_weight=1.0 / query.shape[0])
-    return loss, loss.new_empty(0), dq, dk, dparams
+    total, dq, dk, dparams = siglip_blocks(query, key, params, normalize, grad_weight=1.0 / query.shape[0])
+    return total / query.shape[0], total.new_empty(0), dq, dk, dparams
