@@ -147,7 +147,8 @@ def info_nce(
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     lam = _checks.scale_tensor(scale, query)
     if labels is not None:
-        return _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group)
+        return _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group,
+                         schedule, timeout)
     impl = resolve_impl(impl, query.device, query.dtype, query.shape[1])
     if process_group is not None:
         return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
@@ -161,7 +162,8 @@ def info_nce(
     return contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)
 
 
-def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group):
+def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group, schedule,
+              timeout):
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         raise TypeError("labels must be an integer tensor")
@@ -169,9 +171,10 @@ def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, dete
         raise ValueError(f"labels must have shape ({query.shape[0]},) to match query, got {tuple(labels.shape)}")
     if labels.device != query.device:
         raise ValueError(f"labels are on {labels.device} but query is on {query.device}")
-    if process_group is not None:
-        raise NotImplementedError("adassl_fast.info_nce: labels with a process_group are not supported yet")
     impl = resolve_impl_among(impl, LABELLED_IMPLS, "label-defined InfoNCE", query.device, query.dtype, query.shape[1])
+    if process_group is not None:
+        return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
+                                    schedule=schedule, timeout=timeout, labels=labels.to(torch.int64).contiguous())
     if impl == "reference":
         return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp,
                                   labels=labels)

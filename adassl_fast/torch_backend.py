@@ -94,9 +94,11 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
     w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
     lse (M,): the row LSEs to differentiate with (the two-pass backward); None computes them in this pass.
     col_sum: also sum_i exp(S_ij) (needs `one_exp_pass`).
-    labels (row labels (M,), column labels (N,)): row i's positives are the columns j of its label, and its
-    positive term the mean of their (clamped) logits (docs/spec.md 2.12; pos must be -1 throughout). Per block
-    the label tiles are compared: nothing M x N outlives the block.
+    labels (row labels (M,), column labels (N,), row counts (M,) or None): row i's positives are the columns j
+    of its label, and its positive term the sum of their (clamped) logits over its count of positives: the
+    given count (the global one, for a block of another rank's columns), else the count among these columns
+    (docs/spec.md 2.12; pos must be -1 throughout). Per block the label tiles are compared: nothing M x N
+    outlives the block.
     """
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
@@ -130,7 +132,7 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
         positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos_blk, excl[r0:r1], clamp, clamp_active)
         if labels is not None:
             same = labels[0][r0:r1].unsqueeze(1) == labels[1]
-            count = same.sum(1).to(acc)
+            count = (same.sum(1) if labels[2] is None else labels[2][r0:r1]).to(acc)
             positive[r0:r1] = torch.where(same, slab, 0.0).sum(1) / count
         if col_lse is not None and not unshifted:
             col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
@@ -232,8 +234,9 @@ def _block_gradient(e, ev, row_scale, hot, pos_blk, u_scaled, v, grad_v):
 
 
 def _label_pairs(labels):
-    """A square op's labels as row_blocks takes them: rows and columns share one labelling."""
-    return None if labels is None else (labels, labels)
+    """labels as row_blocks takes them: a square op's one labelling (N,) of rows and columns, or already
+    (row labels, column labels, row counts) (the distributed schedules' blocks)."""
+    return labels if labels is None or isinstance(labels, tuple) else (labels, labels, None)
 
 
 def _unpaired(n: int, device) -> tuple[Tensor, Tensor]:
