@@ -521,7 +521,9 @@ def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad
         slab = torch.mm(u_blk, v.t(), out=buffer[: r1 - r0]).mul_(a).add_(b)
         diag = slab.new_empty(0) if positives is None else slab.diagonal(r0 + positives)
         if loss:
-            total += F.softplus(slab).sum() - diag.sum()
+            # softplus(x) as -logsigmoid(-x): F.softplus returns x itself above 20 (off by exp(-x), 2e-9 at 20);
+            # the positives' terms as softplus(-L_ii) itself: softplus(L_ii) - L_ii cancels where L_ii is large
+            total += (F.logsigmoid(diag.neg()) - F.logsigmoid(diag)).sum() - F.logsigmoid(slab.neg()).sum()
         if not grads:
             continue
         slab.sigmoid_()
