@@ -490,6 +490,10 @@ def logistic_noise(noise: Tensor) -> Tensor:
 # Then dU = a G V, dV = a G^T U, da = sum_i u_i . (G V)_i, db = sum_ij G_ij, and the normalisation backward.
 
 
+def _softplus(x: Tensor) -> Tensor:
+    return F.softplus(x, threshold=40.0)
+
+
 def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad_weight=None):
     """One pass over the row blocks of L = params[0] * u v^T + params[1] (M x N), row i's positive column
     i + positives (None: no positive among these columns, as for another rank's block in the ring).
@@ -521,9 +525,10 @@ def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad
         slab = torch.mm(u_blk, v.t(), out=buffer[: r1 - r0]).mul_(a).add_(b)
         diag = slab.new_empty(0) if positives is None else slab.diagonal(r0 + positives)
         if loss:
-            # softplus(x) as -logsigmoid(-x): F.softplus returns x itself above 20 (off by exp(-x), 2e-9 at 20);
-            # the positives' terms as softplus(-L_ii) itself: softplus(L_ii) - L_ii cancels where L_ii is large
-            total += (F.logsigmoid(diag.neg()) - F.logsigmoid(diag)).sum() - F.logsigmoid(slab.neg()).sum()
+            # softplus returns x itself above its threshold, off by exp(-x): 2e-9 at the default 20, below float64's
+            # rounding at 40 (where exp(x) still fits float32). The positives' terms as softplus(-L_ii) itself:
+            # softplus(L_ii) - L_ii cancels where L_ii is large.
+            total += (_softplus(diag.neg()) - _softplus(diag)).sum() + _softplus(slab).sum()
         if not grads:
             continue
         slab.sigmoid_()
