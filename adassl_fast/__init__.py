@@ -1,7 +1,7 @@
 """adassl_fast: fused, memory-efficient AdaSSL, NT-Xent and InfoNCE losses.
 
 Functional ops (API.md): nt_xent, info_nce, adassl_nt_xent, gaussian_kl, gaussian_sample,
-bernoulli_mask, l0_penalty. Modules: adassl_fast.nn. Backends: impl="reference" | "torch" | "triton" |
+bernoulli_mask, l0_penalty, siglip. Modules: adassl_fast.nn. Backends: impl="reference" | "torch" | "triton" |
 "cuda" | "auto".
 """
 
@@ -14,6 +14,7 @@ from adassl_fast.cached import cached_backward
 from adassl_fast.info_nce import info_nce
 from adassl_fast.latent import bernoulli_mask, gaussian_kl, gaussian_sample, l0_penalty
 from adassl_fast.nt_xent import nt_xent
+from adassl_fast.siglip import siglip
 
 __all__ = [
     "BackendUnavailable",
@@ -29,4 +30,5 @@ __all__ = [
     "nn",
     "nt_xent",
     "set_checks",
+    "siglip",
 ]

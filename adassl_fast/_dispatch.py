@@ -96,6 +96,18 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
     return impl
 
 
+def resolve_impl_among(impl: str, supported: tuple[str, ...], what: str, device: torch.device,
+                       dtype: torch.dtype | None = None, d: int | None = None) -> str:
+    """resolve_impl for an op only some backends have: "auto" takes "torch" where it would pick another
+    backend; an explicit backend outside `supported` raises BackendUnavailable naming `what` it lacks."""
+    resolved = resolve_impl(impl, device, dtype, d)
+    if resolved in supported:
+        return resolved
+    if impl == "auto":
+        return "torch"
+    raise BackendUnavailable(f'impl="{resolved}" has no {what} kernels yet; impl="torch" or "reference" runs it')
+
+
 def info() -> dict:
     """Versions, the device, and each backend with whether it is available (and why not)."""
     try:

@@ -221,6 +221,13 @@ class Backend(NamedTuple):
     info_nce_backward: object
     adassl_forward: object
     adassl_backward: object
+    # None: the backend lacks the op (the functional forms refuse it first, adassl_fast/siglip.py / info_nce.py)
+    siglip_forward: object = None
+    siglip_backward: object = None
+    labelled_forward: object = None
+    labelled_backward: object = None
+    labelled_info_nce_forward: object = None
+    labelled_info_nce_backward: object = None
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from adassl_fast.cli import Option, Parser, device_flag
 
-OPS = ("nt_xent", "info_nce", "adassl")
+OPS = ("nt_xent", "info_nce", "adassl", "siglip")
 # "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, PERF.md)
 IMPLS = ("reference", "eager", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
@@ -221,7 +221,7 @@ def make_inputs(op: str, m: int, d: int, dtype, device: str, seed: int = 0) -> l
         t = torch.randn(rows, cols, generator=gen, device=device, dtype=torch.float32) * scale + shift
         return t.to(dtype).requires_grad_(grad)
 
-    if op in ("nt_xent", "info_nce"):
+    if op in ("nt_xent", "info_nce", "siglip"):
         return [randn(m, d), randn(m, d)]
     if op == "adassl":
         b = m // 2
@@ -236,9 +236,12 @@ def _reference_loss(op: str):
     from adassl_fast.adassl import adassl_nt_xent_reference
     from adassl_fast.info_nce import info_nce_reference
     from adassl_fast.nt_xent import nt_xent_reference
+    from adassl_fast.siglip import siglip_reference
 
     if op == "nt_xent":
         return lambda cont, targ: nt_xent_reference(cont, targ, temperature=0.1, scale=None, clamp=20.0)
+    if op == "siglip":
+        return lambda query, key: siglip_reference(query, key, scale=10.0, bias=-10.0)
     if op == "info_nce":
         return lambda query, key: info_nce_reference(query, key, temperature=0.07, symmetric=True, clamp=None)
 
@@ -273,6 +276,17 @@ def plain_eager_info_nce(query, key, temperature=0.07):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def plain_eager_siglip(query, key, scale=10.0, bias=-10.0):
+    """SigLIP's sigmoid loss in plain PyTorch, as OpenCLIP's SigLipLoss computes it on one process (features
+    normalised by the caller): the N x N logits, labels +1 on the diagonal and -1 elsewhere."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * F.normalize(query, dim=1) @ F.normalize(key, dim=1).T + bias
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
 def _plain_eager_loss(op: str):
     """The plain eager peer of `op`: AdaSSL's latent edit as the reference composes it, then plain NT-Xent."""
     import torch
@@ -283,6 +297,8 @@ def _plain_eager_loss(op: str):
         return plain_eager_nt_xent
     if op == "info_nce":
         return plain_eager_info_nce
+    if op == "siglip":
+        return plain_eager_siglip
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
         r_xy, reg_xy = reference_direction(pxy, qxy, nxy, "v")
@@ -316,6 +332,8 @@ def loss_function(op: str, impl: str, deterministic: bool = True):
     if op == "info_nce":
         return lambda q, k: adassl_fast.info_nce(q, k, temperature=0.07, symmetric=True, impl=impl,
                                                  deterministic=deterministic)
+    if op == "siglip":
+        return lambda q, k: adassl_fast.siglip(q, k, scale=10.0, bias=-10.0, impl=impl)
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
         l_ssl, l_reg = adassl_fast.adassl_nt_xent(ex, ey, pxy, pyx, qxy, qyx, variant="v", temperature=0.1,

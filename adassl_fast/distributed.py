@@ -1,4 +1,4 @@
-"""Negatives from every rank: `nt_xent`, `info_nce` and `adassl_nt_xent` over a torch.distributed group.
+"""Negatives from every rank: `nt_xent`, `info_nce`, `adassl_nt_xent` and `siglip` over a torch.distributed group.
 
 The functional ops call into this module when `process_group` is given (API.md "Distributed"). Everything
 travels through torch.distributed (NCCL on GPUs, gloo on CPUs); the per-block work is the nt_xent core of
@@ -76,7 +76,7 @@ from adassl_fast import _checks
 from adassl_fast._library import unsupported_backward
 from adassl_fast.core import nt_xent_backward_op, nt_xent_forward_op
 from adassl_fast.indices import diagonal_indices, partner_indices
-from adassl_fast.torch_backend import edited_rows, prologue_backward
+from adassl_fast.torch_backend import edited_rows, nt_xent_backward, nt_xent_forward, prologue_backward, siglip_blocks
 
 SCHEDULES = ("gather", "ring")
 DEFAULT_SCHEDULE: str | None = None  # None: ADASSL_FAST_SCHEDULE, else "ring"
@@ -168,7 +168,7 @@ class _Comm:
 
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_OP_CODES = {"nt_xent": 1, "info_nce": 2, "adassl_nt_xent": 3}
+_OP_CODES = {"nt_xent": 1, "info_nce": 2, "adassl_nt_xent": 3, "siglip": 4}
 _META_FIELDS = 12
 
 
@@ -248,6 +248,24 @@ class _Plan:
     impl: str
     deterministic: bool
     col_tensors: list = field(default_factory=list)
+    # SigLIP (docs/spec.md 2.11): normalize's value, and `scale` holds (scale, bias); None: the nt_xent core.
+    # Its blocks are sums of elementwise terms (`torch_backend.siglip_blocks`, positives = the column offset of
+    # the row's own key, None off its block): no row statistic, so an "LSE" slot carries the block sums.
+    siglip_normalize: bool | None = None
+    # info_nce(labels=): every rank's labels in rank order (N_global,) and the local rows' global counts of
+    # positives; the blocks run the torch backend's core with label-defined positives (docs/spec.md 2.12).
+    labels: Tensor | None = None
+    label_counts: Tensor | None = None
+
+    def block_labels(self, p, src: int | None):
+        """(row labels, column labels, row counts) of problem p's local rows against rank src's block of
+        columns (None: every rank's columns, the gather schedule)."""
+        rows = self.labels_of(self.comm.rank, p.rows)
+        return rows, self.labels if src is None else self.labels_of(src, p.cols), self.label_counts
+
+    def labels_of(self, rank: int, tensor: int) -> Tensor:
+        off = _offsets(self.sizes[tensor])[rank]
+        return self.labels[off : off + self.sizes[tensor][rank]]
 
     def __post_init__(self):
         self.col_tensors = sorted({p.cols for p in self.problems})
@@ -264,9 +282,9 @@ def _shift(idx: Tensor, off: int) -> Tensor:
     return torch.where(idx >= 0, idx + off, idx)
 
 
-def _gather_rows(plan: _Plan, t: Tensor, sizes: list[int]) -> Tensor:
+def _gather_rows(comm: _Comm, t: Tensor, sizes: list[int]) -> Tensor:
     """cat over ranks of each rank's rows of a ragged tensor (all-gather with padding in transit)."""
-    comm, big = plan.comm, max(sizes)
+    big = max(sizes)
     send = t
     if t.shape[0] != big:
         send = t.new_zeros((big, t.shape[1]))
@@ -296,17 +314,44 @@ def _kernel_impl(impl: str) -> str:
     return "torch" if impl == "reference" else impl
 
 
+def _block_forward(plan, p, rows, cols, pos, excl, scale, positives, src=None):
+    """(the block's share of the rows' summed loss terms, its LSE: the row LSEs, or for SigLIP that share).
+    positives: SigLIP's column offset of the rows' own keys (None: not in this block); src: the block's rank."""
+    if plan.siglip_normalize is not None:
+        total = siglip_blocks(rows, cols, scale, plan.siglip_normalize, positives=positives)[0]
+        return total, total
+    if plan.labels is not None:
+        # (the torch backend's core: only it has label-defined positives)
+        loss, lse = nt_xent_forward(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
+                                    plan.block_labels(p, src))
+        return loss * rows.shape[0], lse
+    loss, lse = nt_xent_forward_op(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
+                                   _kernel_impl(plan.impl), plan.deterministic)
+    return loss * rows.shape[0], lse
+
+
+def _block_backward(plan, p, weight, rows, cols, pos, excl, scale, lse, positives, src=None):
+    """(drows, dcols, dscale) of weight x the block's summed loss terms."""
+    if plan.siglip_normalize is not None:
+        return siglip_blocks(rows, cols, scale, plan.siglip_normalize, positives=positives, loss=False,
+                             grad_weight=weight)[1:]
+    if plan.labels is not None:
+        return nt_xent_backward(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
+                                plan.clamp, True, labels=plan.block_labels(p, src))
+    return nt_xent_backward_op(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
+                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+
+
 def _forward_gather(plan, scale, tensors):
     comm = plan.comm
-    gathered = {c: _gather_rows(plan, tensors[c], plan.sizes[c]) for c in plan.col_tensors}
+    gathered = {c: _gather_rows(comm, tensors[c], plan.sizes[c]) for c in plan.col_tensors}
     last_stats.update(schedule="gather", column_bytes=sum(g.numel() * g.element_size() for g in gathered.values()))
     total, lses, idx = None, [], []
     for p in plan.problems:
         off = _offsets(plan.sizes[p.cols])[comm.rank]
         pos, excl = _shift(p.pos, off), _shift(p.excl, off)
-        loss, lse = nt_xent_forward_op(tensors[p.rows], gathered[p.cols], pos, excl, scale, plan.inv_temperature,
-                                       plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
-        part = loss * (p.coef * tensors[p.rows].shape[0])
+        summed, lse = _block_forward(plan, p, tensors[p.rows], gathered[p.cols], pos, excl, scale, off)
+        part = summed * p.coef
         total = part if total is None else total + part
         lses.append(lse)
         idx.append((pos, excl))
@@ -322,10 +367,10 @@ def _backward_gather(plan, scale, tensors, lses, saved, grad_out):
     dscale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     add = lambda cur, g: g.to(acc) if cur is None else cur + g
     for p, lse, (pos, excl) in zip(plan.problems, lses, idx, strict=True):
-        g = grad_out.to(acc) * (comm.world * p.coef * tensors[p.rows].shape[0])
-        drows, dcols, ds = nt_xent_backward_op(g, tensors[p.rows], gathered[p.cols], pos, excl, scale, lse,
-                                               plan.inv_temperature, plan.clamp, _kernel_impl(plan.impl),
-                                               plan.deterministic)
+        g = grad_out.to(acc) * (comm.world * p.coef)
+        off = _offsets(plan.sizes[p.cols])[comm.rank]
+        drows, dcols, ds = _block_backward(plan, p, g, tensors[p.rows], gathered[p.cols], pos, excl, scale, lse,
+                                           off)
         grads[p.rows] = add(grads[p.rows], drows)
         col_grads[p.cols] = add(col_grads.get(p.cols), dcols)
         dscale = dscale + ds
@@ -361,11 +406,16 @@ def _forward_ring(plan, scale, tensors):
             own = src == comm.rank
             block = held[p.cols][: plan.sizes[p.cols][src]]
             pos, excl = (p.pos, p.excl) if own else (minus[p.rows], minus[p.rows])
-            loss, lse = nt_xent_forward_op(tensors[p.rows], block, pos, excl, scale, plan.inv_temperature,
-                                           plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+            summed, lse = _block_forward(plan, p, tensors[p.rows], block, pos, excl, scale, 0 if own else None, src)
+            if plan.siglip_normalize is not None:  # the blocks' sums add up; "positives" stays 0
+                lses[j] = lse if lses[j] is None else lses[j] + lse
+                positives[j] = torch.zeros_like(lse)
+                continue
             lses[j] = lse if lses[j] is None else torch.logaddexp(lses[j], lse)
-            if own:  # sum_i S_{i,pos_i} = sum_i lse_own_i - M_r * loss_own
-                positives[j] = lse.sum() - loss * tensors[p.rows].shape[0]
+            if own or plan.labels is not None:  # sum_i S_{i,pos_i} = sum_i lse_own_i - M_r * loss_own
+                # (with labels every block holds positives: their shares add up)
+                share = lse.sum() - summed
+                positives[j] = share if positives[j] is None else positives[j] + share
         comm.wait(works, f"the ring forward step {k} (block of rank {src})")
         if k < w - 1:
             for c in plan.col_tensors:
@@ -389,7 +439,7 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
     grads = [None] * len(tensors)
     dscale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     minus = {p.rows: torch.full_like(p.pos, -1) for p in plan.problems}
-    weights = [grad_out.to(acc) * (w * p.coef * tensors[p.rows].shape[0]) for p in plan.problems]
+    weights = [grad_out.to(acc) * (w * p.coef) for p in plan.problems]
     for k in range(w):
         src, before = comm.peer(-k), comm.peer(-k + 1)
         sends, recvs = [], []
@@ -407,9 +457,8 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
             own = src == comm.rank
             block = held[p.cols][: plan.sizes[p.cols][src]]
             pos, excl = (p.pos, p.excl) if own else (minus[p.rows], minus[p.rows])
-            drows, dcols, ds = nt_xent_backward_op(weights[j], tensors[p.rows], block, pos, excl, scale, lses[j],
-                                                   plan.inv_temperature, plan.clamp, _kernel_impl(plan.impl),
-                                                   plan.deterministic)
+            drows, dcols, ds = _block_backward(plan, p, weights[j], tensors[p.rows], block, pos, excl, scale,
+                                               lses[j], 0 if own else None, src)
             grads[p.rows] = drows.to(acc) if grads[p.rows] is None else grads[p.rows] + drows
             partial[p.cols] = dcols.to(acc) if p.cols not in partial else partial[p.cols] + dcols
             dscale = dscale + ds
@@ -506,18 +555,27 @@ def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_gr
 
 
 def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group, *, schedule=None,
-             timeout=None) -> Tensor:
-    """Distributed CLIP-style InfoNCE: query and key concatenated in rank order; returns the global loss."""
+             timeout=None, labels=None) -> Tensor:
+    """Distributed CLIP-style InfoNCE: query and key (and labels) concatenated in rank order; returns the global
+    loss. With labels the blocks run the torch backend's core whatever `impl` is (no other backend has them)."""
     comm = _comm("info_nce", process_group, schedule, timeout)
-    options = [("temperature", float(temperature)), ("clamp", clamp), ("symmetric", bool(symmetric))]
+    options = [("temperature", float(temperature)), ("clamp", clamp), ("symmetric", bool(symmetric)),
+               ("labels given", labels is not None)]
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], options,
                            [("the rows of query", query.shape[0])])
     pos, excl = diagonal_indices(query.shape[0], query.device)
+    extra = {}
+    if labels is not None:  # O(N) integers travel once: each block's column labels are a slice of them
+        pos = excl = torch.full_like(pos, -1)
+        every = _gather_rows(comm, labels.view(-1, 1), n_sizes).view(-1)
+        _, inverse, counts = torch.unique(every, return_inverse=True, return_counts=True)
+        off = _offsets(n_sizes)[comm.rank]
+        extra = dict(labels=every, label_counts=counts[inverse[off : off + query.shape[0]]])
     weight = (0.5 if symmetric else 1.0) / sum(n_sizes)
     problems = [_Problem(0, 1, pos, excl, weight)]
     if symmetric:
         problems.append(_Problem(1, 0, pos, excl, weight))
-    plan = _Plan(comm, [n_sizes, n_sizes], problems, 1.0 / temperature, clamp, impl, deterministic)
+    plan = _Plan(comm, [n_sizes, n_sizes], problems, 1.0 / temperature, clamp, impl, deterministic, **extra)
     return _DistributedContrastive.apply(plan, lam, query, key)
 
 
@@ -567,3 +625,15 @@ def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     l_ssl = _DistributedContrastive.apply(plan, lam, cont, targ)
     l_reg = _GlobalSum.apply(comm, reg_sum / (2 * sum(b_sizes)))
     return l_ssl, l_reg
+
+
+def siglip(query, key, params, normalize, impl, process_group, *, schedule=None, timeout=None) -> Tensor:
+    """Distributed SigLIP: query and key concatenated in rank order, params = (scale, bias) (2,); returns the
+    global loss (the sum over the global N x N terms / N), world_size x the global gradients as the others."""
+    comm = _comm("siglip", process_group, schedule, timeout)
+    (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], [("normalize", bool(normalize))],
+                           [("the rows of query", query.shape[0])])
+    pos, excl = diagonal_indices(query.shape[0], query.device)
+    plan = _Plan(comm, [n_sizes, n_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(n_sizes))], 1.0, None, impl, True,
+                 siglip_normalize=normalize)
+    return _DistributedContrastive.apply(plan, params, query, key)

@@ -16,25 +16,31 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adassl_fast import _checks, distributed
-from adassl_fast._dispatch import resolve_impl
+from adassl_fast._dispatch import resolve_impl, resolve_impl_among
 from adassl_fast._library import define_loss
-from adassl_fast.core import clamp_inclusive, contrastive_loss, contrastive_reference
+from adassl_fast.core import clamp_inclusive, contrastive_loss, contrastive_reference, trains_in_one_pass
 from adassl_fast.indices import diagonal_indices
 from adassl_fast.torch_backend import NORM_EPS
 
 
-def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None):
-    """Materialising InfoNCE: cross-entropy of row i of S = scale/tau * U V^T against column i."""
+def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None,
+                       labels=None):
+    """Materialising InfoNCE: cross-entropy of row i of S = scale/tau * U V^T against column i, or with labels
+    (N,) against the uniform distribution over the columns of row i's label (docs/spec.md 2.12)."""
     acc = _checks.accumulation_dtype(query.dtype)
     u = F.normalize(query.to(acc), dim=1, eps=NORM_EPS)
     v = F.normalize(key.to(acc), dim=1, eps=NORM_EPS)
     logits = u @ v.t() * _checks.scale_tensor(scale, query) / temperature
     if clamp is not None:
         logits = clamp_inclusive(logits, clamp)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = F.cross_entropy(logits, labels)
+    if labels is None:
+        targets = torch.arange(logits.shape[0], device=logits.device)
+    else:
+        same = (labels.unsqueeze(1) == labels).to(logits.dtype)
+        targets = same / same.sum(1, keepdim=True)  # symmetric, as the labelling is shared
+    loss = F.cross_entropy(logits, targets)
     if symmetric:
-        loss = (loss + F.cross_entropy(logits.t(), labels)) / 2
+        loss = (loss + F.cross_entropy(logits.t(), targets)) / 2
     return loss
 
 
@@ -63,6 +69,48 @@ _ops = define_loss(
 info_nce_forward_op, info_nce_backward_op = _ops.forward, _ops.backward
 
 
+def _labelled_reference(symmetric):
+    def reference(query, key, labels, scale, inv_temperature, clamp):
+        return info_nce_reference(query, key, temperature=1.0 / inv_temperature, scale=scale, symmetric=symmetric,
+                                  clamp=clamp, labels=labels)
+
+    return reference
+
+
+def _stash_fake(query, key, labels, scale):
+    acc = _checks.accumulation_dtype(query.dtype)
+    return query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc), torch.empty_like(scale)
+
+
+def _stash_backward(stash, grads, inputs, options):
+    """The one-directional one-pass op's gradients (for grad_loss = 1), scaled by grad_loss."""
+    (grad_loss,), (query, key, *_) = grads, inputs
+    dquery, dkey, dscale = (g * grad_loss for g in stash)
+    return dquery.to(query.dtype), dkey.to(key.dtype), dscale
+
+
+# Label-defined positives: one-directional -> (loss, lse (N,)) (and the torch backend's one-pass training op, as
+# the core's), symmetric -> (loss, lse (2, N)); the backwards -> (dquery, dkey, dscale). Torch backend only.
+LABELLED_IMPLS = ("reference", "torch")
+_labelled_ops = {
+    symmetric: define_loss(
+        name,
+        tensors=("query", "key", "labels", "scale"),
+        graded=("query", "key", "scale"),
+        options="float inv_temperature, float? clamp",
+        losses=("loss",),
+        lse_shape=shape,
+        reference=_labelled_reference(symmetric),
+        public="info_nce",
+        **stash,
+    )
+    for symmetric, name, shape, stash in (
+        (False, "labelled", lambda q: (q.shape[0],), dict(stash_fake=_stash_fake, stash_backward=_stash_backward)),
+        (True, "labelled_info_nce", lambda q: (2, q.shape[0]), {}),
+    )
+}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Functional form.
 
@@ -80,10 +128,13 @@ def info_nce(
     deterministic: bool = True,
     schedule: str | None = None,
     timeout: float | None = None,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """InfoNCE over the N x N cosine similarities of `query` (N, d) and `key` (N, d).
 
-    Row i's positive is key i. `symmetric=True` averages the query->key and key->query cross-entropies.
+    Row i's positive is key i; with `labels` (N,) integers, the keys j with labels[j] == labels[i]:
+    loss_i = logsumexp_j S_ij - mean over those j of S_ij (reference and torch backends; "auto" takes torch).
+    `symmetric=True` averages the query->key and key->query cross-entropies.
     Normalisation, `scale`, `clamp`, `impl`, `process_group`, `schedule` and `timeout` follow `nt_xent`.
     Returns a 0-dim float32 loss (float64 for float64 inputs).
     """
@@ -95,6 +146,9 @@ def info_nce(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     lam = _checks.scale_tensor(scale, query)
+    if labels is not None:
+        return _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group,
+                         schedule, timeout)
     impl = resolve_impl(impl, query.device, query.dtype, query.shape[1])
     if process_group is not None:
         return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
@@ -106,3 +160,26 @@ def info_nce(
         return loss
     pos, excl = diagonal_indices(query.shape[0], query.device)
     return contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)
+
+
+def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group, schedule,
+              timeout):
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer tensor")
+    if labels.shape != (query.shape[0],):
+        raise ValueError(f"labels must have shape ({query.shape[0]},) to match query, got {tuple(labels.shape)}")
+    if labels.device != query.device:
+        raise ValueError(f"labels are on {labels.device} but query is on {query.device}")
+    impl = resolve_impl_among(impl, LABELLED_IMPLS, "label-defined InfoNCE", query.device, query.dtype, query.shape[1])
+    if process_group is not None:
+        return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
+                                    schedule=schedule, timeout=timeout, labels=labels.to(torch.int64).contiguous())
+    if impl == "reference":
+        return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp,
+                                  labels=labels)
+    ops = _labelled_ops[symmetric]
+    args = (query, key, labels.to(torch.int64).contiguous(), lam, 1.0 / temperature, clamp, impl, deterministic)
+    if ops.forward_backward is not None and trains_in_one_pass(impl, query, key, lam):
+        return ops.forward_backward(*args)[0]
+    return ops.forward(*args)[0]

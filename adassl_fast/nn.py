@@ -1,4 +1,4 @@
-"""nn.Module forms of the losses: NTXentLoss, InfoNCELoss and the whole AdaSSL head (API.md "Modules").
+"""nn.Module forms of the losses: NTXentLoss, InfoNCELoss, SigLIPLoss and the whole AdaSSL head (API.md "Modules").
 
 `AdaSSL` owns what sits between the projector and the loss in the authors' wrapper (SPEC 1-2): the
 posterior (and for variant "v" the prior) network, the editor, the beta warm-up, the learnable scale
@@ -23,6 +23,7 @@ from adassl_fast.adassl import adassl_nt_xent
 from adassl_fast.info_nce import info_nce
 from adassl_fast.latent import bernoulli_mask, gaussian_kl, gaussian_sample, l0_penalty
 from adassl_fast.nt_xent import nt_xent
+from adassl_fast.siglip import siglip
 
 LAMBDA_INIT = math.log(math.e - 1)  # softplus(LAMBDA_INIT) == 1
 VARIANTS = ("v", "s")
@@ -162,6 +163,29 @@ class InfoNCELoss(_LearnableScale):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, "
                 f"symmetric={self.symmetric}, clamp={self.clamp}")
+
+
+class SigLIPLoss(nn.Module):
+    """SigLIP's sigmoid loss of `query` (N, d) against `key` (N, d); see adassl_fast.siglip.
+
+    Learnable as in the SigLIP paper (Zhai et al. 2023, section 3): scale = exp(t') with t' initialised to
+    log 10 (`log_scale`), and the bias (`bias`) initialised to -10.
+    """
+
+    def __init__(self, normalize: bool = True, impl: str = "auto", process_group=None):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+        self.normalize = normalize
+        self.impl = impl
+        self.process_group = process_group
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        return siglip(query, key, scale=self.log_scale.exp(), bias=self.bias, normalize=self.normalize,
+                      impl=self.impl, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
 
 
 # ----------------------------------------------------------------------------------------------------

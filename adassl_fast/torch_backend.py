@@ -87,13 +87,18 @@ class _Pass(NamedTuple):
 
 
 def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_weight=None, lse=None, col_lse=None,
-                col_sum=False) -> _Pass:
+                col_sum=False, labels=None) -> _Pass:
     """One pass over the row blocks of S = scale / tau * u v^T, clamped, each row's excluded column removed.
 
     grad_weight (float or 0-dim tensor) w: also the gradients of w * sum_i [lse_i - S_{i,pos_i}] (plus
     w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
     lse (M,): the row LSEs to differentiate with (the two-pass backward); None computes them in this pass.
     col_sum: also sum_i exp(S_ij) (needs `one_exp_pass`).
+    labels (row labels (M,), column labels (N,), row counts (M,) or None): row i's positives are the columns j
+    of its label, and its positive term the sum of their (clamped) logits over its count of positives: the
+    given count (the global one, for a block of another rank's columns), else the count among these columns
+    (docs/spec.md 2.12; pos must be -1 throughout). Per block the label tiles are compared: nothing M x N
+    outlives the block.
     """
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
@@ -125,11 +130,15 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
         # (a create_graph backward runs the backward op with autograd recording these ops: out= is refused there)
         slab = u_scaled @ v.t() if u_scaled.requires_grad else torch.mm(u_scaled, v.t(), out=buffer[: r1 - r0])
         positive[r0:r1], outside, hot = _clamp_and_exclude(slab, pos_blk, excl[r0:r1], clamp, clamp_active)
+        if labels is not None:
+            same = labels[0][r0:r1].unsqueeze(1) == labels[1]
+            count = (same.sum(1) if labels[2] is None else labels[2][r0:r1]).to(acc)
+            positive[r0:r1] = torch.where(same, slab, 0.0).sum(1) / count
         if col_lse is not None and not unshifted:
             col_part = (slab - col_lse).exp_()  # P' (before the row exps overwrite S)
         shift = _exponentiate(slab, None if lse is None else lse[r0:r1], unshifted)
         # row sums from the slab where no G V follows, or where the clamp's mask will change the slab first
-        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None) else None
+        row_sum = slab.sum(1) if lse is None and (not grads or outside is not None or labels is not None) else None
         if sums is not None:
             sums += slab.sum(0)
         if not grads:
@@ -143,6 +152,10 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
             else:
                 slab.add_(col_part)
             row_scale, hot = None, hot * 2
+        if labels is not None:  # minus the positives' mean: row_scale G = slab - row_scale [same] / count
+            row_scale = row_sum if lse is None else row_scale
+            weight = (1.0 if col_lse is None else 2.0) / count
+            slab.sub_(same * (weight if row_scale is None else weight * row_scale).unsqueeze(1))
         if outside is not None:
             slab.masked_fill_(outside, 0.0)
         gv_ones = slab @ v_ones
@@ -220,13 +233,25 @@ def _block_gradient(e, ev, row_scale, hot, pos_blk, u_scaled, v, grad_v):
     return gv - v.index_select(0, col.squeeze(1)) * hot.unsqueeze(1)
 
 
-def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
-    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp)
+def _label_pairs(labels):
+    """labels as row_blocks takes them: a square op's one labelling (N,) of rows and columns, or already
+    (row labels, column labels, row counts) (the distributed schedules' blocks)."""
+    return labels if labels is None or isinstance(labels, tuple) else (labels, labels, None)
+
+
+def _unpaired(n: int, device) -> tuple[Tensor, Tensor]:
+    """pos, excl for label-defined positives: no single positive column, nothing excluded."""
+    none = torch.full((n,), -1, dtype=torch.int64, device=device)
+    return none, none
+
+
+def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None):
+    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=_label_pairs(labels))
     return (p.lse - p.positive).mean(), p.lse
 
 
 def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
-                    col_lse=None):
+                    col_lse=None, labels=None):
     """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}] from the saved LSEs.
 
     col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
@@ -234,14 +259,15 @@ def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatu
     """
     weight = grad_loss.to(lse.dtype) / (2 * cont.shape[0] if col_lse is not None else cont.shape[0])
     p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=weight, lse=lse,
-                    col_lse=col_lse)
+                    col_lse=col_lse, labels=_label_pairs(labels))
     return p.dcont.to(cont.dtype), p.dtarg.to(targ.dtype), p.dscale
 
 
-def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp):
+def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None):
     """(loss, lse, dcont, dtarg, dscale) in one pass: the gradients for grad_loss = 1, in the accumulation
     dtype (the op's backward scales them by the incoming gradient)."""
-    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0])
+    p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0],
+                   labels=_label_pairs(labels))
     return (p.lse - p.positive).mean(), p.lse, p.dcont, p.dtarg, p.dscale
 
 
@@ -276,21 +302,55 @@ def symmetric_backward(directional):
     return backward
 
 
-def info_nce_forward(query, key, scale, inv_temperature, clamp):
+def _square_indices(query, labels):
+    n = query.shape[0]
+    return diagonal_indices(n, query.device) if labels is None else _unpaired(n, query.device)
+
+
+def info_nce_forward(query, key, scale, inv_temperature, clamp, labels=None):
     """One pass for both directions where one exp serves rows and columns (|scale / tau| < 30, or a clamp
-    below 30: the usual settings), else one pass per direction."""
+    below 30: the usual settings), else one pass per direction. labels (N,): label-defined positives (the
+    positives' mean logit is the same sum down the columns as along the rows: the labelling is shared)."""
+    pos, excl = _square_indices(query, labels)
     if not one_exp_pass(scale, inv_temperature, clamp):
-        return symmetric_forward(nt_xent_forward)(query, key, scale, inv_temperature, clamp)
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    p = row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True)
+        loss_r, lse_r = nt_xent_forward(query, key, pos, excl, scale, inv_temperature, clamp, labels)
+        loss_c, lse_c = nt_xent_forward(key, query, pos, excl, scale, inv_temperature, clamp, labels)
+        return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
+    p = row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True, labels=_label_pairs(labels))
     col_lse = p.col_sum.log_()
     return ((p.lse - p.positive).mean() + (col_lse - p.positive).mean()) / 2, torch.stack([p.lse, col_lse])
 
 
-def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic):
-    pos, excl = diagonal_indices(query.shape[0], query.device)
+def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels=None):
+    pos, excl = _square_indices(query, labels)
     return nt_xent_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
-                            col_lse=lse[1])
+                            col_lse=lse[1], labels=labels)
+
+
+# InfoNCE with label-defined positives (docs/spec.md 2.12): one-directional (the core with labels) and symmetric.
+
+
+def labelled_forward(query, key, labels, scale, inv_temperature, clamp):
+    return nt_xent_forward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature, clamp,
+                           labels)
+
+
+def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic):
+    return nt_xent_backward(grad_loss, query, key, *_unpaired(query.shape[0], query.device), scale, lse,
+                            inv_temperature, clamp, deterministic, labels=labels)
+
+
+def labelled_forward_backward(query, key, labels, scale, inv_temperature, clamp):
+    return nt_xent_forward_backward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature,
+                                    clamp, labels)
+
+
+def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp):
+    return info_nce_forward(query, key, scale, inv_temperature, clamp, labels)
+
+
+def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic):
+    return info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels)
 
 
 
@@ -420,3 +480,93 @@ def logistic_noise(noise: Tensor) -> Tensor:
     """Logistic(0, 1) from uniform noise clamped to [1e-6, 1 - 1e-6]."""
     u = noise.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
     return torch.log(u) - torch.log(1 - u)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The SigLIP op (docs/spec.md 2.11, 3.7): an elementwise softplus over the logits, no row statistic, so the
+# forward and the gradients come from one pass over the row blocks. L = a <u_i, v_j> + b, and with
+# z_ii = 1, z_ij = -1 elsewhere, softplus(-z L) = softplus(L) - [i == j] L, so
+#   loss = (sum_ij softplus(L_ij) - sum_i L_ii) / N,   dL/dL_ij = G_ij = (sigmoid(L_ij) - [i == j]) / N.
+# Then dU = a G V, dV = a G^T U, da = sum_i u_i . (G V)_i, db = sum_ij G_ij, and the normalisation backward.
+
+
+def _softplus(x: Tensor) -> Tensor:
+    return F.softplus(x, threshold=40.0)
+
+
+def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad_weight=None):
+    """One pass over the row blocks of L = params[0] * u v^T + params[1] (M x N), row i's positive column
+    i + positives (None: no positive among these columns, as for another rank's block in the ring).
+
+    Returns (the SUM of the M x N terms or None, dquery, dkey, dparams), the gradients (of grad_weight * that
+    sum) in the accumulation dtype where grad_weight (0-dim or float) is given, else None. normalize=False:
+    u, v = the rows.
+    """
+    acc = _checks.accumulation_dtype(query.dtype)
+    a, b = float(params[0]), float(params[1])
+    x, y = query.to(acc), key.to(acc)
+    norm_u = torch.linalg.vector_norm(x, dim=1) if normalize else None
+    norm_v = torch.linalg.vector_norm(y, dim=1) if normalize else None
+    v = y if norm_v is None else y / norm_v.clamp_min(NORM_EPS).unsqueeze(1)
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    grads = grad_weight is not None
+    if grads:
+        v_ones = torch.cat([v, v.new_ones(n, 1)], 1)  # G [V, 1] also sums each row of G
+        v = v_ones[:, :d]
+    total = torch.zeros((), dtype=acc, device=x.device)
+    if grads:
+        gv = torch.empty(m, d + 1, dtype=acc, device=x.device)
+        grad_v = torch.zeros(n, d, dtype=acc, device=x.device)
+    step = _rows_per_block(n)
+    buffer = torch.empty(min(step, m), n, dtype=acc, device=x.device)
+    for r0 in range(0, m, step):
+        r1 = min(r0 + step, m)
+        u_blk = x[r0:r1] if norm_u is None else x[r0:r1] / norm_u[r0:r1].clamp_min(NORM_EPS).unsqueeze(1)
+        slab = torch.mm(u_blk, v.t(), out=buffer[: r1 - r0]).mul_(a).add_(b)
+        diag = slab.new_empty(0) if positives is None else slab.diagonal(r0 + positives)
+        if loss:
+            # softplus returns x itself above its threshold, off by exp(-x): 2e-9 at the default 20, below float64's
+            # rounding at 40 (where exp(x) still fits float32). The positives' terms as softplus(-L_ii) itself:
+            # softplus(L_ii) - L_ii cancels where L_ii is large.
+            total += (_softplus(diag.neg()) - _softplus(diag)).sum() + _softplus(slab).sum()
+        if not grads:
+            continue
+        slab.sigmoid_()
+        diag.sub_(1.0)  # N G of the block
+        torch.mm(slab, v_ones, out=gv[r0:r1])
+        grad_v.addmm_(slab.t(), u_blk)
+    total = total if loss else None
+    if not grads:
+        return total, None, None, None
+    del slab, buffer
+    dcont, dbias_rows = gv[:, :d], gv[:, d]
+    u_dot = torch.linalg.vecdot(x, dcont)  # x_i . (N G V)_i
+    dscale = (u_dot if norm_u is None else u_dot / norm_u.clamp_min(NORM_EPS)).sum() * grad_weight
+    dbias = dbias_rows.sum() * grad_weight
+    if norm_u is None:
+        dcont = dcont * (grad_weight * a)
+    else:
+        dcont = _normalize_backward_(dcont, x, norm_u, u_dot, grad_weight * a)
+    if norm_v is None:
+        grad_v.mul_(grad_weight * a)
+    else:
+        _normalize_backward_(grad_v, y, norm_v, torch.linalg.vecdot(y, grad_v), grad_weight * a)
+    return total, dcont, grad_v, torch.stack([dscale, dbias]).to(params.dtype)
+
+
+def siglip_forward(query, key, params, normalize):
+    """(loss, an empty LSE): SigLIP keeps no row statistic between its forward and backward."""
+    total, *_ = siglip_blocks(query, key, params, normalize)
+    return total / query.shape[0], total.new_empty(0)
+
+
+def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
+    _, dq, dk, dparams = siglip_blocks(query, key, params, normalize, loss=False,
+                                        grad_weight=grad_loss.to(params.dtype) / query.shape[0])
+    return dq.to(query.dtype), dk.to(key.dtype), dparams
+
+
+def siglip_forward_backward(query, key, params, normalize):
+    """(loss, empty LSE, dquery, dkey, dparams) in one pass, the gradients for grad_loss = 1."""
+    total, dq, dk, dparams = siglip_blocks(query, key, params, normalize, grad_weight=1.0 / query.shape[0])
+    return total / query.shape[0], total.new_empty(0), dq, dk, dparams

@@ -21,7 +21,8 @@ import adassl_fast
 from adassl_fast import distributed
 
 D_IN, D = 6, 5
-OPS = ("nt_xent", "info_nce", "info_nce_oneway", "adassl_v", "adassl_s")
+OPS = ("nt_xent", "info_nce", "info_nce_oneway", "adassl_v", "adassl_s", "siglip", "siglip_raw", "labels",
+       "labels_oneway")
 SCHEDULES = distributed.SCHEDULES
 SIZES = {2: {"equal": (4, 4), "unequal": (3, 5)}, 4: {"equal": (3, 3, 3, 3), "unequal": (2, 4, 3, 5)}}
 WEIGHTS = (1.0, 0.7)  # objective = l_ssl + 0.7 l_reg for AdaSSL
@@ -43,6 +44,8 @@ class Net(nn.Module):
         else:
             self.h = lin(D, D)
         self.lam = nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+        if op.startswith("siglip"):
+            self.bias = nn.Parameter(torch.tensor(-0.8, dtype=torch.float64))
 
     def forward(self, x, y, noise_xy, noise_yx, group=None, impl="torch"):
         ex, ey = self.f(x), self.f(y)
@@ -50,6 +53,14 @@ class Net(nn.Module):
             cont, targ = torch.cat([self.h(ey), self.h(ex)]), torch.cat([ex, ey])
             return (adassl_fast.nt_xent(cont, targ, temperature=0.2, scale=self.lam, clamp=5.0, impl=impl,
                                         process_group=group),)
+        if self.op.startswith("siglip"):  # scale and bias receive gradients
+            return (adassl_fast.siglip(ex, self.h(ey), scale=3 * self.lam, bias=self.bias,
+                                       normalize=self.op == "siglip", impl=impl, process_group=group),)
+        if self.op.startswith("labels"):  # label-defined positives (noise_xy carries the labels, _data)
+            sym = self.op == "labels"
+            return (adassl_fast.info_nce(ex, self.h(ey), temperature=0.3, scale=self.lam, symmetric=sym,
+                                         clamp=None if sym else 4.0, impl=impl, process_group=group,
+                                         labels=noise_xy),)
         if self.op.startswith("info_nce"):
             sym = self.op == "info_nce"
             return (adassl_fast.info_nce(ex, self.h(ey), temperature=0.3, scale=self.lam, symmetric=sym,
@@ -65,6 +76,8 @@ def _data(op: str, b: int):
     g = torch.Generator().manual_seed(99 + OPS.index(op) * 7 + b)
     draw = torch.rand if op == "adassl_s" else torch.randn
     x, y = (torch.randn(b, D_IN, generator=g, dtype=torch.float64) for _ in range(2))
+    if op.startswith("labels"):  # three classes, so every class spans the ranks
+        return x, y, torch.randint(0, 3, (b,), generator=g), torch.zeros(b)
     return x, y, draw(b, D, generator=g, dtype=torch.float64), draw(b, D, generator=g, dtype=torch.float64)
 
 

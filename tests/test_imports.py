@@ -26,7 +26,7 @@ LAYERS = (
     ("apps", {"__main__", "cli", "train", "compare", "data", "metrics", "benchmark"}),
     ("public API", {"__init__"}),
     ("modules", {"nn", "cached"}),
-    ("functional ops", {"nt_xent", "info_nce", "adassl", "latent"}),
+    ("functional ops", {"nt_xent", "info_nce", "adassl", "latent", "siglip"}),
     ("distributed schedules", {"distributed"}),
     ("core op", {"core"}),
     ("dispatch and op glue", {"_dispatch", "_library"}),
