@@ -1,6 +1,6 @@
 """adassl_fast: fused, memory-efficient AdaSSL, NT-Xent and InfoNCE losses.
 
-Functional ops (API.md): nt_xent, info_nce, adassl_nt_xent, gaussian_kl, gaussian_sample,
+Functional ops (docs/api.md): nt_xent, info_nce, adassl_nt_xent, gaussian_kl, gaussian_sample,
 bernoulli_mask, l0_penalty, siglip. Modules: adassl_fast.nn. Backends: impl="reference" | "torch" | "triton" |
 "cuda" | "auto".
 """

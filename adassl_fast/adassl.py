@@ -8,7 +8,7 @@ the edited rows are contrasted against the targets:
     l_reg = (R(post_xy, prior_xy) + R(post_yx, prior_yx)) / 2,  R = KL ("v") or L0 ("s")
 
 Order: the reference composition, the torch.library ops shared by every backend (the torch backend's
-latent prologue and its analytic backward, SPEC 3.3-3.6, are in adassl_fast/torch_backend.py), the
+latent prologue and its analytic backward, docs/spec.md 3.3-3.6, are in adassl_fast/torch_backend.py), the
 functional form.
 """
 

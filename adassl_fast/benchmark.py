@@ -1,10 +1,10 @@
 """`adassl-fast bench`: time, peak extra memory and error of every backend against the reference.
 
-The one benchmark harness (bench/*.py and bench/device_check.sh call it). PERF.md says what to measure:
+The one benchmark harness (bench/*.py and bench/device_check.sh call it). docs/perf.md says what to measure:
 FLOPs and the floor first, then time (median and spread), achieved TFLOP/s, the ratio to the floor,
 the loss's extra memory, and the device, versions and commit beside every number.
 
-Order: the FLOP / floor arithmetic (pure functions, tested against PERF.md's floor table); the
+Order: the FLOP / floor arithmetic (pure functions, tested against docs/perf.md's floor table); the
 environment (device, versions, commit); inputs and the loss of each (op, impl); one measurement;
 the plan and its workers; output (JSON, CSV, tables); the CLI.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from adassl_fast.cli import Option, Parser, device_flag
 
 OPS = ("nt_xent", "info_nce", "adassl", "siglip")
-# "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, PERF.md)
+# "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, docs/perf.md)
 IMPLS = ("reference", "eager", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
 # fixed backward schedule, as (backend, environment, deterministic: None = the run's --atomic setting).
@@ -61,11 +61,11 @@ EXTRA_KEYS = (
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
           "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
 
-# Dense bf16 matrix-product ceilings measured on random data (PERF.md, the device library's KINDS.md), by a
+# Dense bf16 matrix-product ceilings measured on random data (docs/perf.md, the device library's KINDS.md), by a
 # substring of the device name. The floor is defined from these alone: unknown devices and CPUs get None.
 PEAK_FLOPS = {"H200": 790e12}
 
-# FLOPs per phase in units of M^2 d (PERF.md "The work and its floor"). Executed: what the shipped schedule
+# FLOPs per phase in units of M^2 d (docs/perf.md 1). Executed: what the shipped schedule
 # does (the deterministic backward recomputes S twice: 8; with fp32 atomics for dV: 6); the symmetric
 # info_nce forward needs row and column LSEs (separate passes: 4), its backward combines both directions in
 # one G, except on the CUDA backend, which runs its one-directional backward once per direction (twice the
@@ -111,7 +111,7 @@ def _runs_atomic(impl: str, d: int, deterministic: bool) -> bool:
 
 
 def floor_flops(op: str, phase: str, m: int, d: int) -> int:
-    """The least matrix-product FLOPs any schedule needs (PERF.md's floor: fwd + bwd = 8 M^2 d)."""
+    """The least matrix-product FLOPs any schedule needs (docs/perf.md's floor: fwd + bwd = 8 M^2 d)."""
     _check_phase(phase)
     return _FLOOR[phase] * m * m * d
 
@@ -125,7 +125,7 @@ def peak_flops(device: str | None) -> float | None:
 
 
 def floor_seconds(op: str, phase: str, m: int, d: int, device: str | None) -> float | None:
-    """PERF.md's floor: least FLOPs over the device's bf16 ceiling; None where no ceiling is known."""
+    """docs/perf.md's floor: least FLOPs over the device's bf16 ceiling; None where no ceiling is known."""
     peak = peak_flops(device)
     return None if peak is None else floor_flops(op, phase, m, d) / peak
 
@@ -908,7 +908,7 @@ def instruction_class_share(triton: dict | None, cuda: dict | None, mma_sync: di
 
 
 def summarize(rows: list[dict], ops=("nt_xent", "adassl")) -> str:
-    """PERF.md's targets, read off the rows: fused time and ratio to the floor per M, speed-ups over eager and
+    """docs/perf.md's targets, read off the rows: fused time and ratio to the floor per M, speed-ups over eager and
     torch.compile, CUDA vs Triton, extra memory; then PASS / FAIL / UNMEASURED per target, and a WHY line
     for cuda/triton where the triton_mma_sync diagnostic ran."""
     ms = sorted({r["M"] for r in rows if r["phase"] == "full"})
@@ -1026,7 +1026,7 @@ def _sizes_for(text: str) -> tuple[str, list[int]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="adassl-fast bench", description=(
-        "Time, peak extra memory and error vs the float64 reference of every backend (PERF.md). "
+        "Time, peak extra memory and error vs the float64 reference of every backend (docs/perf.md). "
         "impl 'compile' is torch.compile of the reference."))
     # (the help text goes to add_argument; an Option here only checks the value)
     count = lambda minimum=1: Option("", int, minimum=minimum).parse

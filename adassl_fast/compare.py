@@ -1,6 +1,6 @@
 """`adassl-fast compare`: vanilla SimCLR vs AdaSSL-V vs AdaSSL-S on the embedded synthetic benchmark.
 
-What it measures: each method trains the same MLP encoder (10 -> 256 -> 256 -> 256 -> 16) on SPEC 6.4's
+What it measures: each method trains the same MLP encoder (10 -> 256 -> 256 -> 256 -> 16) on docs/spec.md 6.4's
 natural pairs (z ~ U[-1,1]^10, each factor kept w.p. 0.8 else resampled, x = g(z) standardised, g a frozen
 invertible MLP), with the same temperature (0.05, the paper's 3DIdent protocol), batch, optimiser, learning rate
 and steps: `adassl-fast train`'s defaults, so `adassl-fast train --method M --seed S`
@@ -13,7 +13,7 @@ ahead on), writes a JSON summary and a bar chart, and prints the JSON path last.
 {"r2"|"mcc"|"dci_d": {"mean", "std", "values"}, "temperature"}, ..., "meta": {"paired", "per_temperature",
 "protocol", "time_s"}}; "paired": {"<method>": {"<metric>": {"deltas", "mean", "ahead"}}}.
 
-Methods (SPEC 7, 3DIdent column, scaled): AdaSSL-V: additive editor, latent predictor 16-128-128-2x16,
+Methods (docs/spec.md 7, 3DIdent column, scaled): AdaSSL-V: additive editor, latent predictor 16-128-128-2x16,
 beta 0.5 warmed up over the first 1/15 of training (10k of 150k in the paper); AdaSSL-S: modular editor,
 same predictor, beta 0.5, no warm-up. `--tune-tau` repeats everything for each temperature of `--taus` and
 keeps each method's best by mean R^2 (selected on the same held-out data it reports: an optimistic but
@@ -333,7 +333,7 @@ def _plot(summary: dict, path: Path) -> bool:
     ax.set_xticks(range(len(METRICS)), [METRIC_NAMES[k] for k in METRICS])
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("synthetic natural pairs (SPEC 6.4), held-out, mean +- std over seeds (mixings)")
+    ax.set_title("synthetic natural pairs (docs/spec.md 6.4), held-out, mean +- std over seeds (mixings)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -424,8 +424,9 @@ def main(argv=None) -> int:
     report["meta"] = {
         "paired": pairs,
         "per_temperature": {m: {f"{tau:g}": v for tau, v in d.items()} for m, d in per_tau.items()},
-        "protocol": {"benchmark": "SPEC 6.4 synthetic natural pairs (n=10, keep 0.8, 3-layer invertible MLP mixing "
-                                  "with SPEC 6.1's 25,000-matrix conditioning, standardised; one mixing per seed)",
+        "protocol": {"benchmark": "docs/spec.md 6.4 synthetic natural pairs (n=10, keep 0.8, 3-layer invertible MLP "
+                                  "mixing with docs/spec.md 6.1's 25,000-matrix conditioning, standardised; one "
+                                  "mixing per seed)",
                      "metrics": "held-out, L2-normalised embeddings: linear R^2, MCC (Pearson+Hungarian), DCI-D "
                                 "(LassoCV importances)",
                      "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

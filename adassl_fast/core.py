@@ -19,7 +19,7 @@ from adassl_fast.torch_backend import NORM_EPS
 
 
 def clamp_inclusive(x: Tensor, bound: float) -> Tensor:
-    """clamp(x, -bound, bound) whose gradient passes at exactly +-bound (torch 2.3 behaviour, SPEC 2.1)."""
+    """clamp(x, -bound, bound) whose gradient passes at exactly +-bound (torch 2.3 behaviour, docs/spec.md 2.1)."""
     inside = (x >= -bound) & (x <= bound)
     return torch.where(inside, x, x.detach().clamp(-bound, bound))
 

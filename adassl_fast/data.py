@@ -3,9 +3,9 @@
 Every batch is a pure function of (seed, rank, step): the trainer asks for batch `step` and gets the same
 tensors on a resumed run, so no loader state needs checkpointing and `--resume` is exact.
 
-Synthetic (SPEC 6.4, a no-download proxy of AdaSSL's 3DIdent pairing): z ~ U[-1, 1]^n; each coordinate of
+Synthetic (docs/spec.md 6.4, a no-download proxy of AdaSSL's 3DIdent pairing): z ~ U[-1, 1]^n; each coordinate of
 z+ keeps z's value w.p. `keep` (0.8) and is otherwise resampled from U[-1, 1]; x = g(z), x+ = g(z+) with
-cl-ica's invertible MLP mixing (SPEC 6.1): every weight matrix has U(-1, 1) entries and L2-normalised
+cl-ica's invertible MLP mixing (docs/spec.md 6.1): every weight matrix has U(-1, 1) entries and L2-normalised
 columns, and is resampled until its condition number is at most the threshold, the minimum over 25,000
 such matrices (one threshold per mixing, as cl-ica's `construct_invertible_mlp`). A draw beats that minimum
 w.p. ~1 / 25,000, so building a mixing takes ~1 s on a CPU core (seeds 0-9: 0.6-1.7 s, seed 5 12 s: the
@@ -49,7 +49,7 @@ def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torc
 # Synthetic benchmark.
 
 
-COND_SAMPLES = 25_000  # SPEC 6.1: cl-ica's n_iter_cond_thresh with cond_thresh_ratio 0 (the minimum)
+COND_SAMPLES = 25_000  # docs/spec.md 6.1: cl-ica's n_iter_cond_thresh with cond_thresh_ratio 0 (the minimum)
 STANDARDISE_SAMPLES = 1 << 17  # the std of each coordinate's estimated mean / std is ~0.3 % of its std
 
 
@@ -95,7 +95,7 @@ def mixing_mlp(n: int = 10, layers: int = 3, seed: int = 0, cond_samples: int = 
 
 
 class SyntheticPairs:
-    """Natural pairs of SPEC 6.4. `batch(step, size)` -> (x, x+) observations; `latents` for evaluation."""
+    """Natural pairs of docs/spec.md 6.4. `batch(step, size)` -> (x, x+) observations; `latents` for evaluation."""
 
     def __init__(self, n: int = 10, keep: float = 0.8, mixing_layers: int = 3, seed: int = 0, rank: int = 0,
                  cond_samples: int = COND_SAMPLES, batch_seed: int | None = None):
@@ -203,7 +203,7 @@ def gaussian_blur(img: Tensor, g, sigma=(0.1, 2.0)) -> Tensor:
 
 
 def augment(img: Tensor, size: int, g: torch.Generator, strength: str = "strong") -> Tensor:
-    """SPEC 7's augmentations: 'strong' = RRC(0.08-1) + flip + jitter p0.8 + gray p0.2 + blur p0.5 + solarise
+    """docs/spec.md 7's augmentations: 'strong' = RRC(0.08-1) + flip + jitter p0.8 + gray p0.2 + blur p0.5 + solarise
     p0.2; 'weak' = RRC(0.8-1, ratio 0.9-1.1) + flip; 'none' = resize."""
     if strength == "none":
         return resize(img, size)

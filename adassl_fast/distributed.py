@@ -1,6 +1,6 @@
 """Negatives from every rank: `nt_xent`, `info_nce`, `adassl_nt_xent` and `siglip` over a torch.distributed group.
 
-The functional ops call into this module when `process_group` is given (API.md "Distributed"). Everything
+The functional ops call into this module when `process_group` is given (docs/api.md 4). Everything
 travels through torch.distributed (NCCL on GPUs, gloo on CPUs); the per-block work is the nt_xent core of
 whichever backend runs (`nt_xent_forward_op` / `nt_xent_backward_op`, docs/backends.md).
 
@@ -31,7 +31,7 @@ Schedules (`schedule=`, default "ring"; ADASSL_FAST_SCHEDULE or `DEFAULT_SCHEDUL
   global row LSE. Backward: the core backward per block with the GLOBAL LSE gives the exact row-gradient
   share and the block's column-gradient share; the latter rides around the ring with its block (in the
   accumulation dtype) and arrives at its owner after one lap. Per-rank memory O(local rows x d) plus a
-  constant number of blocks, independent of world size (API.md's memory contract). 2 (W - 1) block
+  constant number of blocks, independent of world size (docs/api.md's memory contract). 2 (W - 1) block
   transfers per forward + backward instead of two collectives: it hides communication once the per-block
   compute exceeds the per-block transfer time (`bench/scaling.py` prints the cost model's thresholds).
 

@@ -1,5 +1,5 @@
-"""The latent variable r and its regularisers: Gaussian KL and sample (AdaSSL-V, SPEC 2.4), straight-through
-Bernoulli mask and L0 penalty (AdaSSL-S, SPEC 2.6).
+"""The latent variable r and its regularisers: Gaussian KL and sample (AdaSSL-V, docs/spec.md 2.4), straight-through
+Bernoulli mask and L0 penalty (AdaSSL-S, docs/spec.md 2.6).
 
 These are O(B d_r) elementwise ops. Standalone, they are launch-bound on a GPU, so the fused backends
 compute them inside `adassl_nt_xent`'s row prologue instead; here "reference" and "torch" are the same
@@ -74,7 +74,7 @@ def _pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> tuple[Tensor, Tenso
 
 
 def gaussian_kl(mu_q: Tensor, pre_q: Tensor, mu_p: Tensor, pre_p: Tensor, *, impl: str = "auto") -> Tensor:
-    """KL(q || p) of diagonal Gaussians, summed over dims and averaged over rows (SPEC 2.4).
+    """KL(q || p) of diagonal Gaussians, summed over dims and averaged over rows (docs/spec.md 2.4).
 
     All four inputs are (B, d_r); `pre_*` are pre-activations, sigma = softplus(pre) + 1e-6.
     """

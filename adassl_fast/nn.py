@@ -1,9 +1,9 @@
-"""nn.Module forms of the losses: NTXentLoss, InfoNCELoss, SigLIPLoss and the whole AdaSSL head (API.md "Modules").
+"""nn.Module forms of the losses: NTXentLoss, InfoNCELoss, SigLIPLoss and the whole AdaSSL head (docs/api.md 5).
 
-`AdaSSL` owns what sits between the projector and the loss in the authors' wrapper (SPEC 1-2): the
+`AdaSSL` owns what sits between the projector and the loss in the authors' wrapper (docs/spec.md 1-2): the
 posterior (and for variant "v" the prior) network, the editor, the beta warm-up, the learnable scale
 lambda and, for BYOL, the predictor. The trainer owns the encoder and, for BYOL, the EMA target network
-(`byol_tau` and `ema_update` below implement SPEC 2.3's schedule for it).
+(`byol_tau` and `ema_update` below implement docs/spec.md 2.3's schedule for it).
 
 Data flows one way: this file calls the functional ops (adassl_fast.nt_xent, adassl_nt_xent, latent ops),
 which dispatch to the backends. With the additive editor and the SimCLR objective the whole loss is the
@@ -32,7 +32,7 @@ OBJECTIVES = ("simclr", "byol")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Building blocks (SPEC 2.9): the authors' build_mlp and initialize_mlp.
+# Building blocks (docs/spec.md 2.9): the authors' build_mlp and initialize_mlp.
 
 
 def build_mlp(sizes, *, bias: bool = True, xavier: bool = True) -> nn.Sequential:
@@ -59,7 +59,8 @@ def build_mlp(sizes, *, bias: bool = True, xavier: bool = True) -> nn.Sequential
 
 
 class _LearnableScale(nn.Module):
-    """Mixin: `lambda_train` (0-dim, init log(e - 1)) when learnable; scale = softplus(lambda_train) (SPEC 2.1)."""
+    """Mixin: `lambda_train` (0-dim, init log(e - 1)) when learnable; scale = softplus(lambda_train)
+    (docs/spec.md 2.1)."""
 
     def _init_scale(self, learnable: bool) -> None:
         self.register_parameter("lambda_train", nn.Parameter(torch.tensor(LAMBDA_INIT)) if learnable else None)
@@ -70,7 +71,7 @@ class _LearnableScale(nn.Module):
 
 
 class FoldAddition(nn.Module):
-    """The additive editor x_hat = x + r (SPEC 2.7); needs d_r == d."""
+    """The additive editor x_hat = x + r (docs/spec.md 2.7); needs d_r == d."""
 
     def __init__(self, emb_dim: int, latent_dim: int):
         super().__init__()
@@ -85,7 +86,7 @@ class FoldAddition(nn.Module):
 
 
 class MLPEditor(nn.Module):
-    """x_hat = MLP(cat[x, r]): bias-free, BatchNorm + ReLU hidden layers, Xavier init (SPEC 2.7)."""
+    """x_hat = MLP(cat[x, r]): bias-free, BatchNorm + ReLU hidden layers, Xavier init (docs/spec.md 2.7)."""
 
     def __init__(self, emb_dim: int, latent_dim: int, hidden=()):
         super().__init__()
@@ -96,7 +97,7 @@ class MLPEditor(nn.Module):
 
 
 class ModularEditor(nn.Module):
-    """AdaSSL-S editor x_hat = x + W_B (tanh(r) * (W_A x + b_A)), W_B zero-initialised (SPEC 2.6)."""
+    """AdaSSL-S editor x_hat = x + W_B (tanh(r) * (W_A x + b_A)), W_B zero-initialised (docs/spec.md 2.6)."""
 
     def __init__(self, emb_dim: int, latent_dim: int):
         super().__init__()
@@ -113,7 +114,7 @@ class ModularEditor(nn.Module):
 
 
 class NTXentLoss(_LearnableScale):
-    """SimCLR's NT-Xent of two views `z0`, `z1` (B, d) of the same B samples (API.md "Modules").
+    """SimCLR's NT-Xent of two views `z0`, `z1` (B, d) of the same B samples (docs/api.md 5).
 
     The call lightly / PyTorch Metric Learning / solo-learn users make: each of the 2B rows is contrasted
     with the 2B - 1 others (its own similarity excluded), the other view of its sample is the positive, and
@@ -189,7 +190,7 @@ class SigLIPLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# BYOL target network schedule (SPEC 2.3). The trainer owns the target network and calls these.
+# BYOL target network schedule (docs/spec.md 2.3). The trainer owns the target network and calls these.
 
 
 def byol_tau(step: int, total_steps: int, base: float = 0.996) -> float:
@@ -221,7 +222,7 @@ def _positive_int(name: str, value) -> int:
 
 
 def beta_at(step: int, beta: float, warmup_steps: int) -> float:
-    """beta_k = beta * min(k, W) / W at 1-indexed training step k; W = 0 -> beta (SPEC 2.5).
+    """beta_k = beta * min(k, W) / W at 1-indexed training step k; W = 0 -> beta (docs/spec.md 2.5).
 
     This is what the reference's `current_step += 0.5` per sampler call gives for both calls of a step.
     """
@@ -231,7 +232,7 @@ def beta_at(step: int, beta: float, warmup_steps: int) -> float:
 
 
 class AdaSSL(_LearnableScale):
-    """The AdaSSL head (SPEC 2.2-2.8) on top of an encoder's embeddings.
+    """The AdaSSL head (docs/spec.md 2.2-2.8) on top of an encoder's embeddings.
 
     Args:
         emb_dim: d, the embedding (projector output) dim.
@@ -244,7 +245,7 @@ class AdaSSL(_LearnableScale):
         objective: "simclr" (NT-Xent of [x_hat; y_hat] against [e_x; e_y]) or "byol" (predictor after the
             editor, -cos against the detached EMA targets).
         predictor_hidden: hidden sizes of the BYOL predictor (default (4 d,)).
-        beta, beta_warmup_steps: the regulariser weight and its linear warm-up W (SPEC 2.5). The step
+        beta, beta_warmup_steps: the regulariser weight and its linear warm-up W (docs/spec.md 2.5). The step
             counter is the `step` buffer (in the state_dict, so a resumed run continues the schedule); it
             advances once per forward in training mode (the reference's 0.5 per sampler call, two calls).
         temperature, learnable_scale, clamp, impl, process_group: for the NT-Xent (SimCLR objective).
@@ -255,7 +256,7 @@ class AdaSSL(_LearnableScale):
     with `l_ssl`, `l_reg` (already multiplied by beta_k), `loss` = l_ssl + l_reg, `reg` (unweighted)
     and `beta`. `target_*` are the embeddings the posterior conditions on: required for BYOL (the EMA
     target network's f_EMA(x), f_EMA(y), also the regression targets); for SimCLR optional, the second
-    augmentation's embeddings with the reference's --additional_view (SPEC 2.8), default emb_*.
+    augmentation's embeddings with the reference's --additional_view (docs/spec.md 2.8), default emb_*.
     `noise_*` (B, d_r): standard normal ("v") or uniform ("s") noise of each direction, drawn from the
     torch RNG when None. Direction xy predicts y from x: y_hat = edit(e_x, r_xy).
     """

@@ -1,4 +1,4 @@
-"""NT-Xent (SimCLR) as AdaSSL uses it: edited rows `cont` against target columns `targ` (SPEC 2.1, 3.1).
+"""NT-Xent (SimCLR) as AdaSSL uses it: edited rows `cont` against target columns `targ` (docs/spec.md 2.1, 3.1).
 
 The reference (the authors' materialising semantics, the oracle) and the functional form. The functional
 form runs the nt_xent core op (adassl_fast/core.py) with nt_xent's partner indices: each row's positive is
@@ -74,7 +74,7 @@ def nt_xent(
     schedule: str | None = None,
     timeout: float | None = None,
 ) -> Tensor:
-    """AdaSSL's NT-Xent loss (SPEC 2.1) without materialising the M x M logits.
+    """AdaSSL's NT-Xent loss (docs/spec.md 2.1) without materialising the M x M logits.
 
     Args:
         cont: (M, d) edited / predicted rows `[x_hat; y_hat]`, M = 2B even.
@@ -83,7 +83,7 @@ def nt_xent(
         scale: None (1), a float, or a 0-dim tensor lambda (receives a gradient).
         clamp: logits are clamped to [-clamp, clamp] (inclusive gradient indicator); None disables.
         impl: "auto", "reference", "torch", "triton" or "cuda".
-        process_group: a torch.distributed group: negatives are the rows of every rank (API.md).
+        process_group: a torch.distributed group: negatives are the rows of every rank (docs/api.md).
         deterministic: fused backends use the atomic-free backward (bitwise reproducible) when True.
         schedule: with `process_group`: "ring" (default; per-rank memory independent of the world size) or
             "gather" (one all-gather, memory O(global rows x d)); see adassl_fast/distributed.py.

@@ -62,7 +62,7 @@ class Config:
     latent_hidden: tuple = (128, 128)
     editor_hidden: tuple = ()
     beta: float = 0.5
-    beta_warmup_steps: int = -1  # -1: SPEC 7's share, steps / 15 for adassl-v (10k of 150k), 0 for adassl-s
+    beta_warmup_steps: int = -1  # -1: docs/spec.md 7's share, steps / 15 for adassl-v (10k of 150k), 0 for adassl-s
     temperature: float = 0.05
     learnable_scale: bool = False
     ema_tau: float = 0.996  # BYOL target network base tau
@@ -106,7 +106,7 @@ class Config:
 
 
 PRESETS = {
-    # the benchmark protocol of `adassl-fast compare` (SPEC 7's 3DIdent settings scaled to the synthetic task)
+    # the benchmark protocol of `adassl-fast compare` (docs/spec.md 7's 3DIdent settings scaled to the synthetic task)
     "synthetic": {},
     "tiny": dict(steps=30, batch_size=32, latent_hidden=(32,), encoder_hidden=(64,), eval_samples=512,
                  log_every=5, ckpt_every=10, progress=False),
@@ -503,7 +503,7 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def beta_warmup_steps(cfg: Config) -> int:
-    """The beta warm-up W in steps: the configured one, or for -1 SPEC 7's share of training (AdaSSL-V warms
+    """The beta warm-up W in steps: the configured one, or for -1 docs/spec.md 7's share of training (AdaSSL-V warms
     up over 10k of 150k steps, AdaSSL-S not at all). `adassl-fast compare` uses the same."""
     if cfg.beta_warmup_steps >= 0:
         return cfg.beta_warmup_steps
@@ -553,7 +553,7 @@ def embed(encoder: nn.Module, x: torch.Tensor, device, batch: int = 4096) -> tor
     encoder.eval()
     out = torch.cat([encoder(x[i:i + batch].to(device)).float() for i in range(0, len(x), batch)])
     encoder.train(was)
-    return F.normalize(out, dim=1).cpu()  # metrics on L2-normalised embeddings (SPEC 5.1)
+    return F.normalize(out, dim=1).cpu()  # metrics on L2-normalised embeddings (docs/spec.md 5.1)
 
 
 def evaluate(encoder: nn.Module, dataset, cfg: Config, device) -> dict:

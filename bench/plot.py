@@ -2,7 +2,7 @@
 
     python bench/plot.py bench/results/<run>/rows.json [more.json ...] --out DIR
 
-Writes time.png (median time vs M per backend, the PERF.md floor as a dashed line), tflops.png (achieved
+Writes time.png (median time vs M per backend, the docs/perf.md floor as a dashed line), tflops.png (achieved
 TFLOP/s vs M), memory.png (extra memory vs M, log-log) and speedup.png (speed-up over the eager reference).
 One panel per (op, d, dtype, phase). Without matplotlib it says so and exits 0.
 """
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     specs = [
-        ("time.png", "median time vs M (dashed: PERF.md floor)", "ms", lambda r: r["median_ms"], True, True),
+        ("time.png", "median time vs M (dashed: docs/perf.md floor)", "ms", lambda r: r["median_ms"], True, True),
         ("tflops.png", "achieved TFLOP/s (executed matmul FLOPs)", "TFLOP/s", lambda r: r.get("tflops"), False, False),
         ("memory.png", "peak extra memory vs M", "bytes", lambda r: r.get("extra_bytes"), False, True),
         ("speedup.png", "speed-up over the eager reference", "x eager", speedups(rows), False, True),

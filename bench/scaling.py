@@ -7,7 +7,7 @@ Three sub-commands:
         The alpha-beta cost model: for an H200 NVLink node (~450 GB/s per direction per GPU, alpha ~5 us,
         up to 8 GPUs) and an InfiniBand cluster (~50 GB/s per GPU, alpha ~10 us, 16..256 GPUs), the local
         batch (rows per rank, M_r = 2 B_r) above which the ring hides its transfers behind the block kernels,
-        the kernels timed at PERF.md's floor (8 M^2 d FLOPs forward + backward at 790 TFLOP/s bf16), and the
+        the kernels timed at docs/perf.md's floor (8 M^2 d FLOPs forward + backward at 790 TFLOP/s bf16), and the
         exposed communication of the gather schedule. Pure arithmetic: runs anywhere.
 
     python bench/scaling.py sweep [--max-procs 4] [--device cpu|cuda] [--ops nt_xent,...]
@@ -53,7 +53,7 @@ import time
 # ----------------------------------------------------------------------------------------------------
 # Cost model.
 
-H200_FLOPS = 790e12  # bf16 dense, PERF.md
+H200_FLOPS = 790e12  # bf16 dense, docs/perf.md
 FABRICS = {
     # name: (bytes/s per direction per GPU, alpha seconds, GPU counts modelled)
     "NVLink (H200 node)": (450e9, 5e-6, (2, 4, 8)),

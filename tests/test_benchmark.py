@@ -1,4 +1,4 @@
-"""The benchmark harness: FLOP / floor arithmetic against PERF.md's table, one measurement in process, the
+"""The benchmark harness: FLOP / floor arithmetic against docs/perf.md's table, one measurement in process, the
 summary's verdicts, and (slow) the `--quick` path end to end through its worker processes."""
 
 import json
@@ -10,7 +10,7 @@ from adassl_fast import benchmark as bench
 
 H200 = "NVIDIA H200"
 
-# PERF.md "The work and its floor": fwd + bwd, 8 M^2 d at 790 TFLOP/s, bf16 (seconds).
+# docs/perf.md 1: fwd + bwd, 8 M^2 d at 790 TFLOP/s, bf16 (seconds).
 PERF_FLOOR_TABLE = {
     (8192, 128): 87e-6, (8192, 256): 174e-6, (8192, 512): 348e-6,
     (65536, 128): 5.6e-3, (65536, 256): 11.1e-3, (65536, 512): 22.3e-3,
@@ -43,7 +43,7 @@ def test_executed_flops_per_phase():
     assert bench.phase_flops("adassl", "full", m, d, deterministic=False) == 8 * unit
     assert bench.phase_flops("info_nce", "fwd", m, d) == 4 * unit  # symmetric: row and column LSEs
     assert bench.phase_flops("info_nce", "fwd", m, d, symmetric=False) == 2 * unit
-    assert bench.phase_flops("info_nce", "full", m, d, deterministic=False) == 10 * unit  # PERF.md's 10 N^2 d
+    assert bench.phase_flops("info_nce", "full", m, d, deterministic=False) == 10 * unit  # docs/perf.md's 10 N^2 d
     assert bench.phase_flops("info_nce", "bwd", m, d) == 8 * unit  # one G for both directions
     assert bench.phase_flops("info_nce", "bwd", m, d, impl="cuda") == 16 * unit  # one backward per direction
     assert bench.phase_flops("info_nce", "bwd", m, d, impl="cuda_wgmma") == 16 * unit

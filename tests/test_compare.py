@@ -78,7 +78,7 @@ def test_compare_runs_are_adassl_fast_train_runs(tmp_path):
 
 
 def test_beta_warmup_has_one_default_shared_by_train_and_compare():
-    assert train.Config().beta_warmup_steps == -1  # SPEC 7's share, resolved by train.beta_warmup_steps
+    assert train.Config().beta_warmup_steps == -1  # docs/spec.md 7's share, resolved by train.beta_warmup_steps
     steps = 1500
     args = _compare_args("--steps", str(steps))
     for method, expected in (("adassl-v", 100), ("adassl-s", 0)):

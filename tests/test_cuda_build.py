@@ -337,7 +337,7 @@ def test_cuda_host_softplus_logsigmoid_l0(host_math):
 
 
 def _kl_ref(mq, aq, mp, ap, eps):
-    # SPEC 2.4, written with torch ops (clamp gradient at the bounds depends on the torch version; the
+    # docs/spec.md 2.4, written with torch ops (clamp gradient at the bounds depends on the torch version; the
     # inputs below avoid the exact bounds).
     def logvar(a):
         return torch.clamp(2 * torch.log(torch.nn.functional.softplus(a) + 1e-6), -10, 10)
@@ -411,7 +411,7 @@ def test_cuda_host_clamp_indicator_at_boundary(host_math):
     out = host_math([f"clamp {s!r} {c!r}" for s in cases] + [f"clamp 5.0 {math.inf!r}", "clamp -1e30 inf"])
     for s, (cl, ind, clf, indf) in zip(cases, out[: len(cases)], strict=True):
         assert cl == min(max(s, -c), c)
-        # inclusive: exactly +-clamp passes the gradient (torch 2.3 semantics, SPEC 2.1)
+        # inclusive: exactly +-clamp passes the gradient (torch 2.3 semantics, docs/spec.md 2.1)
         assert ind == (1.0 if -c <= s <= c else 0.0), s
         assert indf == (1.0 if -c <= float(torch.tensor(s, dtype=torch.float32)) <= c else 0.0)
         assert clf == pytest.approx(cl, rel=1e-7)

@@ -47,7 +47,7 @@ def test_batches_are_a_function_of_seed_rank_and_step():
 
 
 def test_conditioning_threshold_is_the_minimum_over_25000_draws_of_the_same_generator():
-    assert data.COND_SAMPLES == 25_000  # SPEC 6.1 (cl-ica's n_iter_cond_thresh)
+    assert data.COND_SAMPLES == 25_000  # docs/spec.md 6.1 (cl-ica's n_iter_cond_thresh)
     mix = data.mixing_mlp(10, 3, seed=7)
     # Recompute the threshold independently: the first 25,000 unit-column U(-1, 1) matrices of the seed's generator.
     g = torch.Generator().manual_seed(7)

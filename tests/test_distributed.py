@@ -1,4 +1,4 @@
-"""Distributed losses (API.md "Distributed"), on CPU with gloo and torch.multiprocessing.
+"""Distributed losses (docs/api.md 4), on CPU with gloo and torch.multiprocessing.
 
 Each spawn runs many cases and writes its results to files; the tests compare them with a single process
 on the global batch (impl="reference"). Spawns are few (gloo start-up costs seconds), cached per module.

@@ -1,4 +1,4 @@
-"""Every bad input of API.md "Errors": a ValueError / TypeError that names the problem, never a crash."""
+"""Every bad input of docs/api.md 9: a ValueError / TypeError that names the problem, never a crash."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The shipped float64 golden cases (an independent implementation of SPEC.md) on every CPU backend."""
+"""The shipped float64 golden cases (an independent implementation of docs/spec.md) on every CPU backend."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The latent ops (SPEC 2.4, 2.6): closed forms, the clamp bounds, the straight-through mask, noise."""
+"""The latent ops (docs/spec.md 2.4, 2.6): closed forms, the clamp bounds, the straight-through mask, noise."""
 
 import math
 

@@ -43,7 +43,7 @@ def peak_extra_bytes(impl: str, m: int, d: int, op: str = "nt_xent") -> tuple[in
 @pytest.mark.slow
 def test_torch_backend_memory_is_a_small_fraction_of_the_reference():
     m, d = 8192, 128
-    # the median of three fresh processes (PERF.md's protocol): one of them once peaked 54 MiB higher
+    # the median of three fresh processes (docs/perf.md's protocol): one of them once peaked 54 MiB higher
     # (126 vs 72 MiB) while other jobs loaded this machine
     torch_bytes, torch_s = sorted(peak_extra_bytes("torch", m, d) for _ in range(3))[1]
     ref_bytes, ref_s = peak_extra_bytes("reference", m, d)

@@ -1,4 +1,4 @@
-"""adassl_fast.nn against hand-composed float64 paths written here from SPEC's formulas (not from the package's
+"""adassl_fast.nn against hand-composed float64 paths written here from docs/spec.md's formulas (not from the package's
 reference functions), the beta schedule against a literal replay of the reference's 0.5-per-call counter,
 the reference's initialisation facts, and config errors."""
 
@@ -14,7 +14,7 @@ D64 = torch.float64
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hand-written formulas (SPEC 2.1, 2.4, 2.6).
+# Hand-written formulas (docs/spec.md 2.1, 2.4, 2.6).
 
 
 def hand_nt_xent(cont, targ, tau, lam=1.0, clamp=20.0):
@@ -268,7 +268,7 @@ def test_additional_view_targets_feed_only_the_posterior():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The beta schedule (SPEC 2.5).
+# The beta schedule (docs/spec.md 2.5).
 
 
 class ReferenceSampler:
@@ -370,7 +370,7 @@ def test_fold_addition_needs_matching_dims():
 
 
 # ----------------------------------------------------------------------------------------------------
-# BYOL schedule helpers (SPEC 2.3).
+# BYOL schedule helpers (docs/spec.md 2.3).
 
 
 def test_byol_tau_and_ema_update():

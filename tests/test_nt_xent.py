@@ -114,7 +114,7 @@ def test_low_precision_inputs_give_float32_and_agree(impl, dtype, tol):
 
 
 def test_nt_xent_matches_vanilla_simclr_when_cont_is_the_swapped_targets():
-    # SPEC 2.1 "vanilla equivalence": cont = [e_y; e_x], targ = [e_x; e_y] is standard SimCLR NT-Xent,
+    # docs/spec.md 2.1 "vanilla equivalence": cont = [e_y; e_x], targ = [e_x; e_y] is standard SimCLR NT-Xent,
     # whose excluded entry is the self-similarity.
     ex, ey = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     z = torch.nn.functional.normalize(torch.cat([ex, ey]), dim=1)

@@ -1,5 +1,5 @@
 """Gradients beyond the training step: second-order gradients (a gradient penalty through the loss) are
-exact on the reference and torch backends and refused elsewhere (API.md "Errors"), gradcheck passes with
+exact on the reference and torch backends and refused elsewhere (docs/api.md 9), gradcheck passes with
 its default arguments, and every tensor input gets a gradient (the noise too)."""
 
 import pytest

@@ -1,5 +1,5 @@
 """The side-by-side table from raw/OP-rN-mM-{eager,before,after}/rows.json: medians over rounds (one fresh process
-per row), and the time ratio to the plain eager loss of the same round (PERF.md: compare ratios from one run)."""
+per row), and the time ratio to the plain eager loss of the same round (docs/perf.md: compare ratios from one run)."""
 
 import json
 import statistics
