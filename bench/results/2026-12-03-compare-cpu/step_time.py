@@ -25,7 +25,7 @@ def alone(steps: int) -> float:
     total = 0.0
     for method, extra in (("simclr", {}), ("adassl-v", {"editor": "add"}), ("adassl-s", {"editor": "modular"})):
         with tempfile.TemporaryDirectory() as out:
-            cfg = train.make_config(method=method, **extra, steps=steps, batch_size=256, eval_samples=64,
+            cfg = train.make_config(method=method, **extra, steps=steps, batch_size=256, eval_samples=128,
                                     progress=False, log_every=max(steps // 10, 1), ckpt_every=steps, threads=1,
                                     out=out, overwrite=True)
             result = train.train(cfg)
