@@ -46,16 +46,17 @@ def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) 
 # torch.compile and opcheck see the same op whatever runs inside.
 
 
-def _stash_fake(cont, targ, pos, excl, scale):
-    acc = _checks.accumulation_dtype(cont.dtype)
-    return cont.new_empty(cont.shape, dtype=acc), targ.new_empty(targ.shape, dtype=acc), torch.empty_like(scale)
+def contrastive_stash_fake(rows, cols, *rest):
+    """Fakes of a contrastive one-pass op's stash (d rows, d cols, d scale); `rest` ends with the scale."""
+    acc = _checks.accumulation_dtype(rows.dtype)
+    return rows.new_empty(rows.shape, dtype=acc), cols.new_empty(cols.shape, dtype=acc), torch.empty_like(rest[-1])
 
 
-def _stash_backward(stash, grads, inputs, options):
-    """The one-pass op's gradients (for grad_loss = 1), scaled by grad_loss."""
-    (grad_loss,), (cont, targ, *_) = grads, inputs
-    dcont, dtarg, dscale = (g * grad_loss for g in stash)
-    return dcont.to(cont.dtype), dtarg.to(targ.dtype), dscale
+def contrastive_stash_backward(stash, grads, inputs, options):
+    """A contrastive one-pass op's gradients (for grad_loss = 1), scaled by grad_loss and cast to the inputs'."""
+    (grad_loss,), (rows, cols, *_) = grads, inputs
+    drows, dcols, dscale = (g * grad_loss for g in stash)
+    return drows.to(rows.dtype), dcols.to(cols.dtype), dscale
 
 
 # forward -> (loss 0-dim, lse (M,)) in the accumulation dtype; backward -> (dcont, dtarg, dscale); the
@@ -69,8 +70,8 @@ _ops = define_loss(
     losses=("loss",),
     lse_shape=lambda cont: (cont.shape[0],),
     reference=contrastive_reference,
-    stash_fake=_stash_fake,
-    stash_backward=_stash_backward,
+    stash_fake=contrastive_stash_fake,
+    stash_backward=contrastive_stash_backward,
 )
 nt_xent_forward_op, nt_xent_backward_op, nt_xent_forward_backward_op = (
     _ops.forward, _ops.backward, _ops.forward_backward)

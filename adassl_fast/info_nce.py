@@ -18,7 +18,14 @@ from torch import Tensor
 from adassl_fast import _checks, distributed
 from adassl_fast._dispatch import resolve_impl, resolve_impl_among
 from adassl_fast._library import define_loss
-from adassl_fast.core import clamp_inclusive, contrastive_loss, contrastive_reference, trains_in_one_pass
+from adassl_fast.core import (
+    clamp_inclusive,
+    contrastive_loss,
+    contrastive_reference,
+    contrastive_stash_backward,
+    contrastive_stash_fake,
+    trains_in_one_pass,
+)
 from adassl_fast.indices import diagonal_indices
 from adassl_fast.torch_backend import NORM_EPS
 
@@ -77,18 +84,6 @@ def _labelled_reference(symmetric):
     return reference
 
 
-def _stash_fake(query, key, labels, scale):
-    acc = _checks.accumulation_dtype(query.dtype)
-    return query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc), torch.empty_like(scale)
-
-
-def _stash_backward(stash, grads, inputs, options):
-    """The one-directional one-pass op's gradients (for grad_loss = 1), scaled by grad_loss."""
-    (grad_loss,), (query, key, *_) = grads, inputs
-    dquery, dkey, dscale = (g * grad_loss for g in stash)
-    return dquery.to(query.dtype), dkey.to(key.dtype), dscale
-
-
 # Label-defined positives: one-directional -> (loss, lse (N,)) (and the torch backend's one-pass training op, as
 # the core's), symmetric -> (loss, lse (2, N)); the backwards -> (dquery, dkey, dscale). Torch backend only.
 LABELLED_IMPLS = ("reference", "torch")
@@ -105,7 +100,8 @@ _labelled_ops = {
         **stash,
     )
     for symmetric, name, shape, stash in (
-        (False, "labelled", lambda q: (q.shape[0],), dict(stash_fake=_stash_fake, stash_backward=_stash_backward)),
+        (False, "labelled", lambda q: (q.shape[0],),
+         dict(stash_fake=contrastive_stash_fake, stash_backward=contrastive_stash_backward)),
         (True, "labelled_info_nce", lambda q: (2, q.shape[0]), {}),
     )
 }
