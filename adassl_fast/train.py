@@ -294,6 +294,11 @@ def _distributed_group(world_size: int):
     return dist.group.WORLD
 
 
+def uses_target_network(cfg: Config) -> bool:
+    """BYOL, alone or as AdaSSL's objective, trains against an EMA target network."""
+    return cfg.method == "byol" or (cfg.method.startswith("adassl") and cfg.objective == "byol")
+
+
 class SSLModel(nn.Module):
     def __init__(self, cfg: Config, encoder: nn.Module, process_group=None):
         super().__init__()
@@ -313,7 +318,7 @@ class SSLModel(nn.Module):
                 beta_warmup_steps=beta_warmup_steps(cfg), temperature=cfg.temperature,
                 learnable_scale=cfg.learnable_scale, impl=cfg.impl, process_group=process_group,
             )
-        self.needs_target = cfg.method == "byol" or (cfg.method.startswith("adassl") and cfg.objective == "byol")
+        self.needs_target = uses_target_network(cfg)
 
     def loss(self, e_x, e_y, t_x=None, t_y=None) -> dict:
         if self.method == "simclr":
@@ -466,7 +471,7 @@ def _step_schedules(cfg: Config) -> list[str]:
         schedules.append("cosine learning rate")
     if cfg.beta_warmup_steps == -1 and cfg.method == "adassl-v":
         schedules.append("beta warm-up (steps / 15)")
-    if cfg.method == "byol" or (cfg.method.startswith("adassl") and cfg.objective == "byol"):
+    if uses_target_network(cfg):
         schedules.append("BYOL target EMA rate")
     return schedules
 
