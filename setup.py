@@ -21,8 +21,8 @@ def cuda_extensions():
     gencodes = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     ext = CUDAExtension(
         "adassl_fast._C_cuda",
-        ["csrc/binding.cpp", "csrc/nt_xent.cu", "csrc/adassl.cu"],
-        include_dirs=["csrc"],
+        ["adassl_fast/csrc/binding.cpp", "adassl_fast/csrc/nt_xent.cu", "adassl_fast/csrc/adassl.cu"],
+        include_dirs=["adassl_fast/csrc"],
         extra_compile_args={"cxx": ["-O2", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencodes]},
     )
     return [ext], {"build_ext": BuildExtension}

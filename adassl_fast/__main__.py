@@ -1,3 +1,3 @@
-from adassl_fast.cli import main
+from adassl_fast.apps.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Builds the CUDA C++ backend from the sources shipped in the package (adassl_fast.csrc: csrc/ of the tree).
+"""Builds the CUDA C++ backend from the sources shipped in the package (adassl_fast/csrc, installed as package data).
 
 The kernels (``csrc/*.cu``) are compiled by nvcc into objects; the thin binding ``csrc/binding.cpp``
 (which includes only ``<torch/extension.h>``) is built with ninja through
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-# The sources ship inside the package (pyproject maps csrc/ to adassl_fast.csrc); nvcc needs them as files
-# on disk, which every install but a zip import gives.
+# The sources ship inside the package (adassl_fast/csrc, package data in pyproject); nvcc needs them as
+# files on disk, which every install but a zip import gives.
 CSRC = Path(str(importlib.resources.files("adassl_fast.csrc")))
 KERNEL_SOURCES = ("nt_xent.cu", "adassl.cu")
 BINDING_SOURCE = "binding.cpp"

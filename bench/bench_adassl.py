@@ -1,4 +1,4 @@
-"""Sweep `adassl` over every backend with the shared harness (adassl_fast/benchmark.py).
+"""Sweep `adassl` over every backend with the shared harness (adassl_fast/apps/benchmark.py).
 
     python bench/bench_adassl.py [--out DIR] [any `adassl-fast bench` flag; later flags win]
 
@@ -8,7 +8,7 @@ skipped, with the reason), d in {128, 256, 512}, phase full. Plot with bench/plo
 
 import sys
 
-from adassl_fast.benchmark import main
+from adassl_fast.apps.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(["--op", "adassl", "--d", "128,256,512", *sys.argv[1:]]))

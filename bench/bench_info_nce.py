@@ -1,4 +1,4 @@
-"""Sweep `info_nce` over every backend with the shared harness (adassl_fast/benchmark.py).
+"""Sweep `info_nce` over every backend with the shared harness (adassl_fast/apps/benchmark.py).
 
     python bench/bench_info_nce.py [--out DIR] [any `adassl-fast bench` flag; later flags win]
 
@@ -8,7 +8,7 @@ skipped, with the reason), d in {128, 256, 512}, phase full. Plot with bench/plo
 
 import sys
 
-from adassl_fast.benchmark import main
+from adassl_fast.apps.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(["--op", "info_nce", "--d", "128,256,512", *sys.argv[1:]]))

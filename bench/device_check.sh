@@ -19,10 +19,9 @@
 # SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
-# non-editable install: pyproject's package-dir maps kernels/ to adassl_fast.kernels and csrc/ to
-# adassl_fast.csrc, whose sources the CUDA backend builds from), with a copy of the files laid out the same
-# way as the fallback. PYTHONPATH=$SITE and PYTHONSAFEPATH=1, so this tree's own adassl_fast/ (which lacks
-# kernels/ and csrc/) never shadows the install; the tests run from a copy in $SITE for the same reason
+# non-editable install, as a user's: the CUDA backend builds from the adassl_fast/csrc sources the wheel
+# carries), with a plain copy of adassl_fast/ as the fallback. PYTHONPATH=$SITE and PYTHONSAFEPATH=1, so the
+# checks exercise the install, not this tree; the tests run from a copy in $SITE for the same reason
 # (tests/__init__.py makes pytest put the tests' parent folder first on sys.path).
 set -u
 set -o pipefail
@@ -99,7 +98,7 @@ if [ -z "${ADASSL_FAST_COMMIT:-}" ]; then
     if git -C "$REPO" rev-parse --verify -q HEAD >/dev/null 2>&1; then
         ADASSL_FAST_COMMIT=$(git -C "$REPO" rev-parse --short=12 HEAD)
         if ! git -C "$REPO" diff --quiet HEAD -- 2>/dev/null || \
-           [ -n "$(git -C "$REPO" status --porcelain --untracked-files=all -- adassl_fast kernels csrc 2>/dev/null)" ]; then
+           [ -n "$(git -C "$REPO" status --porcelain --untracked-files=all -- adassl_fast 2>/dev/null)" ]; then
             ADASSL_FAST_COMMIT="$ADASSL_FAST_COMMIT-dirty"
         fi
     else
@@ -109,7 +108,7 @@ fi
 export ADASSL_FAST_COMMIT
 say "commit: $ADASSL_FAST_COMMIT"
 
-# --- install: the package with adassl_fast.kernels, from this tree, offline ------------------------------
+# --- install: the package, from this tree, offline ------------------------------
 SITE=$(mktemp -d /tmp/adassl_site.XXXXXX)
 export SITE
 # SKIP_BUILD=1: no CUDA extension at all, not even the one setup.py builds ahead of time during the install
@@ -118,9 +117,8 @@ install_pkg() {
     if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --no-compile --target "$SITE" "$REPO"; then
         echo "installed: pip install --no-deps --no-build-isolation --no-index --target $SITE (non-editable)"
     else
-        echo "pip install failed: copying adassl_fast/, kernels/ and csrc/ into $SITE instead"
-        rm -rf "$SITE/adassl_fast" && cp -r "$REPO/adassl_fast" "$SITE/adassl_fast" &&
-            cp -r "$REPO/kernels" "$SITE/adassl_fast/kernels" && cp -r "$REPO/csrc" "$SITE/adassl_fast/csrc" || return 1
+        echo "pip install failed: copying adassl_fast/ into $SITE instead"
+        rm -rf "$SITE/adassl_fast" && cp -r "$REPO/adassl_fast" "$SITE/adassl_fast" || return 1
     fi
     rm -rf "$SITE/tests" && cp -r "$REPO/tests" "$SITE/tests" && cp "$REPO/pyproject.toml" "$SITE/"
     find "$SITE" -name __pycache__ -prune -exec rm -rf {} +

@@ -59,6 +59,7 @@ def main(argv=None):
         print("tune_triton.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
+
     from adassl_fast.kernels import configs
     from adassl_fast.kernels import nt_xent as ntx
 

@@ -20,8 +20,8 @@ import os
 import sys
 
 import pytest
-from adassl_fast.kernels.configs import SMEM_BUDGET
 
+from adassl_fast.kernels.configs import SMEM_BUDGET
 from tests.compiled import resource_usage, run_worker
 
 ARCH_CC = {"sm90": 90, "sm80": 80, "sm86": 86}
@@ -126,7 +126,7 @@ def jobs():
 
 
 def diagnostic_jobs():
-    """The benchmark's triton_mma_sync rows (adassl_fast/benchmark.py) run the sm_90 kernels under Triton's
+    """The benchmark's triton_mma_sync rows (adassl_fast/apps/benchmark.py) run the sm_90 kernels under Triton's
     DISABLE_MMA_V3=1: check on the shipped d = 128 forward that the switch trades wgmma for mma.sync."""
     fwd = next(j for j in jobs() if j["kernel"] == "_fwd_kernel" and j["arch"] == "sm90" and "_d128_" in j["config"]
                and j["variant"] == "-")
@@ -135,8 +135,9 @@ def diagnostic_jobs():
 
 def _compile_one(job):
     import triton
-    from adassl_fast.kernels import backward, forward, normalize
     from triton.backends.compiler import GPUTarget
+
+    from adassl_fast.kernels import backward, forward, normalize
 
     fn = next(getattr(m, job["kernel"]) for m in (forward, backward, normalize) if hasattr(m, job["kernel"]))
     consts = job["constexprs"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adassl_fast.benchmark import ROW_KEYS
+from adassl_fast.apps.benchmark import ROW_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 

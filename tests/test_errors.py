@@ -159,7 +159,7 @@ def test_info_into_a_closed_pipe_exits_quietly():
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bench_flags_are_checked_with_one_line_errors(capsys, flags, message):
-    from adassl_fast import benchmark
+    from adassl_fast.apps import benchmark
 
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(flags)
@@ -169,7 +169,7 @@ def test_bench_flags_are_checked_with_one_line_errors(capsys, flags, message):
 
 
 def test_bench_help_gives_every_flag_its_default():
-    from adassl_fast import benchmark
+    from adassl_fast.apps import benchmark
 
     for action in benchmark._parser()._actions:
         if action.dest not in ("help", "worker", "summary", "sizes_for", "op", "impl"):

@@ -19,11 +19,14 @@ from tests.import_graph import find_cycle, import_nodes
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "adassl_fast"
 
-# Top to bottom. Two modules have no file in adassl_fast/: kernels/, installed as adassl_fast.kernels (one
-# node here, its own rules are checked apart), and _C_cuda, the CUDA extension setup.py may build ahead of time.
+# Top to bottom. The apps/ subpackage's modules are named "apps.<module>". Two nodes are not read here:
+# kernels/ (one node; its own rules are checked apart) and _C_cuda, the CUDA extension setup.py may build
+# ahead of time.
 ELSEWHERE = {"kernels", "_C_cuda"}
+APPS = PACKAGE / "apps"
 LAYERS = (
-    ("apps", {"__main__", "cli", "train", "compare", "data", "metrics", "benchmark"}),
+    ("apps", {"__main__", "apps", "apps.cli", "apps.train", "apps.compare", "apps.data", "apps.metrics",
+              "apps.benchmark"}),
     ("public API", {"__init__"}),
     ("modules", {"nn", "cached"}),
     ("functional ops", {"nt_xent", "info_nce", "adassl", "latent", "siglip"}),
@@ -37,14 +40,18 @@ LAYER_OF = {module: depth for depth, (_, modules) in enumerate(LAYERS) for modul
 
 
 def _modules() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(PACKAGE.glob("*.py"))}
+    apps = {("apps" if path.stem == "__init__" else f"apps.{path.stem}"): path for path in sorted(APPS.glob("*.py"))}
+    return {path.stem: path for path in sorted(PACKAGE.glob("*.py"))} | apps
 
 
 def _module_name(dotted: str) -> str | None:
-    """The package module an absolute import names ("adassl_fast.kernels.configs" -> "kernels"), or None."""
+    """The package module an absolute import names ("adassl_fast.kernels.configs" -> "kernels",
+    "adassl_fast.apps.train" -> "apps.train"), or None."""
     parts = dotted.split(".")
     if parts[0] != "adassl_fast":
         return None
+    if parts[1:2] == ["apps"]:
+        return ".".join(parts[1:3])
     return parts[1] if len(parts) > 1 else "__init__"
 
 
@@ -64,6 +71,8 @@ def imports(path: Path) -> list[tuple[str, str | None]]:
         for alias in node.names:
             if module == "__init__" and alias.name in modules:
                 found.append((alias.name, None))  # `from adassl_fast import nn`: the module nn
+            elif module == "apps" and f"apps.{alias.name}" in modules:
+                found.append((f"apps.{alias.name}", None))  # `from adassl_fast.apps import train`
             elif module == "kernels":
                 found.append(("kernels", None))  # kernels/'s own names are its business
             else:
@@ -108,5 +117,7 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_the_walker_sees_function_level_and_private_imports(tmp_path):
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from adassl_fast.core import _hidden\n    from adassl_fast import nn, info\n")
-    assert imports(source) == [("core", "_hidden"), ("nn", None), ("__init__", "info")]
+    source.write_text("def f():\n    from adassl_fast.core import _hidden\n    from adassl_fast import nn, info\n"
+                      "    from adassl_fast.apps import train\n    from adassl_fast.apps.cli import _private\n")
+    assert imports(source) == [("core", "_hidden"), ("nn", None), ("__init__", "info"), ("apps.train", None),
+                               ("apps.cli", "_private")]

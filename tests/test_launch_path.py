@@ -20,8 +20,8 @@ import os
 import sys
 
 import pytest
-from adassl_fast.kernels.configs import SMEM_BUDGET
 
+from adassl_fast.kernels.configs import SMEM_BUDGET
 from tests.compiled import resource_usage, run_worker
 
 # (GPU class, op, M, d, deterministic): odd M with column splits, M = 65536 with one split, d = 100 and 300

@@ -31,7 +31,7 @@ print(rss("VmHWM") - base, time.perf_counter() - start)
 
 def peak_extra_bytes(impl: str, m: int, d: int, op: str = "nt_xent") -> tuple[int, float]:
     """Peak RSS above the inputs during one forward + backward of `op`, in a fresh process; and its seconds."""
-    # glibc returns big freed blocks to the OS at once (as adassl_fast/benchmark.py's workers do): with its
+    # glibc returns big freed blocks to the OS at once (as adassl_fast/apps/benchmark.py's workers do): with its
     # dynamic threshold, how much freed memory stays resident depends on the allocation history
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", PROBE, op, impl, str(m), str(d)], capture_output=True, text=True,

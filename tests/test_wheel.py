@@ -73,7 +73,7 @@ def test_the_installed_package_holds_every_cuda_source(venv):
     found = json.loads(_in_venv(venv, PROBE, *SUFFIXES).strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(venv / "venv"), found["package"]  # the install, not the tree
     assert Path(found["csrc"]) == Path(found["package"]) / "csrc"
-    tree = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ROOT / "csrc").iterdir()
+    tree = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (ROOT / "adassl_fast" / "csrc").iterdir()
             if p.suffix in SUFFIXES}
     assert found["sources"] == tree  # every source, byte for byte
     assert set(found["builds"]) <= set(tree)

@@ -6,11 +6,11 @@ deterministic and atomic schedules, fused and split epilogues, bf16 through the 
 
 import pytest
 import torch
-from adassl_fast.kernels import adassl as ak
-from adassl_fast.kernels import launch
 
 from adassl_fast.adassl import adassl_nt_xent_reference
 from adassl_fast.indices import partner_indices
+from adassl_fast.kernels import adassl as ak
+from adassl_fast.kernels import launch
 
 pytestmark = pytest.mark.triton
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from adassl_fast.kernels import backward, launch
 from adassl_fast.kernels import nt_xent as ntx
 

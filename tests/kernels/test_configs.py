@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from adassl_fast.kernels import configs
 
 CUDA = torch.device("cuda")

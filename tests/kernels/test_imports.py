@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.import_graph import find_cycle, import_nodes
 
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "adassl_fast" / "kernels"
 ALLOWED = {"torch", "triton"} | set(sys.stdlib_module_names)
 
 

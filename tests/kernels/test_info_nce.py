@@ -6,12 +6,12 @@ through the fp32-upcast path. Sizes are odd: N not a multiple of any block, d no
 
 import pytest
 import torch
-from adassl_fast.kernels import backward, launch
-from adassl_fast.kernels import info_nce as kin
-from adassl_fast.kernels import nt_xent as ntx
 
 from adassl_fast.indices import diagonal_indices
 from adassl_fast.info_nce import info_nce_reference
+from adassl_fast.kernels import backward, launch
+from adassl_fast.kernels import info_nce as kin
+from adassl_fast.kernels import nt_xent as ntx
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes
 

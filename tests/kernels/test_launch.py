@@ -1,6 +1,7 @@
 """Host-side launch helpers of the Triton kernels (kernels/launch.py)."""
 
 import torch
+
 from adassl_fast.kernels import adassl as kad
 from adassl_fast.kernels import info_nce as kin
 from adassl_fast.kernels import launch

@@ -7,9 +7,9 @@ Sizes are odd on purpose: M not a multiple of any block, d not a power of two.
 
 import pytest
 import torch
+
 from adassl_fast.kernels import launch
 from adassl_fast.kernels import nt_xent as ntx
-
 from adassl_fast.nt_xent import nt_xent_reference
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from adassl_fast import compare
+from adassl_fast.apps import compare
 
 METRICS = compare.METRICS
 

@@ -20,7 +20,7 @@ import torch
 
 
 def alone(steps: int) -> float:
-    from adassl_fast import train
+    from adassl_fast.apps import train
 
     total = 0.0
     for method, extra in (("simclr", {}), ("adassl-v", {"editor": "add"}), ("adassl-s", {"editor": "modular"})):
@@ -34,7 +34,7 @@ def alone(steps: int) -> float:
 
 
 def stacked(steps: int, workers: int) -> float:
-    from adassl_fast import compare
+    from adassl_fast.apps import compare
 
     torch.set_num_threads(1)
     args = compare.build_parser().parse_args(["--steps", str(steps + 20)])

@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 
 SUBCOMMANDS = {
-    "info": ("adassl_fast.cli", "versions, device and the available backends (JSON)"),
-    "bench": ("adassl_fast.benchmark", "time and memory of every backend against the reference"),
-    "train": ("adassl_fast.train", "train an encoder with AdaSSL or SimCLR"),
-    "compare": ("adassl_fast.compare", "SimCLR vs AdaSSL-V vs AdaSSL-S on the embedded benchmark"),
+    "info": ("adassl_fast.apps.cli", "versions, device and the available backends (JSON)"),
+    "bench": ("adassl_fast.apps.benchmark", "time and memory of every backend against the reference"),
+    "train": ("adassl_fast.apps.train", "train an encoder with AdaSSL or SimCLR"),
+    "compare": ("adassl_fast.apps.compare", "SimCLR vs AdaSSL-V vs AdaSSL-S on the embedded benchmark"),
 }
 
 

@@ -1,11 +1,11 @@
-"""`adassl-fast train` / `python -m adassl_fast.train`: a thin trainer for AdaSSL, SimCLR, InfoNCE and BYOL.
+"""`adassl-fast train` / `python -m adassl_fast.apps.train`: a thin trainer for AdaSSL, SimCLR, InfoNCE and BYOL.
 
 One file, read top to bottom: the config (a dataclass; presets; every field is a CLI flag), the encoders,
 the model (encoder + loss head, one forward per step so DDP sees one call), checkpoints, the loop.
 
     adassl-fast train --method adassl-v --steps 2000 --out runs/v          # embedded synthetic benchmark
     adassl-fast train --method adassl-s --data frames --data-path clips/ --frame-gap 2 --augment weak
-    torchrun --nproc-per-node 2 -m adassl_fast.train --method simclr --out runs/ddp
+    torchrun --nproc-per-node 2 -m adassl_fast.apps.train --method simclr --out runs/ddp
 
 Runs on CPU or GPU (bf16 autocast on CUDA), in one process or under torchrun (DDP; with
 adassl_fast.distributed present the loss takes the negatives of every rank). A run directory holds
@@ -39,11 +39,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from adassl_fast import data as data_mod
-from adassl_fast import metrics as metrics_mod
 from adassl_fast._dispatch import IMPLS, BackendUnavailable, resolve_impl
+from adassl_fast.apps import data as data_mod
+from adassl_fast.apps import metrics as metrics_mod
+from adassl_fast.apps.cli import Option, Parser, check_device
 from adassl_fast.cached import cached_backward
-from adassl_fast.cli import Option, Parser, check_device
 from adassl_fast.nn import AdaSSL, InfoNCELoss, NTXentLoss, build_mlp, byol_tau, ema_update
 
 METHODS = ("simclr", "infonce", "byol", "adassl-v", "adassl-s")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from adassl_fast import train
+from adassl_fast.apps import train
 
 TINY = dict(train.PRESETS["tiny"], eval_samples=256, method="adassl-v", steps=6, log_every=1, ckpt_every=2)
 
@@ -55,7 +55,7 @@ def straight(tmp_path_factory):
 # checkpoint write of step 4, after the step-2 checkpoint was written.
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from adassl_fast import train
+    from adassl_fast.apps import train
 
     where, out = sys.argv[1], sys.argv[2]
     saves = []

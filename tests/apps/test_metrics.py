@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from adassl_fast import metrics
+from adassl_fast.apps import metrics
 
 
 def _latents(n=2000, k=5, seed=0):

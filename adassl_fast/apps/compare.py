@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adassl_fast import metrics as metrics_mod
-from adassl_fast import train
+from adassl_fast.apps import metrics as metrics_mod
+from adassl_fast.apps import train
 
 METHODS = {
     "simclr": dict(method="simclr"),

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adassl_fast.cli import Option, Parser, device_flag
+from adassl_fast.apps.cli import Option, Parser, device_flag
 
 OPS = ("nt_xent", "info_nce", "adassl", "siglip")
 # "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, docs/perf.md)
@@ -656,8 +656,9 @@ def _run_workers(specs: list[dict], settings: dict, deadline: float, isolate: st
         done, killed = 0, None
         limit = settings["row_timeout_s"]
         with open(log, "w") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", "adassl_fast.benchmark", "--worker", str(plan), str(out)],
-                                    stdout=logf, stderr=subprocess.STDOUT, env=_child_env(_worker_env(batch[0])))
+            worker = [sys.executable, "-m", "adassl_fast.apps.benchmark", "--worker", str(plan), str(out)]
+            env = _child_env(_worker_env(batch[0]))
+            proc = subprocess.Popen(worker, stdout=logf, stderr=subprocess.STDOUT, env=env)
             started = time.time()
             try:
                 while proc.poll() is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adassl_fast import cli, compare, train
+from adassl_fast.apps import cli, compare, train
 
 
 def test_compare_tiny_budget_writes_json_and_prints_its_path_last(tmp_path, capsys):

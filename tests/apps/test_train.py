@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adassl_fast import train
+from adassl_fast.apps import train
 
 TINY = dict(train.PRESETS["tiny"], eval_samples=256)
 
@@ -111,7 +111,7 @@ def test_chunked_backward_matches_full_batch(tmp_path):
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "adassl_fast.train", "--preset", "tiny", "--steps", "4", "--eval-samples", "256",
+           "-m", "adassl_fast.apps.train", "--preset", "tiny", "--steps", "4", "--eval-samples", "256",
            "--method", "adassl-v", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adassl_fast import benchmark as bench
+from adassl_fast.apps import benchmark as bench
 
 H200 = "NVIDIA H200"
 

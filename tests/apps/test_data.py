@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adassl_fast import data
+from adassl_fast.apps import data
 
 
 def test_mixing_is_invertible_leaky_mlp_with_normalised_columns():
@@ -82,7 +82,7 @@ def test_standardisation_is_a_fixed_affine_of_the_seeds_mixing():
 
 
 def test_train_draws_one_mixing_per_seed_by_default():
-    from adassl_fast import train
+    from adassl_fast.apps import train
 
     mixing = lambda **kw: train.make_data(train.make_config(**kw), 0, 1).mixing[0].weight
     assert torch.equal(mixing(seed=7), data.mixing_mlp(10, 3, seed=7)[0].weight)
