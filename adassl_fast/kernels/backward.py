@@ -28,7 +28,7 @@ from .latent import build_rows, latent_epilogue
 from .launch import cdiv, column_splits, empty, rows_per_program, stat_dtype
 from .normalize import EPS, normalize_rows
 from .rows import RowSink, RowSource, load_rows, store_rows
-from .tiles import LOG2E, Logits, holds_special, operand, owned_block, positive_weights, row_indices, scores
+from .tiles import LOG2E, Logits, holds_special, owned_block, owned_rows, positive_weights, streamed_tile
 
 
 @triton.jit
@@ -85,13 +85,9 @@ def _bwd_row_kernel(
     # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
     # scale are applied there too, so this loop holds only exp2 and the two products.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    rows, dd, x, sk2, b2, clamp2, binds = owned_block(u_ptr, M, d, scale_ptr, inv_t, clamp2, BLOCK_M, BLOCK_D,
-                                                      UPCAST, SIGMOID)
+    rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = owned_rows(
+        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS)
     pid_s = tl.program_id(1)
-    row_ok = rows < M
-    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
-    if LABELS:
-        excl = positive_weights(excl_ptr, rows, row_ok, ACC)
     if SIGMOID:
         lse2 = tl.zeros([BLOCK_M], ACC)  # unused
         g_sum = tl.zeros([BLOCK_M], ACC)
@@ -102,9 +98,7 @@ def _bwd_row_kernel(
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, N)
     for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        t = operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
-        s2 = scores(x, t, sk2, b2, PREC, SIGMOID)
+        cols, t, s2 = streamed_tile(x, v_ptr, start, N, d, dd, sk2, b2, BLOCK_N, UPCAST, PREC, SIGMOID)
         stop = start + BLOCK_N
         special = holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop)
         if SYM:
@@ -163,9 +157,8 @@ def _bwd_col_kernel(
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+        rows, x, s2 = streamed_tile(t, u_ptr, start, M, d, dd, sk2, b2, BLOCK_M, UPCAST, PREC, SIGMOID)
         row_ok = rows < row_end
-        x = operand(load_rows(u_ptr, u_ptr, rows, dd, row_end, M, d, d, False), UPCAST)
         if SIGMOID:
             lse2 = tl.zeros([BLOCK_M], ACC)  # unused
         else:
@@ -175,7 +168,6 @@ def _bwd_col_kernel(
             excl = positive_weights(excl_ptr, rows, row_ok, ACC)
         else:
             excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-        s2 = scores(t, x, sk2, b2, PREC, SIGMOID)
         mine = ((pos >= col_lo) & (pos < col_stop)) | ((excl >= col_lo) & (excl < col_stop))
         special = tl.max(mine.to(tl.int32), 0) > 0
         if not SYM:

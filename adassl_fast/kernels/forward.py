@@ -15,8 +15,8 @@ import triton.language as tl
 from .configs import block_d, pick_config
 from .launch import cdiv, column_splits, empty, stat_dtype
 from .normalize import normalize_rows
-from .rows import RowSource, load_rows
-from .tiles import Logits, holds_special, operand, owned_block, positive_weights, row_indices, scores, softplus2
+from .rows import RowSource
+from .tiles import Logits, holds_special, owned_rows, softplus2, streamed_tile
 
 
 @triton.jit
@@ -34,13 +34,9 @@ def _fwd_kernel(
     # SIGMOID: the sum slot holds sum_j softplus(-z_ij L_ij) (log2 units), the max and positive slots stay unused.
     # LABELS: the positive slot holds the positives' mean logit (each tile's sum over the row's count).
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    rows, dd, x, sk2, b2, clamp2, binds = owned_block(u_ptr, M, d, scale_ptr, inv_t, clamp2, BLOCK_M, BLOCK_D,
-                                                      UPCAST, SIGMOID)
+    rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = owned_rows(
+        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS)
     pid_s = tl.program_id(1)
-    row_ok = rows < M
-    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
-    if LABELS:
-        inv_count = positive_weights(excl_ptr, rows, row_ok, ACC)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, ACC)
@@ -49,9 +45,7 @@ def _fwd_kernel(
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, N)
     for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        t = operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
-        s2 = scores(x, t, sk2, b2, PREC, SIGMOID)
+        cols, _, s2 = streamed_tile(x, v_ptr, start, N, d, dd, sk2, b2, BLOCK_N, UPCAST, PREC, SIGMOID)
         if CLAMP:
             if binds:
                 s2 = tl.minimum(tl.maximum(s2, -clamp2), clamp2)
@@ -70,7 +64,7 @@ def _fwd_kernel(
             if LABELS:  # every tile may hold positives: compare the label tiles
                 labels = tl.load(pos_ptr + cols, mask=cols < col_end, other=0)
                 same = (labels[None, :] == pos[:, None]) & inside
-                p_i += tl.sum(tl.where(same, s2, 0.0), 1) * inv_count
+                p_i += tl.sum(tl.where(same, s2, 0.0), 1) * excl  # (LABELS: excl holds 1 / count)
                 s2 = tl.where(inside, s2, float("-inf"))
             elif special:
                 p_i += tl.sum(tl.where(cols[None, :] == pos[:, None], s2, 0.0), 1)

@@ -101,12 +101,37 @@ def owned_block(x_ptr, n, ld, scale_ptr, inv_t, clamp2, BLOCK: tl.constexpr, BLO
 
 
 @triton.jit
+def owned_rows(u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, SIGMOID: tl.constexpr, LABELS: tl.constexpr):
+    """The row-owned kernels' set-up (the forward and the row-owned backward): owned_block for the rows of u,
+    which rows are inside, their positive and excluded columns and the ranges holds_special takes. LABELS: `pos`
+    holds the rows' labels and `excl` 1 / their counts of positives (positive_weights)."""
+    rows, dd, x, sk2, b2, clamp2, binds = owned_block(u_ptr, M, d, scale_ptr, inv_t, clamp2, BLOCK_M, BLOCK_D,
+                                                      UPCAST, SIGMOID)
+    row_ok = rows < M
+    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
+    if LABELS:
+        excl = positive_weights(excl_ptr, rows, row_ok, scale_ptr.dtype.element_ty)
+    return rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi
+
+
+@triton.jit
 def scores(x, t, sk2, b2, PREC: tl.constexpr, SIGMOID: tl.constexpr):
     """One tile of logits in log2 units, x t^T scaled (and, in SIGMOID mode, the bias added), in sk2's dtype."""
     s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(sk2.dtype) * sk2
     if SIGMOID:
         s2 += b2
     return s2
+
+
+@triton.jit
+def streamed_tile(owned, y_ptr, start, n, ld, dd, sk2, b2, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+                  PREC: tl.constexpr, SIGMOID: tl.constexpr):
+    """The head of every matrix kernel's loop: the indices of the streamed block [start, start + BLOCK) of
+    y (n, ld), its tile (zero rows past n) and the logits of the owned tile against it (scores)."""
+    idx = start + tl.arange(0, BLOCK)
+    tile = operand(load_rows(y_ptr, y_ptr, idx, dd, n, n, ld, ld, False), UPCAST)
+    return idx, tile, scores(owned, tile, sk2, b2, PREC, SIGMOID)
 
 
 @triton.jit
