@@ -10,6 +10,8 @@ the normalisation backward (and, for AdaSSL, the latent backward) of each side.
 - Rows past the end need no mask (their LSE is +inf, so P = 0), and columns past the end add zero rows.
 - SYM (symmetric InfoNCE, kernels/info_nce.py): both matrix kernels also read the column LSEs and form G
   from both directions' softmaxes, so one backward pass serves both losses.
+- The logits' modes (kernels/tiles.py): SIGMOID (SigLIP) has G = sigmoid(L) - I and no LSE, and the row kernel
+  also writes G's row sums per split (dbias); LABELS replaces the onehot by Q_ij = [same label] / count_i.
 - The matrix kernels write fp32 (split, row, d) partials; a finishing kernel per side sums the splits in a
   fixed order (deterministic) and applies grad_loss / M, scale / tau, the normalisation backward and, for
   AdaSSL, the latent backward (all O(M d)).

@@ -5,6 +5,9 @@ kernels/tiles.py. Program (row block, column split) streams its column tiles wit
 writes a partial (max, sum, positive logit); a merge kernel combines the splits. Column splitting lets small
 M fill all SMs; at large M there is one split and the merge is O(M). A tile that holds no positive, no
 excluded and no padding column skips every mask: with 128-row blocks that is all but ~2 tiles per block row.
+The logits' modes (kernels/tiles.py): SIGMOID sums softplus(-z_ij L_ij) per row instead of the online LSE (the
+merge adds the splits' sums); LABELS takes each row's positive term as the mean logit over the columns of its
+label, comparing the label tiles (every tile is masked).
 """
 
 from __future__ import annotations
