@@ -55,6 +55,7 @@ def jobs():
     shipped = shipped_configs()
     own_sym = {(arch, dt, bd, cfg.name.split(f"_sym_{arch}")[0])
                for arch, dt, bd, cfg in shipped if "_sym_" in cfg.name}
+    own_sigmoid = {(arch, dt, bd) for arch, dt, bd, cfg in shipped if cfg.name.startswith("fwd_sigmoid_")}
     for arch, dt, bd, cfg in shipped:
         kind = cfg.name.split(f"_{arch}")[0]
         prec = "tf32"
@@ -65,10 +66,12 @@ def jobs():
         # (symmetric info_nce's SYM variants run with the plain kind's config unless the entry names a
         # "<kind>_sym" config of their own; kernels/configs.py)
         plain_runs_sym = (arch, dt, bd, kind) not in own_sym
+        # (likewise SigLIP's forward: the "fwd" config unless the entry names a "fwd_sigmoid" one)
+        sigmoid_ok = kind != "fwd" or (arch, dt, bd) not in own_sigmoid
         # (an entry with "atomic": False never runs the atomic row kernel)
         atomic = atomic_shipped(arch, dt, bd)
         row_sym = [v for v in _ROW_SYM if atomic or not v[2]["ATOMIC"]]
-        if kind == "fwd":
+        if kind in ("fwd", "fwd_sigmoid"):
             variants = [("_fwd_kernel", "-", {})]
         elif kind == "bwd_row":
             variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False, SYM=False))]
@@ -89,9 +92,13 @@ def jobs():
             plain = dict(BLOCK_D=bd, UPCAST=False, PREC=prec, SIGMOID=False, LABELS=False, **blocks, **extra)
             # the modes of kernels/tiles.py: SigLIP's SIGMOID logits (no clamp, never SYM) and label-defined
             # positives (LABELS, with the clamp: the most registers), each also with fp32 inputs
-            modes = [("", False, dict(plain, CLAMP=False)), ("", True, dict(plain, CLAMP=True))]
-            modes += [] if extra.get("SYM") else [("sigmoid-", False, dict(plain, CLAMP=False, SIGMOID=True))]
-            modes += [("labels-", True, dict(plain, CLAMP=True, LABELS=True))]
+            sigmoid = [("sigmoid-", False, dict(plain, CLAMP=False, SIGMOID=True))]
+            if kind == "fwd_sigmoid":
+                modes = sigmoid
+            else:
+                modes = [("", False, dict(plain, CLAMP=False)), ("", True, dict(plain, CLAMP=True))]
+                modes += sigmoid if sigmoid_ok and not extra.get("SYM") else []
+                modes += [("labels-", True, dict(plain, CLAMP=True, LABELS=True))]
             for mode, clamp, consts in modes:
                 name = f"{mode}{label}{'-clamp' if clamp else ''}"
                 out.append(dict(base, kernel=kernel, variant=name, constexprs=consts))

@@ -150,6 +150,7 @@ def forward_core(rows: RowSource, cols: RowSource, logits: Logits, *, normalize=
     u, _, reg, v, _ = normalize_rows(rows, cols, stat, normalize)
     lse = empty(rows.rows, stat, device)
     loss_part = empty(cdiv(rows.rows, MERGE_BLOCK), stat, device)
-    row_lse(u, v, logits, lse, loss_part, rows.rows, config or pick_config("fwd", device, dtype, rows.width),
+    kind = "fwd_sigmoid" if logits.sigmoid else "fwd"
+    row_lse(u, v, logits, lse, loss_part, rows.rows, config or pick_config(kind, device, dtype, rows.width),
             num_splits)
     return loss_part.sum(), lse, reg
