@@ -91,7 +91,9 @@ def jobs():
                 blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
             plain = dict(BLOCK_D=bd, UPCAST=False, PREC=prec, SIGMOID=False, LABELS=False, **blocks, **extra)
             # the modes of kernels/tiles.py: SigLIP's SIGMOID logits (no clamp, never SYM) and label-defined
-            # positives (LABELS, with the clamp: the most registers), each also with fp32 inputs
+            # positives (LABELS, with the clamp: the most registers). Their fp32-input (fp16 operand) twins are
+            # left out: on 2026-12-03 each of the 93 compiled to the registers and shared memory of its bf16 job
+            # (all 464 jobs passed), and they would add ~1.5 min to this test
             sigmoid = [("sigmoid-", False, dict(plain, CLAMP=False, SIGMOID=True))]
             if kind == "fwd_sigmoid":
                 modes = sigmoid
@@ -102,9 +104,8 @@ def jobs():
             for mode, clamp, consts in modes:
                 name = f"{mode}{label}{'-clamp' if clamp else ''}"
                 out.append(dict(base, kernel=kernel, variant=name, constexprs=consts))
-                # fp32 inputs stream fp16 operands through the same shapes (plain: with the clamp, the most
-                # registers)
-                if mode or clamp:
+                # fp32 inputs stream fp16 operands through the same shapes (with the clamp: the most registers)
+                if clamp and not mode:
                     out.append(dict(base, **F32_INPUTS, kernel=kernel, variant=f"{name}-f32in", constexprs=consts))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
     # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
