@@ -66,6 +66,7 @@ import datetime
 import math
 import os
 import struct
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from adassl_fast import _checks
-from adassl_fast._library import unsupported_backward
+from adassl_fast._library import define_loss
 from adassl_fast.core import nt_xent_backward_op, nt_xent_forward_op
 from adassl_fast.indices import diagonal_indices, partner_indices
 from adassl_fast.torch_backend import edited_rows, nt_xent_backward, nt_xent_forward, prologue_backward, siglip_blocks
@@ -342,33 +343,36 @@ def _block_backward(plan, p, weight, rows, cols, pos, excl, scale, lse, positive
                                plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
 
 
+def _gather_indices(plan, p):
+    """(pos, excl) of problem p's rows among every rank's columns, and the offset of this rank's block."""
+    off = _offsets(plan.sizes[p.cols])[plan.comm.rank]
+    return _shift(p.pos, off), _shift(p.excl, off), off
+
+
 def _forward_gather(plan, scale, tensors):
     comm = plan.comm
     gathered = {c: _gather_rows(comm, tensors[c], plan.sizes[c]) for c in plan.col_tensors}
     last_stats.update(schedule="gather", column_bytes=sum(g.numel() * g.element_size() for g in gathered.values()))
-    total, lses, idx = None, [], []
+    total, lses = None, []
     for p in plan.problems:
-        off = _offsets(plan.sizes[p.cols])[comm.rank]
-        pos, excl = _shift(p.pos, off), _shift(p.excl, off)
+        pos, excl, off = _gather_indices(plan, p)
         summed, lse = _block_forward(plan, p, tensors[p.rows], gathered[p.cols], pos, excl, scale, off)
         part = summed * p.coef
         total = part if total is None else total + part
         lses.append(lse)
-        idx.append((pos, excl))
-    return total, lses, (gathered, idx)
+    return total, lses, gathered
 
 
-def _backward_gather(plan, scale, tensors, lses, saved, grad_out):
+def _backward_gather(plan, scale, tensors, lses, gathered, grad_out):
     comm = plan.comm
-    gathered, idx = saved
     acc = lses[0].dtype
     grads = [None] * len(tensors)
     col_grads = {}
     dscale = torch.zeros((), dtype=scale.dtype, device=scale.device)
     add = lambda cur, g: g.to(acc) if cur is None else cur + g
-    for p, lse, (pos, excl) in zip(plan.problems, lses, idx, strict=True):
+    for p, lse in zip(plan.problems, lses, strict=True):
         g = grad_out.to(acc) * (comm.world * p.coef)
-        off = _offsets(plan.sizes[p.cols])[comm.rank]
+        pos, excl, off = _gather_indices(plan, p)
         drows, dcols, ds = _block_backward(plan, p, g, tensors[p.rows], gathered[p.cols], pos, excl, scale, lse,
                                            off)
         grads[p.rows] = add(grads[p.rows], drows)
@@ -426,7 +430,7 @@ def _forward_ring(plan, scale, tensors):
     for j, p in enumerate(plan.problems):
         part = (lses[j].sum() - positives[j]) * p.coef
         total = part if total is None else total + part
-    return total, lses, None
+    return total, lses
 
 
 def _backward_ring(plan, scale, tensors, lses, grad_out):
@@ -482,53 +486,186 @@ def _backward_ring(plan, scale, tensors, lses, grad_out):
     return grads, dscale
 
 
-def _refuse_double_backward(op: str) -> None:
-    """With grad mode on in backward (create_graph=True) the analytic backward would be differentiated as a
-    constant: refuse instead of returning wrong second-order gradients."""
-    if torch.is_grad_enabled():
-        raise unsupported_backward(op, "with process_group (the distributed backward is not differentiable)")
+def _schedule_forward(plan, scale, tensors):
+    """(this rank's share of the global loss, the row LSEs (P, M_r) of the plan's P problems (SigLIP: the block
+    sums, (P,)), the gather schedule's gathered row and column tensors (empty (0,) tensors on the ring and for
+    a tensor that is no problem's columns))."""
+    if plan.comm.schedule == "ring":
+        (local, lses), gathered = _forward_ring(plan, scale, tensors), {}
+    else:
+        local, lses, gathered = _forward_gather(plan, scale, tensors)
+    kept = tuple(gathered[t] if t in gathered else tensors[t].new_empty(0) for t in range(len(tensors)))
+    return local, torch.stack(lses), kept
 
 
-class _DistributedContrastive(torch.autograd.Function):
-    """Global loss of the plan's problems; gradients world_size x the global ones for the local rows."""
-
-    @staticmethod
-    def forward(ctx, plan, scale, *tensors):
-        ring = plan.comm.schedule == "ring"
-        local, lses, saved = (_forward_ring if ring else _forward_gather)(plan, scale, tensors)
-        total = plan.comm.all_reduce(local, "the loss all-reduce")
-        ctx.plan = plan
-        ctx.saved = saved
-        ctx.save_for_backward(scale, *tensors, *lses)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        plan = ctx.plan
-        _refuse_double_backward(plan.comm.op)
-        scale, *rest = ctx.saved_tensors
-        n = len(rest) - len(plan.problems)
-        tensors, lses = rest[:n], rest[n:]
-        if plan.comm.schedule == "ring":
-            grads, dscale = _backward_ring(plan, scale, tensors, lses, grad_out)
-        else:
-            grads, dscale = _backward_gather(plan, scale, tensors, lses, ctx.saved, grad_out)
-        ctx.saved = None
-        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors, strict=True)]
-        return (None, dscale if ctx.needs_input_grad[1] else None, *grads)
+def _schedule_backward(plan, scale, tensors, lse, kept, grad_out):
+    """(gradients of the row and column tensors in the accumulation dtype, dscale): world_size x the global
+    loss's gradients (DDP's averaging then gives the single-process ones)."""
+    lses = list(lse.unbind(0))
+    if plan.comm.schedule == "ring":
+        return _backward_ring(plan, scale, tensors, lses, grad_out)
+    return _backward_gather(plan, scale, tensors, lses, {c: kept[c] for c in plan.col_tensors}, grad_out)
 
 
-class _GlobalSum(torch.autograd.Function):
-    """all_reduce(x) forward; world_size x grad backward (DDP averaging then gives the global gradient)."""
+# ----------------------------------------------------------------------------------------------------
+# The ops: one torch.library op per loss, generated by `_library.define_loss` like every other loss, with the
+# schedule as its body. The process group travels as its name (`_GROUPS`, filled by the functional layer
+# below), everything else the schedule needs as the op's arguments: the plan is rebuilt from them in the
+# forward and again in the backward.
 
-    @staticmethod
-    def forward(ctx, comm, x):
-        ctx.world = comm.world
-        return comm.all_reduce(x, "the regulariser all-reduce")
+# group name -> the live group (weak: a destroyed group leaves the table with its last reference)
+_GROUPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad * ctx.world
+# every distributed op's first options (the group's name, every rank's row count, the schedule, the timeout)
+_COMM_OPTIONS = "str group, int[] sizes, str schedule, float? timeout"
+# the gather schedule's gathered rows and columns, saved for its backward (empty (0,) tensors on the ring)
+_KEPT = ("gathered_rows", "gathered_cols")
+_NOT_DIFFERENTIABLE = "with process_group (the distributed schedules have only the analytic first-order backward)"
+
+
+def _comm_of(op: str, group: str, schedule: str, timeout: float | None) -> _Comm:
+    pg = _GROUPS[group]
+    return _Comm(op, pg, dist.get_rank(pg), dist.get_world_size(pg), schedule, timeout)
+
+
+def _kept_fake(rows, cols, sizes, schedule, rows_gathered=False, factor=1):
+    """Fakes of `_KEPT`: every rank's rows of the gathered tensors (factor x the counts in `sizes`)."""
+    gathered = lambda t, on: t.new_empty((factor * sum(sizes), t.shape[1]) if on and schedule == "gather" else (0,))
+    return gathered(rows, rows_gathered), gathered(cols, True)
+
+
+def _contrastive_ops(name, public, tensors, options, plan_of, lse_shape, kept_fake):
+    """The distributed op of a loss over one row and one column tensor; plan_of(*op arguments) ->
+    (plan, scale, (rows, cols))."""
+    n = len(tensors)
+
+    def forward(*args):
+        plan, scale, local_tensors = plan_of(*args)
+        local, lse, kept = _schedule_forward(plan, scale, local_tensors)
+        return plan.comm.all_reduce(local, "the loss all-reduce"), lse, *kept
+
+    def backward(grad_loss, *args):
+        (lse, *kept), rest = args[n:n + 1 + len(_KEPT)], args[:n] + args[n + 1 + len(_KEPT):]
+        plan, scale, local_tensors = plan_of(*rest)
+        grads, dscale = _schedule_backward(plan, scale, local_tensors, lse, kept, grad_loss)
+        return *(g.to(t.dtype) for g, t in zip(grads, local_tensors, strict=True)), dscale
+
+    return define_loss(name, tensors=tensors, graded=(tensors[0], tensors[1], tensors[2]),
+                       options=f"{_COMM_OPTIONS}, {options}", losses=("loss",), lse_shape=lse_shape, reference=None,
+                       public=public, body=(forward, backward), saved=_KEPT, saved_fake=kept_fake,
+                       not_differentiable=_NOT_DIFFERENTIABLE)
+
+
+def _nt_xent_plan(cont, targ, scale, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic):
+    pos, excl = partner_indices(cont.shape[0], cont.device)
+    plan = _Plan(_comm_of("nt_xent", group, schedule, timeout), [sizes, sizes],
+                 [_Problem(0, 1, pos, excl, 1.0 / sum(sizes))], inv_temperature, clamp, impl, deterministic)
+    return plan, scale, (cont, targ)
+
+
+def _info_nce_plan(query, key, scale, labels, group, sizes, schedule, timeout, inv_temperature, clamp, symmetric,
+                   impl, deterministic):
+    comm = _comm_of("info_nce", group, schedule, timeout)
+    pos, excl = diagonal_indices(query.shape[0], query.device)
+    extra = {}
+    if labels.numel():  # every rank's labels in rank order: each block's column labels are a slice of them
+        pos = excl = torch.full_like(pos, -1)
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        off = _offsets(sizes)[comm.rank]
+        extra = dict(labels=labels, label_counts=counts[inverse[off : off + query.shape[0]]])
+    weight = (0.5 if symmetric else 1.0) / sum(sizes)
+    problems = [_Problem(0, 1, pos, excl, weight)] + ([_Problem(1, 0, pos, excl, weight)] if symmetric else [])
+    plan = _Plan(comm, [sizes, sizes], problems, inv_temperature, clamp, impl, deterministic, **extra)
+    return plan, scale, (query, key)
+
+
+def _siglip_plan(query, key, params, group, sizes, schedule, timeout, normalize, impl, deterministic):
+    pos, excl = diagonal_indices(query.shape[0], query.device)
+    plan = _Plan(_comm_of("siglip", group, schedule, timeout), [sizes, sizes],
+                 [_Problem(0, 1, pos, excl, 1.0 / sum(sizes))], 1.0, None, impl, deterministic,
+                 siglip_normalize=normalize)
+    return plan, params, (query, key)
+
+
+# -> (loss, lse (1, M_r), gathered rows, gathered cols); the backward -> (dcont, dtarg, dscale)
+_nt_xent_ops = _contrastive_ops(
+    "distributed_nt_xent", "nt_xent", ("cont", "targ", "scale"), "float inv_temperature, float? clamp", _nt_xent_plan,
+    lse_shape=lambda cont, *_: (1, cont.shape[0]),
+    kept_fake=lambda cont, targ, scale, group, sizes, schedule, *_: _kept_fake(cont, targ, sizes, schedule))
+# labels: every rank's labels in rank order (N_global,) int64, or an empty (0,) tensor for diagonal positives;
+# -> (loss, lse (2, N_r) symmetric, else (1, N_r), gathered query (symmetric), gathered key)
+_info_nce_ops = _contrastive_ops(
+    "distributed_info_nce", "info_nce", ("query", "key", "scale", "labels"),
+    "float inv_temperature, float? clamp, bool symmetric", _info_nce_plan,
+    lse_shape=lambda query, *args: (1 + args[9], query.shape[0]),
+    kept_fake=lambda query, key, scale, labels, group, sizes, schedule, timeout, inv_t, clamp, symmetric, *_:
+        _kept_fake(query, key, sizes, schedule, rows_gathered=symmetric))
+# params = (scale, bias) (2,); -> (loss, the block sums (1,), gathered query (empty), gathered key)
+_siglip_ops = _contrastive_ops(
+    "distributed_siglip", "siglip", ("query", "key", "params"), "bool normalize", _siglip_plan,
+    lse_shape=lambda query, *_: (1,),
+    kept_fake=lambda query, key, params, group, sizes, schedule, *_: _kept_fake(query, key, sizes, schedule))
+
+
+def _adassl_plan(emb_x, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic) -> _Plan:
+    """The nt_xent problem over the edited rows: 2 B_r rows per rank (`sizes` counts B_r)."""
+    m_sizes = [2 * b for b in sizes]
+    pos, excl = partner_indices(2 * emb_x.shape[0], emb_x.device)
+    return _Plan(_comm_of("adassl_nt_xent", group, schedule, timeout), [m_sizes, m_sizes],
+                 [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))], inv_temperature, clamp, impl, deterministic)
+
+
+def _edited(latent, variant):
+    """The torch backend's latent prologue on the local rows: (cont, targ) in the input dtype, the mean
+    regulariser (R_xy + R_yx) / 2 B_r in the accumulation dtype."""
+    cont, targ, reg_mean = edited_rows(*latent, variant)
+    return (cont.to(latent[0].dtype), targ.to(latent[0].dtype)), reg_mean
+
+
+def _adassl_forward(*args):
+    latent, scale, (group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic) = (
+        args[:8], args[8], args[9:])
+    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic)
+    edited, reg_mean = _edited(latent, variant)
+    local, lse, kept = _schedule_forward(plan, scale, edited)
+    # l_reg = the sum over every rank's rows of R / 2 B: one all-reduce carries both losses
+    shares = torch.stack([local, reg_mean * (latent[0].shape[0] / sum(sizes))])
+    l_ssl, l_reg = plan.comm.all_reduce(shares, "the loss all-reduce")
+    return l_ssl.clone(), l_reg.clone(), lse, *kept  # (an op's outputs may not alias each other)
+
+
+def _adassl_backward(grad_ssl, grad_reg, *args):
+    latent, scale, lse, kept = args[:8], args[8], args[9], args[10:12]
+    group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic = args[12:]
+    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic)
+    edited, _ = _edited(latent, variant)  # formed again (O(B d)), as the single-process torch backward does
+    (dcont, dtarg), dscale = _schedule_backward(plan, scale, edited, lse, kept, grad_ssl)
+    reg_weight = grad_reg.to(dcont.dtype) * (plan.comm.world / (2 * sum(sizes)))  # world x d l_reg / d R_sum
+    return *prologue_backward(dcont, dtarg, reg_weight, *latent, variant), dscale
+
+
+# The AdaSSL op's tensors and gradients (adassl_fast/adassl.py), the latent prologue inside the body;
+# -> (l_ssl, l_reg, lse (1, 2 B_r), gathered rows (empty), gathered targ)
+_adassl_ops = define_loss(
+    "distributed_adassl",
+    tensors=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "noise_xy", "noise_yx", "scale"),
+    graded=("emb_x", "emb_y", "post_xy", "post_yx", "prior_xy", "prior_yx", "scale"),
+    options=f"{_COMM_OPTIONS}, float inv_temperature, float? clamp, str variant",
+    losses=("ssl", "reg"),
+    lse_shape=lambda emb_x, *_: (1, 2 * emb_x.shape[0]),
+    reference=None,
+    reference_only=("noise_xy", "noise_yx"),
+    public="adassl_nt_xent",
+    body=(_adassl_forward, _adassl_backward),
+    saved=_KEPT,
+    saved_fake=lambda emb_x, emb_y, *args: _kept_fake(emb_x, emb_x, args[8], args[9], factor=2),
+    not_differentiable=_NOT_DIFFERENTIABLE,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The functional layer (inputs already validated by the functional forms; lam is a 0-dim accumulation-dtype
+# tensor): the metadata agreement (a collective of its own, before any op), then one op call.
 
 
 def _comm(op, process_group, schedule, timeout) -> _Comm:
@@ -538,8 +675,10 @@ def _comm(op, process_group, schedule, timeout) -> _Comm:
                  resolve_schedule(schedule), resolve_timeout(timeout))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The three ops (inputs already validated by the functional forms; lam is a 0-dim accumulation-dtype tensor).
+def _op_options(comm: _Comm, sizes: list[int]) -> tuple:
+    """The ops' first options; registers the group under its name for the op's body."""
+    _GROUPS[comm.group.group_name] = comm.group
+    return comm.group.group_name, sizes, comm.schedule, comm.timeout
 
 
 def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group, *, schedule=None,
@@ -548,10 +687,8 @@ def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_gr
     comm = _comm("nt_xent", process_group, schedule, timeout)
     options = [("temperature", float(temperature)), ("clamp", clamp)]
     (m_sizes,) = _metadata(comm, cont.device, cont.dtype, cont.shape[1], options, [("the rows of cont", cont.shape[0])])
-    pos, excl = partner_indices(cont.shape[0], cont.device)
-    problem = _Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))
-    plan = _Plan(comm, [m_sizes, m_sizes], [problem], 1.0 / temperature, clamp, impl, deterministic)
-    return _DistributedContrastive.apply(plan, lam, cont, targ)
+    return _nt_xent_ops.forward(cont, targ, lam, *_op_options(comm, m_sizes), 1.0 / temperature, clamp,
+                                _kernel_impl(impl), deterministic)[0]
 
 
 def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group, *, schedule=None,
@@ -563,67 +700,25 @@ def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic
                ("labels given", labels is not None)]
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], options,
                            [("the rows of query", query.shape[0])])
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    extra = {}
-    if labels is not None:  # O(N) integers travel once: each block's column labels are a slice of them
-        pos = excl = torch.full_like(pos, -1)
-        every = _gather_rows(comm, labels.view(-1, 1), n_sizes).view(-1)
-        _, inverse, counts = torch.unique(every, return_inverse=True, return_counts=True)
-        off = _offsets(n_sizes)[comm.rank]
-        extra = dict(labels=every, label_counts=counts[inverse[off : off + query.shape[0]]])
-    weight = (0.5 if symmetric else 1.0) / sum(n_sizes)
-    problems = [_Problem(0, 1, pos, excl, weight)]
-    if symmetric:
-        problems.append(_Problem(1, 0, pos, excl, weight))
-    plan = _Plan(comm, [n_sizes, n_sizes], problems, 1.0 / temperature, clamp, impl, deterministic, **extra)
-    return _DistributedContrastive.apply(plan, lam, query, key)
-
-
-class _EditedRows(torch.autograd.Function):
-    """The AdaSSL latent prologue on the local rows: -> (cont, targ, R_xy_sum + R_yx_sum), with the torch
-    backend's analytic backward (straight-through mask for "s").
-
-    A Function of its own because the ring needs the edited rows themselves (they travel between ranks and
-    each block is one core op call), and no registered op returns them: the AdaSSL op's fused backends form
-    them in registers and never write them out. It runs the torch prologue whatever `impl` is (O(B d)
-    elementwise work, against the core's O(M^2 d)); the core calls on the edited rows honour `impl`.
-    """
-
-    @staticmethod
-    def forward(ctx, variant, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx):
-        cont, targ, reg_mean = edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
-                                           variant)
-        ctx.variant = variant
-        ctx.save_for_backward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx)
-        return cont.to(emb_x.dtype), targ.to(emb_x.dtype), reg_mean * (2 * emb_x.shape[0])
-
-    @staticmethod
-    def backward(ctx, dcont, dtarg, dreg):
-        _refuse_double_backward("adassl_nt_xent")
-        if ctx.needs_input_grad[7] or ctx.needs_input_grad[8]:
-            raise unsupported_backward("adassl_nt_xent", "with process_group", "a gradient for noise_xy / noise_yx")
-        emb_x, *rest = ctx.saved_tensors
-        acc = _checks.accumulation_dtype(emb_x.dtype)
-        grads = prologue_backward(dcont.to(acc), dtarg.to(acc), dreg.to(acc), emb_x, *rest, ctx.variant)
-        return None, *grads, None, None
+    # O(N) integers travel once, here: each block's column labels are a slice of them
+    every = query.new_empty(0, dtype=torch.int64) if labels is None else _gather_rows(comm, labels.view(-1, 1),
+                                                                                      n_sizes).view(-1)
+    return _info_nce_ops.forward(query, key, lam, every, *_op_options(comm, n_sizes), 1.0 / temperature, clamp,
+                                 bool(symmetric), _kernel_impl(impl), deterministic)[0]
 
 
 def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, temperature, clamp,
                    variant, impl, deterministic, process_group, *, schedule=None, timeout=None):
-    """Distributed one-pass AdaSSL: the latent prologue on local rows, the distributed nt_xent core on the
-    edited rows, l_reg the global mean. Returns (l_ssl, l_reg), both the global values on every rank."""
+    """Distributed one-pass AdaSSL: the latent prologue on local rows (the torch backend's, whatever `impl`:
+    see the module docstring), the distributed nt_xent core on the edited rows, l_reg the global mean. Returns
+    (l_ssl, l_reg), both the global values on every rank."""
     comm = _comm("adassl_nt_xent", process_group, schedule, timeout)
     options = [("temperature", float(temperature)), ("clamp", clamp), ("the variant", "vs".index(variant))]
     (b_sizes,) = _metadata(comm, emb_x.device, emb_x.dtype, emb_x.shape[1], options,
                            [("the rows of emb_x", emb_x.shape[0])])
-    cont, targ, reg_sum = _EditedRows.apply(variant, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
-                                            noise_yx)
-    pos, excl = partner_indices(cont.shape[0], cont.device)
-    m_sizes = [2 * b for b in b_sizes]
-    plan = _Plan(comm, [m_sizes, m_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))],
-                 1.0 / temperature, clamp, impl, deterministic)
-    l_ssl = _DistributedContrastive.apply(plan, lam, cont, targ)
-    l_reg = _GlobalSum.apply(comm, reg_sum / (2 * sum(b_sizes)))
+    l_ssl, l_reg, *_ = _adassl_ops.forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
+                                           lam, *_op_options(comm, b_sizes), 1.0 / temperature, clamp, variant,
+                                           _kernel_impl(impl), deterministic)
     return l_ssl, l_reg
 
 
@@ -633,7 +728,5 @@ def siglip(query, key, params, normalize, impl, process_group, *, schedule=None,
     comm = _comm("siglip", process_group, schedule, timeout)
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], [("normalize", bool(normalize))],
                            [("the rows of query", query.shape[0])])
-    pos, excl = diagonal_indices(query.shape[0], query.device)
-    plan = _Plan(comm, [n_sizes, n_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(n_sizes))], 1.0, None, impl, True,
-                 siglip_normalize=normalize)
-    return _DistributedContrastive.apply(plan, params, query, key)
+    return _siglip_ops.forward(query, key, params, *_op_options(comm, n_sizes), bool(normalize), _kernel_impl(impl),
+                               True)[0]
