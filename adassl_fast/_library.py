@@ -102,6 +102,7 @@ def define_loss(
             backends' ops itself (the distributed schedules communicate between their per-block core calls).
         saved: names of tensors the forward returns after the LSE for its backward, which takes them after
             `lse` (the gather schedule's gathered columns); `saved_fake` (the forward's inputs) -> their fakes.
+            Not with a one-pass op (`stash_backward`).
         not_differentiable: with `reference=None`, the phrase naming where the backward cannot be
             differentiated, for the refusal of a double backward or of a gradient for `reference_only`.
     """

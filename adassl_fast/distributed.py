@@ -612,7 +612,8 @@ nt_xent_ops = _contrastive_ops(
 info_nce_ops = _contrastive_ops(
     "distributed_info_nce", "info_nce", ("query", "key", "scale", "labels"),
     "float inv_temperature, float? clamp, bool symmetric", _info_nce_plan,
-    lse_shape=lambda query, *args: (1 + args[9], query.shape[0]),
+    lse_shape=lambda query, key, scale, labels, group, sizes, schedule, timeout, inv_t, clamp, symmetric, *_:
+        (1 + symmetric, query.shape[0]),
     kept_fake=lambda query, key, scale, labels, group, sizes, schedule, timeout, inv_t, clamp, symmetric, *_:
         _kept_fake(query, key, sizes, schedule, rows_gathered=symmetric))
 # params = (scale, bias) (2,); -> (loss, the block sums (1,), gathered query (empty), gathered key)
@@ -673,7 +674,8 @@ adassl_ops = define_loss(
     public="adassl_nt_xent",
     body=(_adassl_forward, _adassl_backward),
     saved=_KEPT,
-    saved_fake=lambda emb_x, emb_y, *args: _kept_fake(emb_x, emb_x, args[8], args[9], factor=2),
+    saved_fake=lambda emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, group, sizes,
+        schedule, *_: _kept_fake(emb_x, emb_y, sizes, schedule, factor=2),
     not_differentiable=_NOT_DIFFERENTIABLE,
 )
 
