@@ -70,8 +70,8 @@ positives run the torch backend's block functions whatever `impl` is (no other b
 `prologue_backward` in the op's backward) on the local rows whatever `impl` is, inside the op, and the core
 blocks on the edited rows with `impl`. The ring needs the edited rows themselves: they travel between the
 ranks and each block is one core call. The Triton and CUDA AdaSSL kernels form them in registers inside
-their one-pass op and never write them out (Triton writes only the normalised rows, rounded to the operand
-dtype), so neither backend has a prologue that could feed the schedule. The prologue is O(B d) elementwise
+their one-pass op and write only the normalised rows (in the operand dtype), so neither backend has a
+prologue that could feed the schedule. The prologue is O(B d) elementwise
 work against the core's O(M^2 d) per rank.
 """
 
