@@ -86,10 +86,8 @@ def test_matches_reference_float64(N, d, classes, clamp, deterministic, num_spli
                                  grad=0.6)
     r_loss, r_dq, r_dk, r_ds = _reference(query, key, labels, scale, 0.2, clamp, symmetric, grad=0.6)
     assert loss.dtype == F64 and lse.shape == ((2, N) if symmetric else (N,)) and ds.dim() == 0
-    _close(loss, r_loss, 1e-12, "loss")
-    _close(dq, r_dq, 1e-12, "dquery")
-    _close(dk, r_dk, 1e-12, "dkey")
-    _close(ds, r_ds, 1e-12, "dscale")
+    for got, want, what in ((loss, r_loss, "loss"), (dq, r_dq, "dquery"), (dk, r_dk, "dkey"), (ds, r_ds, "dscale")):
+        _close(got, want, 1e-12, what)
 
 
 @pytest.mark.slow
