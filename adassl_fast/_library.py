@@ -281,7 +281,7 @@ def _entry_points(module) -> Backend:
 def _triton_backend() -> Backend:
     """kernels/'s entry points, given the index vectors they take as arguments (kernels/ imports nothing of
     the library)."""
-    from adassl_fast.kernels import adassl, info_nce, nt_xent
+    from adassl_fast.kernels import adassl, info_nce, nt_xent, siglip
 
     def info_nce_forward(query, *args):
         return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
@@ -296,5 +296,12 @@ def _triton_backend() -> Backend:
         return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
                                       indices=partner_indices(2 * len(emb_x), emb_x.device))
 
+    def siglip_forward(query, *args):
+        return siglip.siglip_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+
+    def siglip_backward(grad_loss, query, *args):
+        return siglip.siglip_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+
     return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
-                   adassl_forward, adassl_backward)
+                   adassl_forward, adassl_backward, siglip_forward, siglip_backward, info_nce.labelled_forward,
+                   info_nce.labelled_backward, info_nce.labelled_info_nce_forward, info_nce.labelled_info_nce_backward)

@@ -85,8 +85,8 @@ def _labelled_reference(symmetric):
 
 
 # Label-defined positives: one-directional -> (loss, lse (N,)) (and the torch backend's one-pass training op, as
-# the core's), symmetric -> (loss, lse (2, N)); the backwards -> (dquery, dkey, dscale). Torch backend only.
-LABELLED_IMPLS = ("reference", "torch")
+# the core's), symmetric -> (loss, lse (2, N)); the backwards -> (dquery, dkey, dscale). Torch and Triton backends.
+LABELLED_IMPLS = ("reference", "torch", "triton")
 _labelled_ops = {
     symmetric: define_loss(
         name,
@@ -129,7 +129,8 @@ def info_nce(
     """InfoNCE over the N x N cosine similarities of `query` (N, d) and `key` (N, d).
 
     Row i's positive is key i; with `labels` (N,) integers, the keys j with labels[j] == labels[i]:
-    loss_i = logsumexp_j S_ij - mean over those j of S_ij (reference and torch backends; "auto" takes torch).
+    loss_i = logsumexp_j S_ij - mean over those j of S_ij (reference, torch and triton backends; "auto" never
+    takes cuda).
     `symmetric=True` averages the query->key and key->query cross-entropies.
     Normalisation, `scale`, `clamp`, `impl`, `process_group`, `schedule` and `timeout` follow `nt_xent`.
     Returns a 0-dim float32 loss (float64 for float64 inputs).

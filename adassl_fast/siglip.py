@@ -4,7 +4,8 @@
 
 (docs/spec.md 2.11, 3.7). No row statistic links the entries, so the torch backend forms the loss and every
 gradient in one pass over row blocks (`torch_backend.siglip_blocks`), holding O(N d) memory. The op takes
-scale and bias as one (2,) tensor `params`; the fused backends (Triton, CUDA) have no SigLIP kernels yet.
+scale and bias as one (2,) tensor `params`. The Triton backend runs it through the shared fused core (its SIGMOID
+logits, adassl_fast/kernels/siglip.py); the CUDA backend has no SigLIP kernels (BackendUnavailable).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from adassl_fast.core import trains_in_one_pass
 from adassl_fast.torch_backend import NORM_EPS
 
 # The backends with SigLIP entry points (`_library.Backend.siglip_forward`).
-SIGLIP_IMPLS = ("reference", "torch")
+SIGLIP_IMPLS = ("reference", "torch", "triton")
 
 
 def siglip_reference(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: bool = True) -> Tensor:

@@ -16,7 +16,8 @@
 # expression, default "gpu or triton or cuda"), BENCH_ARGS (replaces the benchmark's arguments, for a short rerun),
 # TUNE=1 with TUNE_ARGS / TUNE_S (first measure block configurations with bench/tune_triton.py; its table then
 # feeds the benchmark; off by default: the shipped table holds the last measurement and the lease is short),
-# SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?).
+# SKIP_OVERHEAD=1, OVERHEAD_ARGS (bench/launch_overhead.py: is small M launch-bound?), FAMILY_ARGS (replaces the
+# loss-family rows' benchmark arguments: SigLIP and labelled InfoNCE beside info_nce).
 #
 # How the package is imported: `pip install --no-deps --no-build-isolation --no-index --target $SITE .` (a
 # non-editable install, as a user's: the CUDA backend builds from the adassl_fast/csrc sources the wheel
@@ -192,10 +193,41 @@ else
            --sizes-for triton_mma_sync=32768,65536 --sizes-for cuda_wgmma=8192,32768,65536
            --err-max-m 8192 --budget-s 0.5)
 fi
-BENCH_S=$(clip 600 40)  # the worker is stopped at the deadline + 30 s; SIGTERM still writes the rows
+FAMILIES_S=90  # kept for the loss families' rows below
+[ "$DRY" = 1 ] && FAMILIES_S=60
+BENCH_S=$(clip 600 $((40 + FAMILIES_S)))  # the worker is stopped at the deadline + 30 s; SIGTERM still writes the rows
 DEADLINE_S=$((BENCH_S - 45)); [ "$DEADLINE_S" -lt $((BENCH_S / 2)) ] && DEADLINE_S=$((BENCH_S / 2))
 step bench "$BENCH_S" "$PY" -m adassl_fast bench "${BENCH[@]}" --deadline-s "$DEADLINE_S" --grace-s 30 \
     --no-progress --out "$OUT"
+
+# --- the loss families beside info_nce: SigLIP and label-defined positives ("supcon": info_nce with labels=), the
+# Triton path at N = 32768 and 65536; their rows join rows.json (merged, so the file count stays within 8) -------
+if [ "$DRY" = 1 ]; then
+    FAMILIES=(--device cpu --op siglip,supcon --impl triton,torch --M 64 --d 32 --dtype fp32 --phase full
+              --err-max-m 64 --budget-s 0.2 --min-reps 2 --interpret-max-m 64 --isolate run)
+else
+    read -r -a FAMILIES <<< "${FAMILY_ARGS:---op siglip,supcon,info_nce --impl triton --M 32768,65536 --d 128 --dtype bf16 --phase full --err-max-m 0 --budget-s 0.5}"
+fi
+FAM_DIR=$(mktemp -d /tmp/adassl_families.XXXXXX)
+export FAM_DIR
+merge_families() {
+    [ -f "$FAM_DIR/rows.json" ] || { echo "no loss-family rows"; return 1; }
+    "$PY" - "$OUT" "$FAM_DIR" <<'EOF_MERGE'
+import json, sys
+from pathlib import Path
+from adassl_fast.apps.benchmark import write_rows
+out, fam = Path(sys.argv[1]), Path(sys.argv[2])
+rows = json.loads((out / "rows.json").read_text()) if (out / "rows.json").exists() else []
+extra = json.loads((fam / "rows.json").read_text())
+write_rows(rows + extra, out)
+print(f"merged {len(extra)} loss-family rows into {out / 'rows.json'}")
+EOF_MERGE
+}
+FAM_S=$(clip "$FAMILIES_S" 10)
+step families "$FAM_S" "$PY" -m adassl_fast bench "${FAMILIES[@]}" --deadline-s $((FAM_S * 2 / 3)) --grace-s 10 \
+    --no-progress --out "$FAM_DIR"
+step merge 30 merge_families
+rm -rf "$FAM_DIR"
 
 # --- small M: launch-bound or not (host enqueue vs GPU vs CUDA-graph time; printed to the log only) ------------
 if [ "$DRY" = 0 ] && [ "${SKIP_OVERHEAD:-0}" != 1 ]; then

@@ -33,7 +33,7 @@ F32_INPUTS = dict(dtype="fp32", operand="fp16")
 _PTRS = {
     "part_ptr": "S", "dsc_ptr": "S", "dv_ptr": "S", "rinv_ptr": "S", "cinv_ptr": "S", "lse_ptr": "S", "lsec_ptr": "S",
     "scale_ptr": "S", "grad_ptr": "S", "greg_ptr": "S", "inv_ptr": "S", "reg_ptr": "S", "loss_ptr": "S",
-    "pos_ptr": "i64", "excl_ptr": "i64", "vinv_ptr": "S", "cpart_ptr": "S",
+    "pos_ptr": "i64", "excl_ptr": "i64", "vinv_ptr": "S", "cpart_ptr": "S", "gsum_ptr": "S",
 }
 _X = {"emb_a", "emb_b", "post_a", "post_b", "prior_a", "prior_b", "noise_a", "noise_b", "u_ptr", "v_ptr",
       "out_ptr", "dst_a", "dst_b", "dpost_a", "dpost_b", "dprior_a", "dprior_b", "vout_ptr", "targ_a", "targ_b",
@@ -55,6 +55,7 @@ def jobs():
     shipped = shipped_configs()
     own_sym = {(arch, dt, bd, cfg.name.split(f"_sym_{arch}")[0])
                for arch, dt, bd, cfg in shipped if "_sym_" in cfg.name}
+    own_sigmoid = {(arch, dt, bd) for arch, dt, bd, cfg in shipped if cfg.name.startswith("fwd_sigmoid_")}
     for arch, dt, bd, cfg in shipped:
         kind = cfg.name.split(f"_{arch}")[0]
         prec = "tf32"
@@ -65,10 +66,12 @@ def jobs():
         # (symmetric info_nce's SYM variants run with the plain kind's config unless the entry names a
         # "<kind>_sym" config of their own; kernels/configs.py)
         plain_runs_sym = (arch, dt, bd, kind) not in own_sym
+        # (likewise SigLIP's forward: the "fwd" config unless the entry names a "fwd_sigmoid" one)
+        sigmoid_ok = kind != "fwd" or (arch, dt, bd) not in own_sigmoid
         # (an entry with "atomic": False never runs the atomic row kernel)
         atomic = atomic_shipped(arch, dt, bd)
         row_sym = [v for v in _ROW_SYM if atomic or not v[2]["ATOMIC"]]
-        if kind == "fwd":
+        if kind in ("fwd", "fwd_sigmoid"):
             variants = [("_fwd_kernel", "-", {})]
         elif kind == "bwd_row":
             variants = [("_bwd_row_kernel", "det", dict(ATOMIC=False, SYM=False))]
@@ -86,12 +89,24 @@ def jobs():
                 blocks = dict(BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m)
             else:
                 blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            for clamp in (False, True):
-                consts = dict(BLOCK_D=bd, CLAMP=clamp, UPCAST=False, PREC=prec, **blocks, **extra)
-                out.append(dict(base, kernel=kernel, variant=f"{label}{'-clamp' if clamp else ''}", constexprs=consts))
-            # fp32 inputs stream fp16 operands through the same shapes (the clamp: the most registers)
-            out.append(dict(base, **F32_INPUTS, kernel=kernel, variant=f"{label}-clamp-f32in",
-                            constexprs=dict(consts, CLAMP=True)))
+            plain = dict(BLOCK_D=bd, UPCAST=False, PREC=prec, SIGMOID=False, LABELS=False, **blocks, **extra)
+            # the modes of kernels/tiles.py: SigLIP's SIGMOID logits (no clamp, never SYM) and label-defined
+            # positives (LABELS, with the clamp: the most registers). Their fp32-input (fp16 operand) twins are
+            # left out: on 2026-12-03 each of the 93 compiled to the registers and shared memory of its bf16 job
+            # (all 464 jobs passed), and they would add ~1.5 min to this test
+            sigmoid = [("sigmoid-", False, dict(plain, CLAMP=False, SIGMOID=True))]
+            if kind == "fwd_sigmoid":
+                modes = sigmoid
+            else:
+                modes = [("", False, dict(plain, CLAMP=False)), ("", True, dict(plain, CLAMP=True))]
+                modes += sigmoid if sigmoid_ok and not extra.get("SYM") else []
+                modes += [("labels-", True, dict(plain, CLAMP=True, LABELS=True))]
+            for mode, clamp, consts in modes:
+                name = f"{mode}{label}{'-clamp' if clamp else ''}"
+                out.append(dict(base, kernel=kernel, variant=name, constexprs=consts))
+                # fp32 inputs stream fp16 operands through the same shapes (with the clamp: the most registers)
+                if clamp and not mode:
+                    out.append(dict(base, **F32_INPUTS, kernel=kernel, variant=f"{name}-f32in", constexprs=consts))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
     # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
     from adassl_fast.kernels.launch import rows_per_program
@@ -100,26 +115,32 @@ def jobs():
         small = dict(dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False), **inputs)
         f32 = "-f32in" if inputs else ""
         for bd in sorted({b for a, _, b, _ in shipped_configs() if a == arch}):
-            for prologue, label in ((0, "nt_xent"), (1, "adassl_v"), (2, "adassl_s")):
+            # (siglip-raw: SigLIP's normalize=False, the rows as given)
+            for prologue, label, norm in ((0, "nt_xent", True), (1, "adassl_v", True), (2, "adassl_s", True),
+                                          (0, "siglip-raw", False)):
                 block = rows_per_program(bd, prologue, False)
                 tblock = rows_per_program(bd, 0, False)  # the targ side's rows per program, in the same launch
                 out.append(dict(small, kernel="_normalize_kernel", variant=label + f32,
                                 config=f"m{block}_t{tblock}_d{bd}",
-                                constexprs=dict(BLOCK_M=block, BLOCK_T=tblock, BLOCK_D=bd, PROLOGUE=prologue)))
+                                constexprs=dict(BLOCK_M=block, BLOCK_T=tblock, BLOCK_D=bd, PROLOGUE=prologue,
+                                                NORMALIZE=norm)))
             # the finishing launches backward_core makes: plain ops finish both sides in one launch; AdaSSL (its
             # sinks alias) the targ side, then the edited rows adding to it
             cblock = rows_per_program(bd, 0, True)
-            for label, prologue, accum, dscale, both in (("nt_xent-both", 0, False, True, True),
-                                                         ("adassl-targ", 0, False, False, False),
-                                                         ("adassl_v", 1, True, True, False),
-                                                         ("adassl_s", 2, True, True, False)):
+            for label, prologue, accum, dscale, both, norm in (("nt_xent-both", 0, False, True, True, True),
+                                                               ("adassl-targ", 0, False, False, False, True),
+                                                               ("adassl_v", 1, True, True, False, True),
+                                                               ("adassl_s", 2, True, True, False, True),
+                                                               ("siglip-raw-both", 0, False, True, True, False)):
                 fblock = rows_per_program(bd, prologue, True)
                 out.append(dict(small, kernel="_finish_kernel", variant=label + f32, config=f"m{fblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
                                                 ACCUM=accum, DSCALE=dscale, BOTH=both, BLOCK_C=cblock,
-                                                TWO_PART_C=False)))
+                                                TWO_PART_C=False, NORMALIZE=norm)))
         if not inputs:
-            out.append(dict(small, kernel="_fwd_merge_kernel", variant="-", config="b128", constexprs=dict(BLOCK=128)))
+            for sigmoid in (False, True):
+                out.append(dict(small, kernel="_fwd_merge_kernel", variant="sigmoid" if sigmoid else "-",
+                                config="b128", constexprs=dict(BLOCK=128, SIGMOID=sigmoid)))
     for j in out:
         j["id"] = f"{j['kernel']}-{j['variant']}-{j['config']}-{j['arch']}"
     return out

@@ -37,7 +37,12 @@ CASES = [("sm90", "nt_xent", 1030, 96, True), ("sm90", "nt_xent", 1030, 100, Fal
          ("sm80", "nt_xent", 1030, 100, True), ("sm80", "adassl_v", 1030, 300, True),
          ("sm86", "nt_xent", 1030, 300, True), ("sm86", "adassl_v", 1030, 100, True),
          ("sm90", "nt_xent_f32", 1030, 100, True), ("sm90", "adassl_s_f32", 1030, 300, False),
-         ("sm80", "info_nce_f32", 1030, 300, True), ("sm86", "nt_xent_f32", 1030, 300, False)]
+         ("sm80", "info_nce_f32", 1030, 300, True), ("sm86", "nt_xent_f32", 1030, 300, False),
+         # SigLIP (SIGMOID logits) and label-defined positives (LABELS: "labels" one-directional, "supcon" symmetric)
+         ("sm90", "siglip", 1030, 100, True), ("sm90", "siglip_f32", 1030, 300, False),
+         ("sm86", "siglip", 1030, 300, True),
+         ("sm90", "supcon", 1030, 100, False), ("sm90", "labels_f32", 1030, 128, True),
+         ("sm80", "supcon_f32", 1030, 300, True)]
 DTYPES = {"_f16": "float16", "_f32": "float32"}  # op suffix -> input dtype (else bfloat16)
 CLASSES = {"sm90": 90, "sm80": 80, "sm86": 86}  # -> compute capability; the stand-in's device index is the order
 
@@ -59,6 +64,17 @@ def _step(op: str, M: int, d: int, deterministic: bool):
         a, b = leaf(M, d), leaf(M, d)
         fn = adassl_fast.nt_xent if op == "nt_xent" else adassl_fast.info_nce
         torch.autograd.grad(fn(a, b, impl="triton", deterministic=deterministic), (a, b))
+        return
+    if op == "siglip":  # (its backward's schedule: the deterministic one; `deterministic` picks the normalize flag)
+        a, b = leaf(M, d), leaf(M, d)
+        torch.autograd.grad(adassl_fast.siglip(a, b, normalize=deterministic, impl="triton"), (a, b))
+        return
+    if op in ("labels", "supcon"):
+        a, b = leaf(M, d), leaf(M, d)
+        labels = torch.randperm(M) // 4
+        loss = adassl_fast.info_nce(a, b, labels=labels, symmetric=op == "supcon", impl="triton",
+                                    deterministic=deterministic)
+        torch.autograd.grad(loss, (a, b))
         return
     B, variant = M // 2, op[-1]
     emb, post = [leaf(B, d) for _ in range(2)], [leaf(B, 2 * d) for _ in range(2)]
@@ -106,6 +122,8 @@ def _worker():
     configs.arch_of = lambda device: arch[0]  # CPU tensors stand for that GPU's
     for name in ("nt_xent", "info_nce", "adassl"):  # the ops' dispatch: "triton" on CPU tensors
         sys.modules[f"adassl_fast.{name}"].resolve_impl = lambda impl, *args: "triton"
+    for name in ("info_nce", "siglip"):  # (the ops only some backends have)
+        sys.modules[f"adassl_fast.{name}"].resolve_impl_among = lambda impl, *args: "triton"
     out = []
     for case in CASES:
         before = len(compiled)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adassl_fast
-from adassl_fast import siglip, torch_backend
+from adassl_fast import _dispatch, siglip, torch_backend
 from adassl_fast.nn import SigLIPLoss
 from adassl_fast.siglip import _ops, siglip_reference
 
@@ -93,13 +93,24 @@ def test_opcheck():
     torch.library.opcheck(_ops.forward, (q, k, torch.stack([s, b]).detach().requires_grad_(), False, "torch", True))
 
 
-def test_fused_backends_refuse_and_auto_never_picks_them(monkeypatch):
+def test_cuda_refuses_and_auto_never_picks_it(monkeypatch):
     q, k, _, _ = _inputs(4, 3)
-    for impl in ("triton", "cuda"):
-        with pytest.raises(adassl_fast.BackendUnavailable):
-            siglip(q, k, impl=impl)
-    monkeypatch.setenv("ADASSL_FAST_IMPL", "triton")  # auto would pick triton here (TRITON_INTERPRET=1)
-    torch.testing.assert_close(siglip(q, k), siglip(q, k, impl="torch"), rtol=0, atol=0)
+    want = siglip(q, k, impl="torch")
+    with pytest.raises(adassl_fast.BackendUnavailable):  # here: no CUDA device at all
+        siglip(q, k, impl="cuda")
+    # where the CUDA backend runs, it still has no SigLIP kernels: refused, and "auto" takes torch
+    monkeypatch.setattr(_dispatch, "resolve_impl", lambda impl, *args: "cuda")
+    with pytest.raises(adassl_fast.BackendUnavailable, match="no SigLIP kernels"):
+        siglip(q, k, impl="cuda")
+    torch.testing.assert_close(siglip(q, k), want, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+def test_auto_takes_triton_where_it_would_run(monkeypatch):
+    q, k, _, _ = _inputs(6, 5)
+    monkeypatch.setenv("ADASSL_FAST_IMPL", "triton")  # what "auto" picks on a GPU (here: the interpreter)
+    torch.testing.assert_close(siglip(q, k), siglip(q, k, impl="triton"), rtol=0, atol=0)
+    torch.testing.assert_close(siglip(q, k), siglip(q, k, impl="torch"), rtol=1e-12, atol=1e-13)
 
 
 def test_bad_inputs_raise():

@@ -33,7 +33,8 @@ from pathlib import Path
 
 from adassl_fast.apps.cli import Option, Parser, device_flag
 
-OPS = ("nt_xent", "info_nce", "adassl", "siglip")
+# "supcon": symmetric info_nce with labels= (label-defined positives, 4 rows a label in random order)
+OPS = ("nt_xent", "info_nce", "adassl", "siglip", "supcon")
 # "eager": each loss written the plain PyTorch way (the side-by-side peer of the CPU targets, docs/perf.md)
 IMPLS = ("reference", "eager", "compile", "torch", "triton", "cuda")
 # Diagnostic rows (GPU, asked for by name): a backend run with extra environment (in a worker of its own) or a
@@ -92,7 +93,7 @@ def phase_flops(op: str, phase: str, m: int, d: int, *, deterministic: bool = Tr
                 impl: str = "triton") -> int:
     """Matrix-product FLOPs the schedule of `impl` executes for one call of `phase` (M rows, d features)."""
     _check_phase(phase)
-    both_ways = op == "info_nce" and symmetric
+    both_ways = op in ("info_nce", "supcon") and symmetric
     fwd = _EXECUTED["fwd"] * (2 if both_ways else 1)
     bwd = _EXECUTED["bwd_atomic" if _runs_atomic(impl, d, deterministic) else "bwd_det"]
     bwd *= 2 if both_ways and _backend(impl) == "cuda" else 1
@@ -223,6 +224,8 @@ def make_inputs(op: str, m: int, d: int, dtype, device: str, seed: int = 0) -> l
 
     if op in ("nt_xent", "info_nce", "siglip"):
         return [randn(m, d), randn(m, d)]
+    if op == "supcon":
+        return [randn(m, d), randn(m, d), torch.randperm(m, generator=gen, device=device) // 4]
     if op == "adassl":
         b = m // 2
         post = lambda: torch.cat([randn(b, d, 0.3, grad=False), randn(b, d, 1.0, -1.0, grad=False)], 1)
@@ -244,6 +247,8 @@ def _reference_loss(op: str):
         return lambda query, key: siglip_reference(query, key, scale=10.0, bias=-10.0)
     if op == "info_nce":
         return lambda query, key: info_nce_reference(query, key, temperature=0.07, symmetric=True, clamp=None)
+    if op == "supcon":
+        return lambda query, key, labels: info_nce_reference(query, key, temperature=0.07, labels=labels)
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
         l_ssl, l_reg = adassl_nt_xent_reference(ex, ey, pxy, pyx, qxy, qyx, variant="v", temperature=0.1,
@@ -287,6 +292,17 @@ def plain_eager_siglip(query, key, scale=10.0, bias=-10.0):
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
+def plain_eager_supcon(query, key, labels, temperature=0.07):
+    """Symmetric InfoNCE with label-defined positives as peers write it: the N x N logits and an N x N mask of
+    the pairs that share a label, each row's targets spread evenly over them."""
+    import torch.nn.functional as F
+
+    logits = F.normalize(query, dim=1) @ F.normalize(key, dim=1).T / temperature
+    same = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    targets = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
 def _plain_eager_loss(op: str):
     """The plain eager peer of `op`: AdaSSL's latent edit as the reference composes it, then plain NT-Xent."""
     import torch
@@ -299,6 +315,8 @@ def _plain_eager_loss(op: str):
         return plain_eager_info_nce
     if op == "siglip":
         return plain_eager_siglip
+    if op == "supcon":
+        return plain_eager_supcon
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
         r_xy, reg_xy = reference_direction(pxy, qxy, nxy, "v")
@@ -334,6 +352,9 @@ def loss_function(op: str, impl: str, deterministic: bool = True):
                                                  deterministic=deterministic)
     if op == "siglip":
         return lambda q, k: adassl_fast.siglip(q, k, scale=10.0, bias=-10.0, impl=impl)
+    if op == "supcon":
+        return lambda q, k, labels: adassl_fast.info_nce(q, k, temperature=0.07, labels=labels, impl=impl,
+                                                         deterministic=deterministic)
 
     def adassl(ex, ey, pxy, pyx, qxy, qyx, nxy, nyx):
         l_ssl, l_reg = adassl_fast.adassl_nt_xent(ex, ey, pxy, pyx, qxy, qyx, variant="v", temperature=0.1,
@@ -466,7 +487,8 @@ def _error_vs_reference(op, fn, inputs, phase) -> dict:
         grads = list(torch.autograd.grad(loss, params)) if phase != "fwd" else []
         return [loss.detach()] + grads
 
-    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                  for t in inputs]
     ours = [x.double() for x in run(fn, [t.detach().requires_grad_(t.requires_grad) for t in inputs])]
     ref = run(_reference_loss(op), ref_inputs)
     max_abs = max(float((a - b).abs().max()) for a, b in zip(ours, ref, strict=True))

@@ -10,6 +10,8 @@ the normalisation backward (and, for AdaSSL, the latent backward) of each side.
 - Rows past the end need no mask (their LSE is +inf, so P = 0), and columns past the end add zero rows.
 - SYM (symmetric InfoNCE, kernels/info_nce.py): both matrix kernels also read the column LSEs and form G
   from both directions' softmaxes, so one backward pass serves both losses.
+- The logits' modes (kernels/tiles.py): SIGMOID (SigLIP) has G = sigmoid(L) - I and no LSE, and the row kernel
+  also writes G's row sums per split (dbias); LABELS replaces the onehot by Q_ij = [same label] / count_i.
 - The matrix kernels write fp32 (split, row, d) partials; a finishing kernel per side sums the splits in a
   fixed order (deterministic) and applies grad_loss / M, scale / tau, the normalisation backward and, for
   AdaSSL, the latent backward (all O(M d)).
@@ -28,11 +30,12 @@ from .latent import build_rows, latent_epilogue
 from .launch import cdiv, column_splits, empty, rows_per_program, stat_dtype
 from .normalize import EPS, normalize_rows
 from .rows import RowSink, RowSource, load_rows, store_rows
-from .tiles import LOG2E, Logits, clamp_binds, holds_special, operand, row_indices
+from .tiles import LOG2E, Logits, holds_special, owned_block, owned_rows, positive_weights, streamed_tile
 
 
 @triton.jit
-def _grad_tile(s2, lse2, lse2_t, col, pos, excl, clamp2, CLAMP: tl.constexpr, binds, special, SYM: tl.constexpr):
+def _grad_tile(s2, lse2, lse2_t, col, pos, excl, clamp2, CLAMP: tl.constexpr, binds, special, SYM: tl.constexpr,
+               SIGMOID: tl.constexpr, LABELS: tl.constexpr):
     """(P - onehot(pos)) * [|S| <= clamp] for one tile of S in log2 units, in either orientation.
 
     lse2, pos, excl broadcast along S's rows and `col` is S's column index (the caller arranges the
@@ -42,18 +45,28 @@ def _grad_tile(s2, lse2, lse2_t, col, pos, excl, clamp2, CLAMP: tl.constexpr, bi
     SYM (symmetric InfoNCE, diagonal positives, nothing excluded): both directions' softmaxes in one G,
     P + P' - 2 onehot, where P' uses `lse2_t`, the column LSEs (broadcast along S's other axis). Padding
     gets P' != 0 there, but it multiplies zero operand rows or lands in rows that are never stored.
+    LABELS: `col` and `pos` are the column's and the row's labels, `excl` the row's 1 / count (0 past the end):
+    the onehot becomes Q_ij = [same label] / count_i (symmetric: Q is symmetric, the count is the label's).
+    SIGMOID (no LSE, no clamp): sigmoid(L) - onehot(pos), the positive's as -sigmoid(-L) (no cancellation).
     """
-    # No clamped copy of S: where the gradient survives (|S| <= clamp) the clamp is the identity.
-    p = tl.exp2(s2 - lse2)
-    hot = 1.0
-    if SYM:
-        p += tl.exp2(s2 - lse2_t)
-        hot = 2.0
-    if special:
-        p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, hot, 0.0)
-    if CLAMP:
-        if binds:
-            p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
+    if SIGMOID:
+        p = 1.0 / (1.0 + tl.exp2(-s2))
+        if special:
+            p = tl.where(col == pos, -1.0 / (1.0 + tl.exp2(s2)), p)
+    else:
+        # No clamped copy of S: where the gradient survives (|S| <= clamp) the clamp is the identity.
+        p = tl.exp2(s2 - lse2)
+        hot = 1.0
+        if SYM:
+            p += tl.exp2(s2 - lse2_t)
+            hot = 2.0
+        if LABELS:
+            p -= tl.where(col == pos, hot * excl, 0.0)
+        elif special:
+            p = tl.where(col == excl, 0.0, p) - tl.where(col == pos, hot, 0.0)
+        if CLAMP:
+            if binds:
+                p = tl.where(tl.abs(s2) <= clamp2, p, 0.0)  # inclusive: an entry at the clamp keeps its gradient
     return p
 
 
@@ -61,45 +74,49 @@ def _grad_tile(s2, lse2, lse2_t, col, pos, excl, clamp2, CLAMP: tl.constexpr, bi
 def _bwd_row_kernel(
     part_ptr,  # (nsplit, M, d) ACC out: sum_j G^_ij v_j of each column split (G^ = G / grad_scale)
     dv_ptr,  # ATOMIC: (N, d) ACC, zeroed: sum_i G^_ij u_i added with atomics; else unused
-    lse_ptr,  # (M,) ACC row LSEs (natural log)
+    gsum_ptr,  # SIGMOID: (nsplit, M) ACC out: sum_j G^_ij of each split (for dbias); else unused
+    lse_ptr,  # (M,) ACC row LSEs (natural log); SIGMOID: unused
     lsec_ptr,  # SYM: (N,) ACC column LSEs; else unused
     u_ptr, v_ptr, pos_ptr, excl_ptr, scale_ptr, M, N, d, inv_t, clamp2,  # the logits, as in _fwd_kernel
     cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, SYM: tl.constexpr,
+    SIGMOID: tl.constexpr, LABELS: tl.constexpr,
 ):
     # Row-owned: dU and (by the bilinear identity sum_j G_ij C_ij = <u_i, sum_j G_ij v_j>) dscale,
     # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
     # scale are applied there too, so this loop holds only exp2 and the two products.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    clamp2 = tl.zeros([], ACC) + clamp2
-    pid_m = tl.program_id(0)
+    rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = owned_rows(
+        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = rows < M
-
-    x = operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
-    pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
-    sk2 = tl.load(scale_ptr) * inv_t * LOG2E
-    binds = clamp_binds(sk2, clamp2)
+    if SIGMOID:
+        lse2 = tl.zeros([BLOCK_M], ACC)  # unused
+        g_sum = tl.zeros([BLOCK_M], ACC)
+    else:
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
 
     du = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, N)
     for start in range(col_start, col_end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        t = operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
-        s2 = tl.dot(x, tl.trans(t), input_precision=PREC).to(ACC) * sk2
+        cols, t, s2 = streamed_tile(x, v_ptr, start, N, d, dd, sk2, b2, BLOCK_N, UPCAST, PREC, SIGMOID)
         stop = start + BLOCK_N
         special = holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop)
         if SYM:
             lse2_t = tl.load(lsec_ptr + cols, mask=cols < N, other=float("inf"))[None, :] * LOG2E
         else:
             lse2_t = lse2[:, None]  # unused
-        g = _grad_tile(s2, lse2[:, None], lse2_t, cols[None, :], pos[:, None], excl[:, None], clamp2, CLAMP,
-                       binds, special, SYM)
+        if LABELS:
+            col = tl.load(pos_ptr + cols, mask=cols < N, other=0)[None, :]
+        else:
+            col = cols[None, :]
+        g = _grad_tile(s2, lse2[:, None], lse2_t, col, pos[:, None], excl[:, None], clamp2, CLAMP,
+                       binds, special, SYM, SIGMOID, LABELS)
+        if SIGMOID:  # dbias needs G's sum: padding columns (not only their products) must add nothing
+            if stop > col_end:
+                g = tl.where(cols[None, :] < col_end, g, 0.0)
+            g_sum += tl.sum(g, 1)
         du = tl.dot(g.to(t.dtype), t, du, input_precision=PREC, out_dtype=ACC)
         if ATOMIC:
             dv = tl.dot(tl.trans(g.to(x.dtype)), x, input_precision=PREC, out_dtype=ACC)
@@ -108,6 +125,8 @@ def _bwd_row_kernel(
 
     out = part_ptr + (pid_s * M + rows.to(tl.int64))[:, None] * d + dd[None, :]
     tl.store(out, du, mask=row_ok[:, None] & (dd[None, :] < d))
+    if SIGMOID:
+        tl.store(gsum_ptr + pid_s * M + rows, g_sum, mask=row_ok)
 
 
 @triton.jit
@@ -118,41 +137,45 @@ def _bwd_col_kernel(
     rows_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SYM: tl.constexpr,
+    SIGMOID: tl.constexpr, LABELS: tl.constexpr,
 ):
     # Column-owned: this program owns BLOCK_N rows of v and streams BLOCK_M rows of u. It forms the
     # transposed tile S^T = V U^T directly, so G^T is the register operand of the second product and
     # nothing is transposed on chip.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
-    clamp2 = tl.zeros([], ACC) + clamp2
-    pid_n = tl.program_id(0)
+    cols, dd, t, sk2, b2, clamp2, binds = owned_block(v_ptr, N, d, scale_ptr, inv_t, clamp2, BLOCK_N, BLOCK_D,
+                                                      UPCAST, SIGMOID)
     pid_s = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    col_stop = pid_n * BLOCK_N + BLOCK_N
-
-    t = operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
-    sk2 = tl.load(scale_ptr) * inv_t * LOG2E
-    binds = clamp_binds(sk2, clamp2)
+    col_lo = tl.program_id(0) * BLOCK_N
+    col_stop = col_lo + BLOCK_N
     if SYM:
         lse2_t = tl.load(lsec_ptr + cols, mask=cols < N, other=float("inf"))[:, None] * LOG2E
+    if LABELS:
+        col = tl.load(pos_ptr + cols, mask=cols < N, other=0)[:, None]
+    else:
+        col = cols[:, None]
 
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, M)
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+        rows, x, s2 = streamed_tile(t, u_ptr, start, M, d, dd, sk2, b2, BLOCK_M, UPCAST, PREC, SIGMOID)
         row_ok = rows < row_end
-        x = operand(load_rows(u_ptr, u_ptr, rows, dd, row_end, M, d, d, False), UPCAST)
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
+        if SIGMOID:
+            lse2 = tl.zeros([BLOCK_M], ACC)  # unused
+        else:
+            lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-        excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
-        s2 = tl.dot(t, tl.trans(x), input_precision=PREC).to(ACC) * sk2
-        mine = ((pos >= pid_n * BLOCK_N) & (pos < col_stop)) | ((excl >= pid_n * BLOCK_N) & (excl < col_stop))
+        if LABELS:
+            excl = positive_weights(excl_ptr, rows, row_ok, ACC)
+        else:
+            excl = tl.load(excl_ptr + rows, mask=row_ok, other=-1)
+        mine = ((pos >= col_lo) & (pos < col_stop)) | ((excl >= col_lo) & (excl < col_stop))
         special = tl.max(mine.to(tl.int32), 0) > 0
         if not SYM:
             lse2_t = lse2[None, :]  # unused
-        g = _grad_tile(s2, lse2[None, :], lse2_t, cols[:, None], pos[None, :], excl[None, :], clamp2, CLAMP,
-                       binds, special, SYM)
+        g = _grad_tile(s2, lse2[None, :], lse2_t, col, pos[None, :], excl[None, :], clamp2, CLAMP,
+                       binds, special, SYM, SIGMOID, LABELS)
         dv = tl.dot(g.to(x.dtype), x, dv, input_precision=PREC, out_dtype=ACC)
 
     out = part_ptr + (pid_s * N + cols.to(tl.int64))[:, None] * d + dd[None, :]
@@ -178,6 +201,7 @@ def _finish_block(
     inv_t,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """Rows [pid * BLOCK_M, +BLOCK_M) of one side (see _finish_kernel)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -194,8 +218,10 @@ def _finish_block(
     g = g * (gscale * tl.load(scale_ptr) * inv_t)
     x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                       noise_a, noise_b, ACC, PROLOGUE)
-    inv = tl.load(rinv_ptr + rows, mask=rows < R, other=0.0)
-    dc = _normalize_backward(g, x, inv, ACC)
+    if NORMALIZE:
+        dc = _normalize_backward(g, x, tl.load(rinv_ptr + rows, mask=rows < R, other=0.0), ACC)
+    else:  # the rows were scored as given
+        dc = g
     if PROLOGUE == 0:
         store_rows(dst_a, dst_b, rows, dd, half, R, d, d, dc, TWO_PART, ACCUM)
     else:
@@ -222,7 +248,7 @@ def _finish_kernel(
     grid_r,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
-    BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr,
+    BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
     # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
@@ -234,12 +260,12 @@ def _finish_kernel(
                       half_c, N, d, ld, nsplit_c, n_loss,
                       targ_a, targ_b, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b,
                       cdst_a, cdst_b, cdst_a, cdst_b, cdst_a, cdst_b, inv_t,
-                      ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False)
+                      ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False, NORMALIZE)
     else:
         _finish_block(part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
                       half, R, d, ld, nsplit, n_loss, emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                       dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b, inv_t,
-                      ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE)
+                      ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE, NORMALIZE)
 
 
 @dataclass
@@ -264,13 +290,15 @@ class _Finish:
 
 def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource, col_sink: RowSink,
                   logits: Logits, lse, deterministic: bool, *, grad_reg=None, col_lse=None,
-                  accumulate: bool = False, num_splits=None, configs=None):
-    """Shared backward: writes the row / column gradients into the sinks, returns dscale.
+                  accumulate: bool = False, normalize: bool = True, num_splits=None, configs=None):
+    """Shared backward: writes the row / column gradients into the sinks, returns dscale (SIGMOID logits: the (2,)
+    gradient of (scale, bias); lse is then None).
 
     grad_reg: () the regulariser's incoming gradient (AdaSSL's rows only). col_lse: (N,) column LSEs for the
     symmetric InfoNCE loss (lse_i - S_ii + lse'_i - S_ii) / 2M, whose G holds both directions' softmaxes: one
     pair of matmul kernels for both (pos = arange, nothing excluded). accumulate: the two sinks alias (AdaSSL:
     emb_x / emb_y are both rows and columns); the side finished second adds to what the first wrote.
+    normalize=False: the rows were scored as given (no normalisation backward).
     """
     dtype, device, d = cols.emb_a.dtype, cols.emb_a.device, rows.width
     M, N = rows.rows, cols.rows
@@ -280,8 +308,10 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
     configs = configs or {}
     cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + suffix, device, dtype, d)
     cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + suffix, device, dtype, d)
-    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat)
+    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat, normalize)
     ld = u.shape[1]  # the matrix kernels' width: d padded to 16 (normalize_rows)
+    if lse is None:  # SIGMOID: no LSEs; never read
+        lse = logits.scale
     lsec = col_lse if sym else lse
     n_loss = 2 * M if sym else M
     common = dict(BLOCK_D=block_d(d), SYM=sym, **logits.constexprs(u.dtype))
@@ -292,11 +322,12 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
         per = column_splits(n_rb, n_cb, device, num_splits)
         part = empty((cdiv(n_cb, per), M, ld), stat, device)
         dv = torch.zeros((N, ld), dtype=stat, device=device) if atomic else part
+        g_sum = empty((part.shape[0], M), stat, device) if logits.sigmoid else part
         _bwd_row_kernel[(n_rb, part.shape[0])](
-            part, dv, lse, lsec, *logits.args(u, v), per * cfg_r.block_n, part.shape[0],
+            part, dv, g_sum, lse, lsec, *logits.args(u, v), per * cfg_r.block_n, part.shape[0],
             BLOCK_M=cfg_r.block_m, BLOCK_N=cfg_r.block_n, ATOMIC=atomic,
             num_warps=cfg_r.num_warps, num_stages=cfg_r.num_stages, **common)
-        return _Finish(part, rinv, rows, row_sink, True), dv
+        return _Finish(part, rinv, rows, row_sink, True), dv, g_sum
 
     def col_kernel():
         # the column kernel owns cfg.block_m rows of v and streams cfg.block_n rows of u
@@ -326,16 +357,16 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
             *first.args(), *second.plain_args(), grid_r,
             BLOCK_M=block, BLOCK_D=block_d(d), PROLOGUE=first.source.prologue, TWO_PART=first.two_part,
             ACCUM=accum, DSCALE=row_side is not None, BOTH=both, BLOCK_C=block_c, TWO_PART_C=second.two_part,
-            num_warps=4)
+            NORMALIZE=normalize, num_warps=4)
         return dsc
 
     if grad_reg is None:
         grad_reg = logits.scale  # never read without the AdaSSL prologue
     if deterministic or not atomic_schedule(device, dtype, d):
         col_part = col_kernel()
-        row_side, _ = row_kernel(False)
+        row_side, _, g_sum = row_kernel(False)
     else:
-        row_side, dv = row_kernel(True)
+        row_side, dv, g_sum = row_kernel(True)
         col_part = dv[None]  # one "split": the atomics summed every row block's share already
     col_side = _Finish(col_part, cinv, cols, col_sink, cols.split)
     if accumulate:  # the sinks alias: the targ side first, then the row side adds to it
@@ -343,4 +374,6 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
         dsc = finish(row_side, None, True)
     else:
         dsc = finish(row_side, col_side, False)
+    if logits.sigmoid:  # dbias = sum_ij G_ij, from the row kernel's per-split row sums
+        return torch.stack([dsc.sum(), g_sum.sum() * (grad_loss / n_loss)]).to(logits.scale.dtype)
     return dsc.sum().to(logits.scale.dtype)

@@ -11,8 +11,9 @@ Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
 - BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
-The symmetric InfoNCE backward (SYM: one more exp tile live) runs the kinds "bwd_row_sym" / "bwd_col_sym":
-an entry names them only where the plain kind's shape spills with SYM; elsewhere they take the plain one.
+The symmetric InfoNCE backward (SYM: one more exp tile live) runs the kinds "bwd_row_sym" / "bwd_col_sym", and
+SigLIP's forward (SIGMOID: a softplus per element where the LSE has an exp) the kind "fwd_sigmoid" (MODE_KINDS):
+an entry names them only where the plain kind's shape spills in that mode; elsewhere they take the plain one.
 The atomic schedule runs the row kernel with ATOMIC (its (BLOCK_N, d) dV share live beside the (BLOCK_M, d)
 dU accumulator) at the "bwd_row" shape; an entry with "atomic": False ships none (there that kernel fits
 without spills only at far smaller tiles), and there deterministic=False runs the deterministic schedule
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 import torch
 
 KINDS = ("fwd", "bwd_row", "bwd_col")
-SYM_KINDS = {"bwd_row_sym": "bwd_row", "bwd_col_sym": "bwd_col"}  # -> the kind whose entry they default to
+# a mode's kind -> the kind whose entry it defaults to
+MODE_KINDS = {"bwd_row_sym": "bwd_row", "bwd_col_sym": "bwd_col", "fwd_sigmoid": "fwd"}
 
 @dataclass(frozen=True)
 class Config:
@@ -59,8 +61,10 @@ _TABLE = {
     # under the 128 x 64, 8-warp shape FA-style kernels start from.
     # SYM column kernel: 64 x 64 with 4 warps spilled (8 bytes, with the clamp); 128 x 64 with 8 warps and 3
     # stages (255 registers, no spill) was the plain column kernel's second best (12.4 vs 11.9 ms). Untimed.
+    # SIGMOID forward: 128 x 128 with 4 warps spilled 1576 bytes (255 registers); with 8 warps 155 registers, no
+    # spill (cross-compile of 2026-12-03; 128 x 64 with 4 warps fits too, at 255). Untimed.
     ("sm90", "16", 128): {"fwd": (128, 128, 4, 2), "bwd_row": (64, 64, 4, 3), "bwd_col": (64, 64, 4, 3),
-                          "bwd_col_sym": (128, 64, 8, 3)},
+                          "bwd_col_sym": (128, 64, 8, 3), "fwd_sigmoid": (128, 128, 8, 2)},
     # sm80 (no A100 lent yet, so unmeasured): chosen from the cross-compile table alone, the largest shapes
     # that compile without spills for every variant (the atomic row kernel with the clamp spilled at 64 x 64)
     ("sm80", "16", 128): {"fwd": (128, 64, 8, 3), "bwd_row": (64, 32, 8, 2), "bwd_col": (64, 64, 4, 2)},
@@ -194,7 +198,8 @@ def _tuned_table(path: str) -> dict:
 def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> Config:
     """The configuration a launcher uses for `kind` on `device` for inputs of `dtype` and width d.
 
-    A SYM kind takes its own table entry where there is one, else its plain kind's (tuned or shipped).
+    A mode's kind (MODE_KINDS) takes its own table entry where there is one, else its plain kind's (tuned or
+    shipped).
     """
     return _pick(kind, arch_of(device), dtype_class(dtype), block_d(d), os.environ.get(TUNED_ENV) or None)
 
@@ -202,12 +207,12 @@ def pick_config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> 
 @functools.cache  # six lookups a training step: small M is bound by host time
 def _pick(kind: str, arch: str, dtc: str, bd: int, tuned: str | None) -> Config:
     if arch == "interp":
-        return _c(kind, "interp", dtc, bd, *_INTERP[SYM_KINDS.get(kind, kind)])
-    if kind in SYM_KINDS:
+        return _c(kind, "interp", dtc, bd, *_INTERP[MODE_KINDS.get(kind, kind)])
+    if kind in MODE_KINDS:
         entry, edtc, ebd = _lookup(arch, dtc, bd)
         if kind in entry:
             return _c(kind, arch, edtc, ebd, *entry[kind])
-        return _pick(SYM_KINDS[kind], arch, dtc, bd, tuned)
+        return _pick(MODE_KINDS[kind], arch, dtc, bd, tuned)
     if tuned:
         entry = _tuned_table(tuned).get((arch, dtc, bd), {})
         if kind in entry:
@@ -232,7 +237,7 @@ def shipped_configs() -> list[tuple[str, str, int, Config]]:
     """Every shipped GPU configuration as (arch, dtype class, BLOCK_D, Config), in a fixed order."""
     out = []
     for (arch, dt, bd), entry in _TABLE.items():
-        for kind in (*KINDS, *SYM_KINDS):
+        for kind in (*KINDS, *MODE_KINDS):
             if kind in entry:
                 out.append((arch, dt, bd, _c(kind, arch, dt, bd, *entry[kind])))
     return out

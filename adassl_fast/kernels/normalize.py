@@ -22,20 +22,23 @@ EPS = tl.constexpr(1e-12)
 @triton.jit
 def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
                      emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
+                     NORMALIZE: tl.constexpr):
     """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (out_ptr's dtype, row
     stride ld, zeros in columns [d, ld)) and 1 / max(|x_i|, eps); returns the block's regulariser sum (0 for
-    PROLOGUE 0)."""
+    PROLOGUE 0). NORMALIZE False: the rows as given (the inverse norms are not written)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     x, reg = build_rows(rows, cols, half, n_rows, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
                         noise_a, noise_b, ACC, PROLOGUE)
     # The norm of the rows as the input dtype holds them (for AdaSSL: the edited rows rounded once).
     x = x.to(ACC)
-    # EPS as an ACC tensor: tl.maximum rounds a bare constant to fp32
-    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), tl.zeros([], ACC) + EPS)
-    tl.store(inv_ptr + rows, inv, mask=rows < n_rows)
-    store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, ld, ld, x * inv[:, None], False, False)
+    if NORMALIZE:
+        # EPS as an ACC tensor: tl.maximum rounds a bare constant to fp32
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), tl.zeros([], ACC) + EPS)
+        tl.store(inv_ptr + rows, inv, mask=rows < n_rows)
+        x = x * inv[:, None]
+    store_rows(out_ptr, out_ptr, rows, cols, n_rows, n_rows, ld, ld, x, False, False)
     return tl.sum(reg, 0)
 
 
@@ -49,6 +52,7 @@ def _normalize_kernel(
     vout_ptr, vinv_ptr,  # (n_cols, ld), (n_cols,) out: the same for the targ side (a plain two-part source)
     targ_a, targ_b, half_t, n_cols, grid_u,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     # Both sides in one launch (small M is bound by launches): programs [0, grid_u) take the cont rows,
     # the rest the targ rows, each side with its own rows per program (the AdaSSL prologue holds more).
@@ -56,15 +60,15 @@ def _normalize_kernel(
     pid = tl.program_id(0)
     if pid < grid_u:
         reg = _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld, emb_a, emb_b, post_a, post_b,
-                               prior_a, prior_b, noise_a, noise_b, ACC, BLOCK_M, BLOCK_D, PROLOGUE)
+                               prior_a, prior_b, noise_a, noise_b, ACC, BLOCK_M, BLOCK_D, PROLOGUE, NORMALIZE)
         if PROLOGUE != 0:
             tl.store(reg_ptr + pid, reg)
     else:
         _normalize_block(vout_ptr, vinv_ptr, pid - grid_u, half_t, n_cols, d, ld, targ_a, targ_b, targ_a, targ_b,
-                         targ_a, targ_b, targ_a, targ_b, ACC, BLOCK_T, BLOCK_D, 0)
+                         targ_a, targ_b, targ_a, targ_b, ACC, BLOCK_T, BLOCK_D, 0, NORMALIZE)
 
 
-def normalize_rows(rows: RowSource, cols: RowSource, stat):
+def normalize_rows(rows: RowSource, cols: RowSource, stat, normalize: bool = True):
     """(u (M, ld), 1/|x| (M,), per-program regulariser sums, v (N, ld), 1/|t| (N,)) of both sides, one launch.
 
     `rows` gives the M cont rows (for AdaSSL formed from emb / post / prior / noise), `cols` the N targ rows
@@ -74,6 +78,7 @@ def normalize_rows(rows: RowSource, cols: RowSource, stat):
     multiplied its exp / log work by ~8). Their rows are ld = d rounded up to 16 wide, zero-padded: the
     matrix kernels then see 16-divisible strides and widths whatever d is (Triton's aligned, vectorised code;
     with d = 100, 200 or 300 the sm_90 kernels spilled up to 736 bytes).
+    normalize=False: u and v are the rows as given (SigLIP's option), the inverse norms left unwritten.
     """
     dev, dtype, d = rows.emb_a.device, rows.emb_a.dtype, rows.width
     M, N = rows.rows, cols.rows
@@ -85,5 +90,6 @@ def normalize_rows(rows: RowSource, cols: RowSource, stat):
     reg = empty(grid_u, stat, dev)
     _normalize_kernel[(grid_u + cdiv(N, block_t),)](
         u, inv_u, reg, rows.half, M, d, ld, *rows.latent_args(), v, inv_v, cols.emb_a, cols.emb_b, cols.half, N,
-        grid_u, BLOCK_M=block, BLOCK_T=block_t, BLOCK_D=block_d(d), PROLOGUE=rows.prologue, num_warps=4)
+        grid_u, BLOCK_M=block, BLOCK_T=block_t, BLOCK_D=block_d(d), PROLOGUE=rows.prologue, NORMALIZE=normalize,
+        num_warps=4)
     return u, inv_u, reg, v, inv_v

@@ -5,7 +5,7 @@ S_ij = scale / tau * <u_i, v_j>, S^ = clamp(S, +-clamp), lse_i = log sum_{j != e
 loss = mean_i (lse_i - S^_{i,pos_i}). Backward: G = grad / M * (P - onehot(pos)) * [|S| <= clamp],
 dU = s G V, dV = s G^T U, dscale = 1/tau sum G * C, then the normalisation backward.
 
-The entry points only: the kernels they run are shared with info_nce and AdaSSL (flash-attention style):
+The entry points only: the kernels they run are shared with info_nce, AdaSSL and SigLIP (flash-attention style):
 kernels/normalize.py writes the normalised rows once, kernels/forward.py and kernels/backward.py stream
 them (docs/architecture.md has the map).
 """

@@ -26,7 +26,7 @@ def test_shipped_configs_are_named_uniquely_and_cover_every_kind():
     assert len(names) == len(set(names))
     for arch in configs.SMEM_BUDGET:
         kinds = {cfg.name.split(f"_{arch}")[0] for a, _, _, cfg in shipped if a == arch}
-        assert set(configs.KINDS) <= kinds <= set(configs.KINDS) | set(configs.SYM_KINDS)
+        assert set(configs.KINDS) <= kinds <= set(configs.KINDS) | set(configs.MODE_KINDS)
 
 
 def test_every_gpu_class_covers_the_same_widths():
