@@ -256,6 +256,7 @@ class _Plan:
     # positives; the blocks run the torch backend's core with label-defined positives (docs/spec.md 2.12).
     labels: Tensor | None = None
     label_counts: Tensor | None = None
+    normalize: bool = True  # the nt_xent core's: False takes the rows as given
 
     def block_labels(self, p, src: int | None):
         """(row labels, column labels, row counts) of problem p's local rows against rank src's block of
@@ -323,10 +324,10 @@ def _block_forward(plan, p, rows, cols, pos, excl, scale, positives, src=None):
     if plan.labels is not None:
         # (the torch backend's core: only it has label-defined positives)
         loss, lse = nt_xent_forward(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
-                                    plan.block_labels(p, src))
+                                    plan.block_labels(p, src), normalize=plan.normalize)
         return loss * rows.shape[0], lse
     loss, lse = nt_xent_forward_op(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
-                                   _kernel_impl(plan.impl), plan.deterministic)
+                                   _kernel_impl(plan.impl), plan.deterministic, plan.normalize)
     return loss * rows.shape[0], lse
 
 
@@ -337,9 +338,9 @@ def _block_backward(plan, p, weight, rows, cols, pos, excl, scale, lse, positive
                              grad_weight=weight)[1:]
     if plan.labels is not None:
         return nt_xent_backward(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
-                                plan.clamp, True, labels=plan.block_labels(p, src))
+                                plan.clamp, True, labels=plan.block_labels(p, src), normalize=plan.normalize)
     return nt_xent_backward_op(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
-                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic, plan.normalize)
 
 
 def _forward_gather(plan, scale, tensors):
@@ -543,24 +544,25 @@ def _comm(op, process_group, schedule, timeout) -> _Comm:
 
 
 def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group, *, schedule=None,
-            timeout=None) -> Tensor:
+            timeout=None, normalize=True) -> Tensor:
     """Distributed nt_xent: rank r passes [x_hat_r; y_hat_r] and [e_x_r; e_y_r]; returns the global loss."""
     comm = _comm("nt_xent", process_group, schedule, timeout)
-    options = [("temperature", float(temperature)), ("clamp", clamp)]
+    options = [("temperature", float(temperature)), ("clamp", clamp), ("normalize", bool(normalize))]
     (m_sizes,) = _metadata(comm, cont.device, cont.dtype, cont.shape[1], options, [("the rows of cont", cont.shape[0])])
     pos, excl = partner_indices(cont.shape[0], cont.device)
     problem = _Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))
-    plan = _Plan(comm, [m_sizes, m_sizes], [problem], 1.0 / temperature, clamp, impl, deterministic)
+    plan = _Plan(comm, [m_sizes, m_sizes], [problem], 1.0 / temperature, clamp, impl, deterministic,
+                 normalize=normalize)
     return _DistributedContrastive.apply(plan, lam, cont, targ)
 
 
 def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group, *, schedule=None,
-             timeout=None, labels=None) -> Tensor:
+             timeout=None, labels=None, normalize=True) -> Tensor:
     """Distributed CLIP-style InfoNCE: query and key (and labels) concatenated in rank order; returns the global
     loss. With labels the blocks run the torch backend's core whatever `impl` is (no other backend has them)."""
     comm = _comm("info_nce", process_group, schedule, timeout)
     options = [("temperature", float(temperature)), ("clamp", clamp), ("symmetric", bool(symmetric)),
-               ("labels given", labels is not None)]
+               ("labels given", labels is not None), ("normalize", bool(normalize))]
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], options,
                            [("the rows of query", query.shape[0])])
     pos, excl = diagonal_indices(query.shape[0], query.device)
@@ -575,7 +577,8 @@ def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic
     problems = [_Problem(0, 1, pos, excl, weight)]
     if symmetric:
         problems.append(_Problem(1, 0, pos, excl, weight))
-    plan = _Plan(comm, [n_sizes, n_sizes], problems, 1.0 / temperature, clamp, impl, deterministic, **extra)
+    plan = _Plan(comm, [n_sizes, n_sizes], problems, 1.0 / temperature, clamp, impl, deterministic, **extra,
+                 normalize=normalize)
     return _DistributedContrastive.apply(plan, lam, query, key)
 
 
@@ -609,11 +612,12 @@ class _EditedRows(torch.autograd.Function):
 
 
 def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, temperature, clamp,
-                   variant, impl, deterministic, process_group, *, schedule=None, timeout=None):
+                   variant, impl, deterministic, process_group, *, schedule=None, timeout=None, normalize=True):
     """Distributed one-pass AdaSSL: the latent prologue on local rows, the distributed nt_xent core on the
     edited rows, l_reg the global mean. Returns (l_ssl, l_reg), both the global values on every rank."""
     comm = _comm("adassl_nt_xent", process_group, schedule, timeout)
-    options = [("temperature", float(temperature)), ("clamp", clamp), ("the variant", "vs".index(variant))]
+    options = [("temperature", float(temperature)), ("clamp", clamp), ("the variant", "vs".index(variant)),
+               ("normalize", bool(normalize))]
     (b_sizes,) = _metadata(comm, emb_x.device, emb_x.dtype, emb_x.shape[1], options,
                            [("the rows of emb_x", emb_x.shape[0])])
     cont, targ, reg_sum = _EditedRows.apply(variant, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
@@ -621,7 +625,7 @@ def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
     pos, excl = partner_indices(cont.shape[0], cont.device)
     m_sizes = [2 * b for b in b_sizes]
     plan = _Plan(comm, [m_sizes, m_sizes], [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))],
-                 1.0 / temperature, clamp, impl, deterministic)
+                 1.0 / temperature, clamp, impl, deterministic, normalize=normalize)
     l_ssl = _DistributedContrastive.apply(plan, lam, cont, targ)
     l_reg = _GlobalSum.apply(comm, reg_sum / (2 * sum(b_sizes)))
     return l_ssl, l_reg
