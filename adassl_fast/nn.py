@@ -121,14 +121,16 @@ class NTXentLoss(_LearnableScale):
     the loss is the mean cross-entropy over the 2B rows. It equals `nt_xent([z1; z0], [z0; z1], ...)`:
     row i's excluded column i + B is then row i itself. With `learnable_scale` it owns `lambda_train`
     (init log(e - 1)); the logits are scaled by softplus(lambda_train). AdaSSL's stacked form (edited rows
-    against targets) is the functional `adassl_fast.nt_xent(cont, targ)` and `AdaSSL`.
+    against targets) is the functional `adassl_fast.nt_xent(cont, targ)` and `AdaSSL`. normalize=False
+    contrasts the rows as given (already normalised, or a dot-product loss).
     """
 
     def __init__(self, temperature: float = 0.5, learnable_scale: bool = False, clamp: float | None = None,
-                 impl: str = "auto", process_group=None):
+                 impl: str = "auto", process_group=None, normalize: bool = True):
         super().__init__()
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.impl = impl
         self.process_group = process_group
         self._init_scale(learnable_scale)
@@ -138,32 +140,36 @@ class NTXentLoss(_LearnableScale):
         if z0.shape != z1.shape:
             raise ValueError(f"z0 and z1 must have the same shape (B, d), got {tuple(z0.shape)} and {tuple(z1.shape)}")
         return nt_xent(torch.cat([z1, z0]), torch.cat([z0, z1]), temperature=self.temperature, scale=self.scale,
-                       clamp=self.clamp, impl=self.impl, process_group=self.process_group)
+                       clamp=self.clamp, impl=self.impl, process_group=self.process_group, normalize=self.normalize)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, clamp={self.clamp}"
+        return (f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, clamp={self.clamp}, "
+                f"normalize={self.normalize}")
 
 
 class InfoNCELoss(_LearnableScale):
-    """CLIP-style InfoNCE of `query` (N, d) against `key` (N, d); see adassl_fast.info_nce."""
+    """CLIP-style InfoNCE of `query` (N, d) against `key` (N, d); see adassl_fast.info_nce. `forward(query, key,
+    negatives=None)`: negatives (K, d) are extra keys (a queue), with symmetric=False."""
 
     def __init__(self, temperature: float = 0.07, learnable_scale: bool = False, symmetric: bool = True,
-                 clamp: float | None = None, impl: str = "auto", process_group=None):
+                 clamp: float | None = None, impl: str = "auto", process_group=None, normalize: bool = True):
         super().__init__()
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.symmetric = symmetric
         self.impl = impl
         self.process_group = process_group
         self._init_scale(learnable_scale)
 
-    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, negatives: Tensor | None = None) -> Tensor:
         return info_nce(query, key, temperature=self.temperature, scale=self.scale, symmetric=self.symmetric,
-                        clamp=self.clamp, impl=self.impl, process_group=self.process_group)
+                        clamp=self.clamp, impl=self.impl, process_group=self.process_group, normalize=self.normalize,
+                        negatives=negatives)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, "
-                f"symmetric={self.symmetric}, clamp={self.clamp}")
+                f"symmetric={self.symmetric}, clamp={self.clamp}, normalize={self.normalize}")
 
 
 class SigLIPLoss(nn.Module):
