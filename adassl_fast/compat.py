@@ -95,8 +95,9 @@ class ClipLoss(nn.Module):
       global loss (OpenCLIP returns each rank's local loss, whose mean over ranks it equals).
     - (False, False): exact too: OpenCLIP's features get 1 / world_size of the above and logit_scale the mean
       over ranks (a backward all-reduce of one number does that here).
-    - (True, False): the local rows against every rank's columns, the other ranks' columns detached: values and
-      gradients exactly (one all-gather without gradient, then the one-directional op with `negatives`).
+    - (True, False): each direction's local rows against every rank's columns, all columns detached (OpenCLIP
+      gathers them without gradient, its own rank's included): values and gradients exactly (one all-gather,
+      then the one-directional op with `negatives`, on the whole gathered batch's memory O(N d)).
     use_horovod=True raises ValueError: only torch.distributed is supported.
     """
 
@@ -119,10 +120,11 @@ class ClipLoss(nn.Module):
         common = dict(temperature=1.0, scale=scale, normalize=False, impl=self.impl)
         if group is not None and self.local_loss and not self.gather_with_grad:
             others = lambda x: _gather_others(x, self.rank, self.world_size)
-            loss = (info_nce(image_features, text_features, symmetric=False, negatives=others(text_features),
-                             **common)
-                    + info_nce(text_features, image_features, symmetric=False, negatives=others(image_features),
-                               **common)) / 2
+            # OpenCLIP's gathered copies carry no gradient, its own rank's included: only the rows are trained
+            loss = (info_nce(image_features, text_features.detach(), symmetric=False,
+                             negatives=others(text_features), **common)
+                    + info_nce(text_features, image_features.detach(), symmetric=False,
+                               negatives=others(image_features), **common)) / 2
         else:
             if group is not None and not self.local_loss:
                 if not self.gather_with_grad:

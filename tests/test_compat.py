@@ -9,7 +9,6 @@ single-process and on 2 gloo ranks.
 import importlib.util
 import itertools
 import os
-import sys
 import zipfile
 from pathlib import Path
 
@@ -38,6 +37,7 @@ def _open_clip_loss_source() -> str | None:
 
 
 def _load_open_clip(source: str, where: Path):
+    where.mkdir(parents=True, exist_ok=True)
     path = where / "open_clip_loss.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("open_clip_loss", path)
@@ -217,3 +217,108 @@ def test_lightly_argument_errors():
         compat.NTXentLoss(memory_bank_size=-1)
     with pytest.raises(ValueError, match="temperature"):
         compat.NTXentLoss(temperature=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed, 2 gloo ranks: per-rank gradients against open_clip's own classes (same worker, same inputs) and
+# against lightly's per-rank semantics written out: every rank's local rows against every rank's columns,
+# gathered with gradient (lightly/utils/dist.py GatherLayer: the gradients of the gathered copies summed back
+# to their owner), so rank r's features get world_size x the global loss's gradient.
+
+WORLD, N_LOCAL, D_FEAT = 2, 5, 12
+CLIP_MODES = list(itertools.product([False, True], [False, True]))  # (local_loss, gather_with_grad)
+
+
+def _global_leaves(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(WORLD * N_LOCAL, D_FEAT, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def _local(t, rank):
+    return t[rank * N_LOCAL : (rank + 1) * N_LOCAL].clone().requires_grad_()
+
+
+def _compat_worker(rank, world, store, out, open_clip_source):
+    torch.set_num_threads(1)
+    _init(rank, world, store)
+    results = {}
+    oc = _load_open_clip(open_clip_source, Path(out) / f"r{rank}") if open_clip_source else None
+    image, text = _global_leaves(0)
+    for mode in CLIP_MODES:
+        for name in ("ClipLoss", "SigLipLoss"):
+            if name == "SigLipLoss" and mode != CLIP_MODES[0]:
+                continue
+            for who, module in (("ours", compat), ("theirs", oc)):
+                if module is None:
+                    continue
+                kw = dict(local_loss=mode[0], gather_with_grad=mode[1]) if name == "ClipLoss" else {}
+                leaves = [_local(image, rank), _local(text, rank), torch.tensor(2.1, dtype=torch.float64,
+                          requires_grad=True), torch.tensor(-0.7, dtype=torch.float64, requires_grad=True)]
+                loss = getattr(module, name)(rank=rank, world_size=world, **kw)(*leaves)
+                results[(name, mode, who)] = (loss.item(), _grads(loss, leaves))
+    for bank in (0, 8):
+        torch.manual_seed(3)  # the same initial bank on every rank
+        loss_fn = compat.NTXentLoss(temperature=0.4, memory_bank_size=(bank, D_FEAT) if bank else 0,
+                                    gather_distributed=True).double()
+        leaves = [_local(image, rank), _local(text, rank)]
+        initial = loss_fn.bank.clone()
+        loss = loss_fn(*leaves)
+        results[("lightly", bank)] = (loss.item(), _grads(loss, leaves), initial, loss_fn.bank.clone())
+    os.makedirs(out, exist_ok=True)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def compat_runs(tmp_path_factory):
+    return _spawn(_compat_worker, WORLD, tmp_path_factory.mktemp("compat"), OPEN_CLIP)
+
+
+@needs_open_clip
+@pytest.mark.parametrize("mode", CLIP_MODES, ids=lambda m: f"local_loss={m[0]}-gather_with_grad={m[1]}")
+def test_distributed_clip_loss_gives_open_clips_gradients(compat_runs, mode):
+    theirs_values = [r[("ClipLoss", mode, "theirs")][0] for r in compat_runs]
+    for rank, res in enumerate(compat_runs):
+        value, grads = res[("ClipLoss", mode, "ours")]
+        their_value, their_grads = res[("ClipLoss", mode, "theirs")]
+        for g, w in zip(grads, their_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, r=rank: f"rank {r}: {m}")
+        # the value: OpenCLIP's except (True, True), where it is the mean of OpenCLIP's per-rank local losses
+        want = sum(theirs_values) / WORLD if mode == (True, True) else their_value
+        assert value == pytest.approx(want, rel=1e-12)
+
+
+@needs_open_clip
+def test_distributed_siglip_loss_gives_open_clips_gradients(compat_runs):
+    theirs_values = [r[("SigLipLoss", CLIP_MODES[0], "theirs")][0] for r in compat_runs]
+    for res in compat_runs:
+        value, grads = res[("SigLipLoss", CLIP_MODES[0], "ours")]
+        _, their_grads = res[("SigLipLoss", CLIP_MODES[0], "theirs")]
+        for g, w in zip(grads, their_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        assert value == pytest.approx(sum(theirs_values) / WORLD, rel=1e-12)  # the global loss
+
+
+def test_distributed_lightly_without_bank(compat_runs):
+    image, text = (t.requires_grad_() for t in _global_leaves(0))
+    want = lightly_formula(image, text, 0.4)
+    gi, gt = torch.autograd.grad(want, [image, text])
+    for rank, res in enumerate(compat_runs):
+        value, grads, _, _ = res[("lightly", 0)]
+        assert value == pytest.approx(want.item(), rel=1e-12)  # the global loss (lightly: the local rows' loss)
+        rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        torch.testing.assert_close(grads[0], WORLD * gi[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[1], WORLD * gt[rows], rtol=1e-10, atol=1e-12)
+
+
+def test_distributed_lightly_bank_is_local_and_enqueues_every_rank(compat_runs):
+    image, text = _global_leaves(0)
+    for rank, res in enumerate(compat_runs):
+        value, grads, initial, after = res[("lightly", 8)]
+        out0, out1 = _local(image, rank), _local(text, rank)
+        want = lightly_formula(out0, out1, 0.4, initial)  # each rank's own rows against the bank, no gradient across
+        assert value == pytest.approx(want.item(), rel=1e-12)
+        for g, w in zip(grads, torch.autograd.grad(want, [out0, out1]), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        every = F.normalize(text, dim=1)  # both ranks' out1 in rank order, the first 8 rows of them (ptr 0 -> 0)
+        torch.testing.assert_close(after, every[:8], rtol=0, atol=0)
