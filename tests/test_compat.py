@@ -212,6 +212,22 @@ def test_lightly_memory_bank_over_several_steps(impl, size):
         assert not loss_fn.bank.requires_grad
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.xfail(
+    raises=NotImplementedError, strict=True, reason="normalize=False kernels come with branch issue-16-kernels")])])
+def test_lightly_memory_bank_on_fp32_backends(impl):
+    """MoCo's loss through the core op on each CPU backend (fp32; Triton in its interpreter) against float64."""
+    torch.manual_seed(6)
+    loss_fn = compat.NTXentLoss(temperature=0.2, memory_bank_size=(37, 19), impl=impl)
+    bank = loss_fn.bank.double()
+    out0, out1, *_ = _leaves(13, 19, 7)
+    want = lightly_formula(out0, out1, 0.2, bank)
+    got_in = [t.detach().float().requires_grad_() for t in (out0, out1)]
+    got = loss_fn(*got_in)
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-4)
+    for g, w in zip(_grads(got, got_in), _grads(want, [out0, out1]), strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=2e-4)
+
+
 def test_lightly_argument_errors():
     with pytest.raises(ValueError, match="memory_bank_size"):
         compat.NTXentLoss(memory_bank_size=-1)
