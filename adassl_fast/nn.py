@@ -255,6 +255,8 @@ class AdaSSL(_LearnableScale):
             counter is the `step` buffer (in the state_dict, so a resumed run continues the schedule); it
             advances once per forward in training mode (the reference's 0.5 per sampler call, two calls).
         temperature, learnable_scale, clamp, impl, process_group: for the NT-Xent (SimCLR objective).
+        normalize: the NT-Xent's (default True, the paper's cosine similarities); False contrasts the edited
+            rows and the targets as given.
         fused: use the one-pass `adassl_nt_xent` where the configuration allows (additive editor, SimCLR);
             False always composes the ops (same values, more memory).
 
@@ -271,7 +273,7 @@ class AdaSSL(_LearnableScale):
                  hidden=(128, 128), editor_hidden=(), objective: str = "simclr", predictor_hidden=None,
                  beta: float = 0.5, beta_warmup_steps: int = 0, temperature: float = 0.1,
                  learnable_scale: bool = False, clamp: float | None = 20.0, impl: str = "auto",
-                 process_group=None, fused: bool = True):
+                 process_group=None, fused: bool = True, normalize: bool = True):
         super().__init__()
         d, d_r = _positive_int("emb_dim", emb_dim), _positive_int("latent_dim", latent_dim)
         self.variant = _choice("variant", variant, VARIANTS)
@@ -288,6 +290,7 @@ class AdaSSL(_LearnableScale):
         self.beta, self.beta_warmup_steps = float(beta), beta_warmup_steps
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.impl, self.process_group, self.fused = impl, process_group, fused
 
         hidden = tuple(hidden)
@@ -355,6 +358,7 @@ class AdaSSL(_LearnableScale):
                 emb_x, emb_y.to(dt), cast(post_xy), cast(post_yx), cast(prior_xy), cast(prior_yx),
                 variant=self.variant, temperature=self.temperature, scale=self.scale, clamp=self.clamp,
                 noise_xy=noise_xy, noise_yx=noise_yx, impl=self.impl, process_group=self.process_group,
+                normalize=self.normalize,
             )
         else:
             r_xy, reg_xy = self._latent(post_xy, prior_xy, noise_xy)
@@ -381,7 +385,7 @@ class AdaSSL(_LearnableScale):
         cont, targ = torch.cat([x_hat, y_hat]), torch.cat([emb_x, emb_y])
         dt = torch.promote_types(cont.dtype, targ.dtype)
         return nt_xent(cont.to(dt), targ.to(dt), temperature=self.temperature, scale=self.scale, clamp=self.clamp,
-                       impl=self.impl, process_group=self.process_group)
+                       impl=self.impl, process_group=self.process_group, normalize=self.normalize)
 
     def extra_repr(self) -> str:
         return (f"emb_dim={self.emb_dim}, latent_dim={self.latent_dim}, variant={self.variant!r}, "

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, ".")
-from tests.test_compat import OPEN_CLIP, _grads, _leaves, _load_open_clip, lightly_formula  # noqa: E402
-
 from adassl_fast import compat  # noqa: E402
+from tests.test_compat import OPEN_CLIP, _grads, _leaves, _load_open_clip, lightly_formula  # noqa: E402
 
 oc = _load_open_clip(OPEN_CLIP, Path(tempfile.mkdtemp()))
 worst: dict = {}
