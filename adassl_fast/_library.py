@@ -65,15 +65,20 @@ def define_loss(
     options: str,
     losses: tuple[str, ...],
     lse_shape: Callable,
-    reference: Callable,
+    reference: Callable | None,
     stash_fake: Callable | None = None,
     stash_backward: Callable | None = None,
     reference_only: tuple[str, ...] = (),
     public: str | None = None,
     keywords: tuple[str, ...] = (),
+    body: tuple[Callable, Callable] | None = None,
+    saved: tuple[str, ...] = (),
+    saved_fake: Callable | None = None,
+    not_differentiable: str | None = None,
 ) -> LossOps:
     """Register `<name>_forward`, `<name>_backward` (and `<name>_forward_backward` where `stash_backward` is
-    given) with their kernels, fakes and autograd formula, all generated here for every loss.
+    given) with their kernels, fakes and autograd formula, all generated here for every loss, the distributed
+    schedules' included (adassl_fast/distributed.py: `body` in place of the table's entry points).
 
     Args:
         name: the op's name; the kernels call `backend(impl).<name>_forward(*tensors, *options)` and
@@ -85,20 +90,30 @@ def define_loss(
         options: the schema of the non-tensor inputs ("float inv_temperature, float? clamp", ...); every op
             takes `str impl, bool deterministic` after them.
         losses: the names of the 0-dim losses the forward returns (its backward takes `grad_<loss>` of each).
-        lse_shape: the first tensor input -> the shape of the saved LSEs.
+        lse_shape: the forward's inputs (*tensors, *options, impl, deterministic) -> the shape of the saved LSEs.
         reference: (*tensors, *options) -> the losses by plain autograd ops: the double backward differentiates
-            it (`differentiable_backward`), and so does a gradient for an input outside `graded`.
+            it (`differentiable_backward`), and so does a gradient for an input outside `graded`. None where
+            the backward is never differentiable (`not_differentiable` says where; both cases then raise).
         stash_fake: (*tensors) -> fakes of the one-pass op's stash (the gradients for unit incoming gradients).
         stash_backward: (stash, grads, tensors, options) -> the gradients of `graded` from the stash.
         reference_only: the inputs only the reference can differentiate (named in the refusal of other backends).
         public: the functional form's name in error messages (default `name`).
         keywords: bool options every entry point (and the reference) takes as trailing keywords, e.g.
             ("normalize",); in the schema they follow `deterministic`.
+        body: (forward, backward) called with every argument of the op (impl and deterministic included) in
+            place of `backend(impl).<name>_forward` / `_backward`: the op's own schedule, which calls the
+            backends' ops itself (the distributed schedules communicate between their per-block core calls).
+        saved: names of tensors the forward returns after the LSE for its backward, which takes them after
+            `lse` (the gather schedule's gathered columns); `saved_fake` (the forward's inputs) -> their fakes.
+            Not with a one-pass op (`stash_backward`).
+        not_differentiable: with `reference=None`, the phrase naming where the backward cannot be
+            differentiated, for the refusal of a double backward or of a gradient for `reference_only`.
     """
     n = len(tensors)
     tensor_schema = ", ".join(f"Tensor {t}" for t in tensors)
     option_schema = f"{options}, str impl, bool deterministic" + "".join(f", bool {k}" for k in keywords)
     grad_schema = ", ".join(f"Tensor grad_{loss}" for loss in losses)
+    lse_schema = ", ".join(["Tensor lse", *(f"Tensor {t}" for t in saved)])
     returns = lambda k: "(" + ", ".join(["Tensor"] * k) + ")"
     graded_at = [tensors.index(t) for t in graded]
 
@@ -108,15 +123,20 @@ def define_loss(
         return args[:cut], dict(zip(keywords, args[cut:], strict=True))
 
     def forward_kernel(*args):
+        if body is not None:
+            return body[0](*args)
         (*inputs, impl, _), kw = split_keywords(args)
         return getattr(backend(impl), f"{name}_forward")(*inputs, **kw)
 
     def forward_fake(*args):
         first = args[0]
         acc = _checks.accumulation_dtype(first.dtype)
-        return (*(first.new_empty((), dtype=acc) for _ in losses), first.new_empty(lse_shape(first), dtype=acc))
+        lse = first.new_empty(lse_shape(*args), dtype=acc)
+        return *(first.new_empty((), dtype=acc) for _ in losses), lse, *(saved_fake(*args) if saved else ())
 
     def backward_kernel(*args):
+        if body is not None:
+            return body[1](*args)
         (*inputs, impl, deterministic), kw = split_keywords(args)
         return getattr(backend(impl), f"{name}_backward")(*inputs, deterministic, **kw)
 
@@ -134,30 +154,34 @@ def define_loss(
         return *forward_fake(*args), *stash_fake(*args[:n])
 
     def setup_context(ctx, inputs, output):
-        lse, *stash = output[len(losses):]  # stash: the one-pass op's gradients for unit incoming gradients
-        ctx.save_for_backward(*inputs[:n], lse, *stash)
+        # after the LSE: what the backward op takes (`saved`), then the one-pass op's stash (its gradients for
+        # unit incoming gradients)
+        lse, *rest = output[len(losses):]
+        ctx.save_for_backward(*inputs[:n], lse, *rest)
         ctx.options = inputs[n:]  # (*options, impl, deterministic, *keywords)
-        ctx.mark_non_differentiable(lse, *stash)
+        ctx.mark_non_differentiable(lse, *rest)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which nothing differentiates
 
     def autograd_backward(ctx, *grad_outputs):
         grads = grad_outputs[:len(losses)]
         if all(g is None for g in grads):  # no loss was differentiated (grads are not materialised)
             return (None,) * (n + len(ctx.options))
-        saved = ctx.saved_tensors
-        inputs, lse, stash = saved[:n], saved[n], saved[n + 1:]
+        kept = ctx.saved_tensors
+        inputs, lse, for_backward, stash = kept[:n], kept[n], kept[n + 1:n + 1 + len(saved)], kept[n + 1 + len(saved):]
         grads = tuple(lse.new_zeros(()) if g is None else g for g in grads)  # a loss not differentiated
         (*options, impl, _), kw = split_keywords(ctx.options)
         beyond_kernels = any(ctx.needs_input_grad[i] for i in range(n) if i not in graded_at)
         if torch.is_grad_enabled() or beyond_kernels:
             why = "double backward" if torch.is_grad_enabled() else f"a gradient for {' / '.join(reference_only)}"
+            if reference is None:
+                raise unsupported_backward(public or name, not_differentiable, why)
             found = differentiable_backward(public or name, impl, lambda *t: reference(*t, *options, **kw), inputs,
                                             grads[0] if len(grads) == 1 else grads, why)
         else:
             if stash:
                 found_graded = stash_backward(stash, grads, inputs, options)
             else:
-                found_graded = backward_op(*grads, *inputs, lse, *ctx.options)
+                found_graded = backward_op(*grads, *inputs, lse, *for_backward, *ctx.options)
             found = [None] * n
             for i, g in zip(graded_at, found_graded, strict=True):
                 found[i] = g
@@ -165,11 +189,12 @@ def define_loss(
         return (*found, *(None,) * len(ctx.options))
 
     backward_op = define_op(
-        f"{name}_backward({grad_schema}, {tensor_schema}, Tensor lse, {option_schema}) -> {returns(len(graded))}",
+        f"{name}_backward({grad_schema}, {tensor_schema}, {lse_schema}, {option_schema}) -> {returns(len(graded))}",
         backward_kernel, backward_fake)
     training = dict(backward=autograd_backward, setup_context=setup_context)
-    forward_op = define_op(f"{name}_forward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 1)}",
-                           forward_kernel, forward_fake, **training)
+    forward_op = define_op(
+        f"{name}_forward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 1 + len(saved))}",
+        forward_kernel, forward_fake, **training)
     one_pass_op = None if stash_backward is None else define_op(
         f"{name}_forward_backward({tensor_schema}, {option_schema}) -> {returns(len(losses) + 4)}",
         one_pass_kernel, one_pass_fake, **training)

@@ -71,7 +71,7 @@ _ops = define_loss(
     graded=("query", "key", "scale"),
     options="float inv_temperature, float? clamp",
     losses=("loss",),
-    lse_shape=lambda query: (2, query.shape[0]),
+    lse_shape=lambda query, *_: (2, query.shape[0]),
     reference=_symmetric_reference,
     keywords=("normalize",),
 )
@@ -103,9 +103,9 @@ _labelled_ops = {
         **stash,
     )
     for symmetric, name, shape, stash in (
-        (False, "labelled", lambda q: (q.shape[0],),
+        (False, "labelled", lambda q, *_: (q.shape[0],),
          dict(stash_fake=contrastive_stash_fake, stash_backward=contrastive_stash_backward)),
-        (True, "labelled_info_nce", lambda q: (2, q.shape[0]), {}),
+        (True, "labelled_info_nce", lambda q, *_: (2, q.shape[0]), {}),
     )
 }
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from adassl_fast import compat
-from tests.test_distributed import _init, _spawn
+from tests.test_distributed import _init
 
 IMPLS = ["reference", "torch"]
 WHEELS = Path(os.environ.get("ADASSL_FAST_PEER_WHEELS", "/opt/pypi/files"))
@@ -287,7 +288,13 @@ def _compat_worker(rank, world, store, out, open_clip_source):
 
 @pytest.fixture(scope="module")
 def compat_runs(tmp_path_factory):
-    return _spawn(_compat_worker, WORLD, tmp_path_factory.mktemp("compat"), OPEN_CLIP)
+    """Both ranks' results. Started fresh ("spawn", a few seconds of imports), not forked: a process that has run
+    gloo before (tests/test_distributed.py's one-rank group) holds threads whose locks a fork can inherit held."""
+    tmp = tmp_path_factory.mktemp("compat")
+    store = tmp / "store"
+    mp.start_processes(_compat_worker, args=(WORLD, str(store), str(tmp), OPEN_CLIP), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 @needs_open_clip
