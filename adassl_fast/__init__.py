@@ -1,11 +1,12 @@
 """adassl_fast: fused, memory-efficient AdaSSL, NT-Xent and InfoNCE losses.
 
 Functional ops (docs/api.md): nt_xent, info_nce, adassl_nt_xent, gaussian_kl, gaussian_sample,
-bernoulli_mask, l0_penalty, siglip. Modules: adassl_fast.nn. Backends: impl="reference" | "torch" | "triton" |
+bernoulli_mask, l0_penalty, siglip. Modules: adassl_fast.nn; OpenCLIP's and lightly's loss classes:
+adassl_fast.compat. Backends: impl="reference" | "torch" | "triton" |
 "cuda" | "auto".
 """
 
-from adassl_fast import nn
+from adassl_fast import compat, nn
 from adassl_fast._checks import set_checks
 from adassl_fast._dispatch import BackendUnavailable, info
 from adassl_fast._version import __version__
@@ -22,6 +23,7 @@ __all__ = [
     "adassl_nt_xent",
     "bernoulli_mask",
     "cached_backward",
+    "compat",
     "gaussian_kl",
     "gaussian_sample",
     "info",

@@ -68,6 +68,24 @@ def positive_float(name: str, value) -> float:
     return value
 
 
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def extra_columns(name: str, t, like_name: str, like: torch.Tensor, process_group) -> torch.Tensor | None:
+    """None, or `t` (K, d) as extra columns beside `like` (N, d): same dtype, device and d; not distributed."""
+    if t is None:
+        return None
+    if process_group is not None:
+        raise ValueError(f"{name} with process_group is not supported: the distributed schedules carry no extra "
+                         "columns (a queue is usually the same on every rank: call without process_group)")
+    t = matrix(name, t)
+    same_layout(name, t, like_name, like, shape=(t.shape[0], like.shape[1]))
+    return t
+
+
 def optional_clamp(clamp) -> float | None:
     return None if clamp is None else positive_float("clamp", clamp)
 

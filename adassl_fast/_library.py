@@ -70,6 +70,7 @@ def define_loss(
     stash_backward: Callable | None = None,
     reference_only: tuple[str, ...] = (),
     public: str | None = None,
+    keywords: tuple[str, ...] = (),
     body: tuple[Callable, Callable] | None = None,
     saved: tuple[str, ...] = (),
     saved_fake: Callable | None = None,
@@ -97,6 +98,8 @@ def define_loss(
         stash_backward: (stash, grads, tensors, options) -> the gradients of `graded` from the stash.
         reference_only: the inputs only the reference can differentiate (named in the refusal of other backends).
         public: the functional form's name in error messages (default `name`).
+        keywords: bool options every entry point (and the reference) takes as trailing keywords, e.g.
+            ("normalize",); in the schema they follow `deterministic`.
         body: (forward, backward) called with every argument of the op (impl and deterministic included) in
             place of `backend(impl).<name>_forward` / `_backward`: the op's own schedule, which calls the
             backends' ops itself (the distributed schedules communicate between their per-block core calls).
@@ -108,17 +111,22 @@ def define_loss(
     """
     n = len(tensors)
     tensor_schema = ", ".join(f"Tensor {t}" for t in tensors)
-    option_schema = f"{options}, str impl, bool deterministic"
+    option_schema = f"{options}, str impl, bool deterministic" + "".join(f", bool {k}" for k in keywords)
     grad_schema = ", ".join(f"Tensor grad_{loss}" for loss in losses)
     lse_schema = ", ".join(["Tensor lse", *(f"Tensor {t}" for t in saved)])
     returns = lambda k: "(" + ", ".join(["Tensor"] * k) + ")"
     graded_at = [tensors.index(t) for t in graded]
 
+    def split_keywords(args):
+        """(the arguments before the keyword options, the keyword options as a dict)."""
+        cut = len(args) - len(keywords)
+        return args[:cut], dict(zip(keywords, args[cut:], strict=True))
+
     def forward_kernel(*args):
         if body is not None:
             return body[0](*args)
-        *inputs, impl, _ = args
-        return getattr(backend(impl), f"{name}_forward")(*inputs)
+        (*inputs, impl, _), kw = split_keywords(args)
+        return getattr(backend(impl), f"{name}_forward")(*inputs, **kw)
 
     def forward_fake(*args):
         first = args[0]
@@ -129,18 +137,18 @@ def define_loss(
     def backward_kernel(*args):
         if body is not None:
             return body[1](*args)
-        *inputs, impl, deterministic = args
-        return getattr(backend(impl), f"{name}_backward")(*inputs, deterministic)
+        (*inputs, impl, deterministic), kw = split_keywords(args)
+        return getattr(backend(impl), f"{name}_backward")(*inputs, deterministic, **kw)
 
     def backward_fake(*args):
         inputs = args[len(losses):len(losses) + n]
         return tuple(torch.empty_like(inputs[i]) for i in graded_at)
 
     def one_pass_kernel(*args):
-        *inputs, impl, _ = args
+        (*inputs, impl, _), kw = split_keywords(args)
         if impl != "torch":
             raise ValueError(f"the one-pass training op is the torch backend's schedule, got impl={impl!r}")
-        return getattr(torch_backend, f"{name}_forward_backward")(*inputs)
+        return getattr(torch_backend, f"{name}_forward_backward")(*inputs, **kw)
 
     def one_pass_fake(*args):
         return *forward_fake(*args), *stash_fake(*args[:n])
@@ -150,7 +158,7 @@ def define_loss(
         # unit incoming gradients)
         lse, *rest = output[len(losses):]
         ctx.save_for_backward(*inputs[:n], lse, *rest)
-        ctx.options = inputs[n:]  # (*options, impl, deterministic)
+        ctx.options = inputs[n:]  # (*options, impl, deterministic, *keywords)
         ctx.mark_non_differentiable(lse, *rest)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for lse, which nothing differentiates
 
@@ -161,13 +169,13 @@ def define_loss(
         kept = ctx.saved_tensors
         inputs, lse, for_backward, stash = kept[:n], kept[n], kept[n + 1:n + 1 + len(saved)], kept[n + 1 + len(saved):]
         grads = tuple(lse.new_zeros(()) if g is None else g for g in grads)  # a loss not differentiated
-        *options, impl, _ = ctx.options
+        (*options, impl, _), kw = split_keywords(ctx.options)
         beyond_kernels = any(ctx.needs_input_grad[i] for i in range(n) if i not in graded_at)
         if torch.is_grad_enabled() or beyond_kernels:
             why = "double backward" if torch.is_grad_enabled() else f"a gradient for {' / '.join(reference_only)}"
             if reference is None:
                 raise unsupported_backward(public or name, not_differentiable, why)
-            found = differentiable_backward(public or name, impl, lambda *t: reference(*t, *options), inputs,
+            found = differentiable_backward(public or name, impl, lambda *t: reference(*t, *options, **kw), inputs,
                                             grads[0] if len(grads) == 1 else grads, why)
         else:
             if stash:
@@ -262,16 +270,31 @@ def backend(impl: str) -> Backend:
     if impl == "torch":
         return _entry_points(torch_backend)
     if impl == "triton":
-        return _triton_backend()
+        return Backend(*(entry and _normalizing_only(entry, impl) for entry in _triton_backend()))
     if impl == "cuda":
         from adassl_fast import _cuda
 
+        core_forward = _normalizing_only(_cuda.nt_xent_forward, impl)
+        core_backward = _normalizing_only(_cuda.nt_xent_backward, impl)
         # the CUDA backend composes the symmetric InfoNCE op from two calls of its nt_xent core
-        return Backend(_cuda.nt_xent_forward, _cuda.nt_xent_backward,
-                       torch_backend.symmetric_forward(_cuda.nt_xent_forward),
-                       torch_backend.symmetric_backward(_cuda.nt_xent_backward), _cuda.adassl_forward,
-                       _cuda.adassl_backward)
+        return Backend(core_forward, core_backward, torch_backend.symmetric_forward(core_forward),
+                       torch_backend.symmetric_backward(core_backward), _normalizing_only(_cuda.adassl_forward, impl),
+                       _normalizing_only(_cuda.adassl_backward, impl))
     raise ValueError(f"no kernels for impl={impl!r}")
+
+
+def _normalizing_only(entry, impl: str):
+    """A fused entry point that does not take `normalize` yet (the kernels that skip the normalisation come with
+    branch issue-16-kernels, which replaces this adapter by the keyword itself): runs normalize=True, refuses
+    normalize=False."""
+
+    @functools.wraps(entry)
+    def run(*args, normalize=True):
+        if not normalize:
+            raise NotImplementedError(f'normalize=False is not implemented on impl="{impl}" yet; use impl="torch"')
+        return entry(*args)
+
+    return run
 
 
 def _entry_points(module) -> Backend:

@@ -43,7 +43,7 @@ def reference_direction(post, prior, noise, variant):
 
 def adassl_nt_xent_reference(
     emb_x, emb_y, post_xy, post_yx, prior_xy=None, prior_yx=None, *, variant="v", temperature=0.1, scale=None,
-    clamp=20.0, noise_xy, noise_yx,
+    clamp=20.0, noise_xy, noise_yx, normalize=True,
 ):
     """(l_ssl, l_reg) by composing the reference ops; noise must be given."""
     acc = _checks.accumulation_dtype(emb_x.dtype)
@@ -53,7 +53,7 @@ def adassl_nt_xent_reference(
     r_yx, reg_yx = reference_direction(post_yx, up(prior_yx), up(noise_yx), variant)
     cont = torch.cat([emb_y + r_yx, emb_x + r_xy])
     targ = torch.cat([emb_x, emb_y])
-    l_ssl = nt_xent_reference(cont, targ, temperature=temperature, scale=scale, clamp=clamp)
+    l_ssl = nt_xent_reference(cont, targ, temperature=temperature, scale=scale, clamp=clamp, normalize=normalize)
     return l_ssl, (reg_xy + reg_yx) / 2
 
 
@@ -63,12 +63,13 @@ def adassl_nt_xent_reference(
 
 
 def _reference_losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature,
-                      clamp, variant):
+                      clamp, variant, *, normalize=True):
     """(l_ssl, l_reg) of the op's inputs by composing the reference ops (differentiable throughout)."""
     none_if_empty = lambda t: t if t.numel() else None
     return adassl_nt_xent_reference(
         emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
         temperature=1.0 / inv_temperature, scale=scale, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
+        normalize=normalize,
     )
 
 
@@ -102,6 +103,7 @@ _ops = define_loss(
     stash_backward=_stash_backward,
     reference_only=("noise_xy", "noise_yx"),
     public="adassl_nt_xent",
+    keywords=("normalize",),
 )
 adassl_forward_op, adassl_backward_op, adassl_forward_backward_op = _ops.forward, _ops.backward, _ops.forward_backward
 
@@ -175,6 +177,7 @@ def adassl_nt_xent(
     deterministic: bool = True,
     schedule: str | None = None,
     timeout: float | None = None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """AdaSSL with the additive editor, fused: -> (l_ssl, l_reg), both 0-dim.
 
@@ -186,7 +189,8 @@ def adassl_nt_xent(
         variant: "v" (Gaussian KL) or "s" (L0 on a straight-through Bernoulli mask).
         noise_xy, noise_yx: (B, d) standard normal ("v") or uniform ("s") noise, cast to the embeddings'
             dtype; drawn from torch's RNG in that dtype when None (reproducible under torch.manual_seed).
-        temperature, scale, clamp, impl, process_group, deterministic, schedule, timeout: as for `nt_xent`.
+        temperature, scale, clamp, impl, process_group, deterministic, schedule, timeout, normalize: as for
+            `nt_xent` (normalize=False contrasts the edited rows and targets as given).
 
     Returns:
         l_ssl = nt_xent([emb_y + r_yx; emb_x + r_xy], [emb_x; emb_y]) and
@@ -197,20 +201,21 @@ def adassl_nt_xent(
     )
     temperature = _checks.positive_float("temperature", temperature)
     clamp = _checks.optional_clamp(clamp)
+    normalize = _checks.flag("normalize", normalize)
     lam = _checks.scale_tensor(scale, emb_x)
     impl = resolve_impl(impl, emb_x.device, emb_x.dtype, emb_x.shape[1])
     if process_group is not None:
         return distributed.adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
                                           lam, temperature, clamp, variant, impl, deterministic, process_group,
-                                          schedule=schedule, timeout=timeout)
+                                          schedule=schedule, timeout=timeout, normalize=normalize)
     if impl == "reference":
         none_if_empty = lambda t: t if t.numel() else None
         return adassl_nt_xent_reference(
             emb_x, emb_y, post_xy, post_yx, none_if_empty(prior_xy), none_if_empty(prior_yx), variant=variant,
-            temperature=temperature, scale=lam, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx,
+            temperature=temperature, scale=lam, clamp=clamp, noise_xy=noise_xy, noise_yx=noise_yx, normalize=normalize,
         )
     args = (emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, 1.0 / temperature, clamp,
-            variant, impl, deterministic)
+            variant, impl, deterministic, normalize)
     one_pass = trains_in_one_pass(impl, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, lam)
     l_ssl, l_reg, *_ = (adassl_forward_backward_op if one_pass else adassl_forward_op)(*args)
     return l_ssl, l_reg

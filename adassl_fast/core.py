@@ -24,14 +24,18 @@ def clamp_inclusive(x: Tensor, bound: float) -> Tensor:
     return torch.where(inside, x, x.detach().clamp(-bound, bound))
 
 
-def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp) -> Tensor:
+def unit_rows(x: Tensor, normalize: bool = True) -> Tensor:
+    """x in its accumulation dtype, L2-normalised (eps NORM_EPS) unless normalize=False (the rows as given)."""
+    x = x.to(_checks.accumulation_dtype(x.dtype))
+    return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
+
+
+def contrastive_reference(cont, targ, pos, excl, scale, inv_temperature, clamp, *, normalize=True) -> Tensor:
     """The nt_xent core's loss mean_i [lse_i - S^_{i,pos_i}] (docs/backends.md) by materialising S (M, N).
 
     Plain autograd ops: the ops' registered backward differentiates it for second-order gradients.
     """
-    acc = _checks.accumulation_dtype(cont.dtype)
-    u = F.normalize(cont.to(acc), dim=1, eps=NORM_EPS)
-    v = F.normalize(targ.to(acc), dim=1, eps=NORM_EPS)
+    u, v = unit_rows(cont, normalize), unit_rows(targ, normalize)
     logits = u @ v.t() * (scale * inv_temperature)
     if clamp is not None:
         logits = clamp_inclusive(logits, clamp)
@@ -72,6 +76,7 @@ _ops = define_loss(
     reference=contrastive_reference,
     stash_fake=contrastive_stash_fake,
     stash_backward=contrastive_stash_backward,
+    keywords=("normalize",),
 )
 nt_xent_forward_op, nt_xent_backward_op, nt_xent_forward_backward_op = (
     _ops.forward, _ops.backward, _ops.forward_backward)
@@ -85,9 +90,9 @@ def trains_in_one_pass(impl: str, *tensors: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic) -> Tensor:
+def contrastive_loss(cont, targ, pos, excl, scale, temperature, clamp, impl, deterministic, normalize=True) -> Tensor:
     """mean_i [lse_i - S_{i,pos_i}] through the op of `impl` (not "reference"); inputs already checked."""
-    args = (cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic)
+    args = (cont, targ, pos, excl, scale, 1.0 / temperature, clamp, impl, deterministic, normalize)
     if trains_in_one_pass(impl, cont, targ, scale):
         return nt_xent_forward_backward_op(*args)[0]
     return nt_xent_forward_op(*args)[0]

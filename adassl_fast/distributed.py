@@ -272,6 +272,7 @@ class _Plan:
     # positives; the blocks run the torch backend's core with label-defined positives (docs/spec.md 2.12).
     labels: Tensor | None = None
     label_counts: Tensor | None = None
+    normalize: bool = True  # the nt_xent core's: False takes the rows as given
 
     def block_labels(self, p, src: int | None):
         """(row labels, column labels, row counts) of problem p's local rows against rank src's block of
@@ -339,10 +340,10 @@ def _block_forward(plan, p, rows, cols, pos, excl, scale, positives, src=None):
     if plan.labels is not None:
         # (the torch backend's core: only it has label-defined positives)
         loss, lse = nt_xent_forward(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
-                                    plan.block_labels(p, src))
+                                    plan.block_labels(p, src), normalize=plan.normalize)
         return loss * rows.shape[0], lse
     loss, lse = nt_xent_forward_op(rows, cols, pos, excl, scale, plan.inv_temperature, plan.clamp,
-                                   _kernel_impl(plan.impl), plan.deterministic)
+                                   _kernel_impl(plan.impl), plan.deterministic, plan.normalize)
     return loss * rows.shape[0], lse
 
 
@@ -353,9 +354,9 @@ def _block_backward(plan, p, weight, rows, cols, pos, excl, scale, lse, positive
                              grad_weight=weight)[1:]
     if plan.labels is not None:
         return nt_xent_backward(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
-                                plan.clamp, True, labels=plan.block_labels(p, src))
+                                plan.clamp, True, labels=plan.block_labels(p, src), normalize=plan.normalize)
     return nt_xent_backward_op(weight * rows.shape[0], rows, cols, pos, excl, scale, lse, plan.inv_temperature,
-                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic)
+                               plan.clamp, _kernel_impl(plan.impl), plan.deterministic, plan.normalize)
 
 
 def _gather_indices(plan, p):
@@ -549,9 +550,9 @@ def _kept_fake(rows, cols, sizes, schedule, rows_gathered=False, factor=1):
     return gathered(rows, rows_gathered), gathered(cols, True)
 
 
-def _contrastive_ops(name, public, tensors, options, plan_of, lse_shape, kept_fake):
+def _contrastive_ops(name, public, tensors, options, plan_of, lse_shape, kept_fake, keywords=()):
     """The distributed op of a loss over one row and one column tensor; plan_of(*op arguments) ->
-    (plan, scale, (rows, cols))."""
+    (plan, scale, (rows, cols)). keywords: as `define_loss`'s (the core's "normalize")."""
     n = len(tensors)
 
     def forward(*args):
@@ -568,18 +569,20 @@ def _contrastive_ops(name, public, tensors, options, plan_of, lse_shape, kept_fa
     return define_loss(name, tensors=tensors, graded=(tensors[0], tensors[1], tensors[2]),
                        options=f"{_COMM_OPTIONS}, {options}", losses=("loss",), lse_shape=lse_shape, reference=None,
                        public=public, body=(forward, backward), saved=_KEPT, saved_fake=kept_fake,
-                       not_differentiable=_NOT_DIFFERENTIABLE)
+                       not_differentiable=_NOT_DIFFERENTIABLE, keywords=keywords)
 
 
-def _nt_xent_plan(cont, targ, scale, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic):
+def _nt_xent_plan(cont, targ, scale, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic,
+                  normalize):
     pos, excl = partner_indices(cont.shape[0], cont.device)
     plan = _Plan(_comm_of("nt_xent", group, schedule, timeout), [sizes, sizes],
-                 [_Problem(0, 1, pos, excl, 1.0 / sum(sizes))], inv_temperature, clamp, impl, deterministic)
+                 [_Problem(0, 1, pos, excl, 1.0 / sum(sizes))], inv_temperature, clamp, impl, deterministic,
+                 normalize=normalize)
     return plan, scale, (cont, targ)
 
 
 def _info_nce_plan(query, key, scale, labels, group, sizes, schedule, timeout, inv_temperature, clamp, symmetric,
-                   impl, deterministic):
+                   impl, deterministic, normalize):
     comm = _comm_of("info_nce", group, schedule, timeout)
     pos, excl = diagonal_indices(query.shape[0], query.device)
     extra = {}
@@ -590,7 +593,8 @@ def _info_nce_plan(query, key, scale, labels, group, sizes, schedule, timeout, i
         extra = dict(labels=labels, label_counts=counts[inverse[off : off + query.shape[0]]])
     weight = (0.5 if symmetric else 1.0) / sum(sizes)
     problems = [_Problem(0, 1, pos, excl, weight)] + ([_Problem(1, 0, pos, excl, weight)] if symmetric else [])
-    plan = _Plan(comm, [sizes, sizes], problems, inv_temperature, clamp, impl, deterministic, **extra)
+    plan = _Plan(comm, [sizes, sizes], problems, inv_temperature, clamp, impl, deterministic, **extra,
+                 normalize=normalize)
     return plan, scale, (query, key)
 
 
@@ -606,7 +610,8 @@ def _siglip_plan(query, key, params, group, sizes, schedule, timeout, normalize,
 nt_xent_ops = _contrastive_ops(
     "distributed_nt_xent", "nt_xent", ("cont", "targ", "scale"), "float inv_temperature, float? clamp", _nt_xent_plan,
     lse_shape=lambda cont, *_: (1, cont.shape[0]),
-    kept_fake=lambda cont, targ, scale, group, sizes, schedule, *_: _kept_fake(cont, targ, sizes, schedule))
+    kept_fake=lambda cont, targ, scale, group, sizes, schedule, *_: _kept_fake(cont, targ, sizes, schedule),
+    keywords=("normalize",))
 # labels: every rank's labels in rank order (N_global,) int64, or an empty (0,) tensor for diagonal positives;
 # -> (loss, lse (2, N_r) symmetric, else (1, N_r), gathered query (symmetric), gathered key)
 info_nce_ops = _contrastive_ops(
@@ -615,7 +620,8 @@ info_nce_ops = _contrastive_ops(
     lse_shape=lambda query, key, scale, labels, group, sizes, schedule, timeout, inv_t, clamp, symmetric, *_:
         (1 + symmetric, query.shape[0]),
     kept_fake=lambda query, key, scale, labels, group, sizes, schedule, timeout, inv_t, clamp, symmetric, *_:
-        _kept_fake(query, key, sizes, schedule, rows_gathered=symmetric))
+        _kept_fake(query, key, sizes, schedule, rows_gathered=symmetric),
+    keywords=("normalize",))
 # params = (scale, bias) (2,); -> (loss, the block sums (1,), gathered query (empty), gathered key)
 siglip_ops = _contrastive_ops(
     "distributed_siglip", "siglip", ("query", "key", "params"), "bool normalize", _siglip_plan,
@@ -623,12 +629,14 @@ siglip_ops = _contrastive_ops(
     kept_fake=lambda query, key, params, group, sizes, schedule, *_: _kept_fake(query, key, sizes, schedule))
 
 
-def _adassl_plan(emb_x, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic) -> _Plan:
+def _adassl_plan(emb_x, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic,
+                 normalize) -> _Plan:
     """The nt_xent problem over the edited rows: 2 B_r rows per rank (`sizes` counts B_r)."""
     m_sizes = [2 * b for b in sizes]
     pos, excl = partner_indices(2 * emb_x.shape[0], emb_x.device)
     return _Plan(_comm_of("adassl_nt_xent", group, schedule, timeout), [m_sizes, m_sizes],
-                 [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))], inv_temperature, clamp, impl, deterministic)
+                 [_Problem(0, 1, pos, excl, 1.0 / sum(m_sizes))], inv_temperature, clamp, impl, deterministic,
+                 normalize=normalize)
 
 
 def _edited(latent, variant):
@@ -639,9 +647,10 @@ def _edited(latent, variant):
 
 
 def _adassl_forward(*args):
-    latent, scale, (group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic) = (
-        args[:8], args[8], args[9:])
-    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic)
+    latent, scale, (group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic,
+                    normalize) = (args[:8], args[8], args[9:])
+    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic,
+                        normalize)
     edited, reg_mean = _edited(latent, variant)
     local, lse, kept = _schedule_forward(plan, scale, edited)
     # l_reg = the sum over every rank's rows of R / 2 B: one all-reduce carries both losses
@@ -652,8 +661,9 @@ def _adassl_forward(*args):
 
 def _adassl_backward(grad_ssl, grad_reg, *args):
     latent, scale, lse, kept = args[:8], args[8], args[9], args[10:12]
-    group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic = args[12:]
-    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic)
+    group, sizes, schedule, timeout, inv_temperature, clamp, variant, impl, deterministic, normalize = args[12:]
+    plan = _adassl_plan(latent[0], group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic,
+                        normalize)
     edited, _ = _edited(latent, variant)  # formed again (O(B d)), as the single-process torch backward does
     (dcont, dtarg), dscale = _schedule_backward(plan, scale, edited, lse, kept, grad_ssl)
     reg_weight = grad_reg.to(dcont.dtype) * (plan.comm.world / (2 * sum(sizes)))  # world x d l_reg / d R_sum
@@ -677,6 +687,7 @@ adassl_ops = define_loss(
     saved_fake=lambda emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, group, sizes,
         schedule, *_: _kept_fake(emb_x, emb_y, sizes, schedule, factor=2),
     not_differentiable=_NOT_DIFFERENTIABLE,
+    keywords=("normalize",),
 )
 
 
@@ -703,43 +714,44 @@ def _op_options(comm: _Comm, sizes: list[int]) -> tuple:
 
 
 def nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group, *, schedule=None,
-            timeout=None) -> Tensor:
+            timeout=None, normalize=True) -> Tensor:
     """Distributed nt_xent: rank r passes [x_hat_r; y_hat_r] and [e_x_r; e_y_r]; returns the global loss."""
     comm = _comm("nt_xent", process_group, schedule, timeout)
-    options = [("temperature", float(temperature)), ("clamp", clamp)]
+    options = [("temperature", float(temperature)), ("clamp", clamp), ("normalize", bool(normalize))]
     (m_sizes,) = _metadata(comm, cont.device, cont.dtype, cont.shape[1], options, [("the rows of cont", cont.shape[0])])
     return nt_xent_ops.forward(cont, targ, lam, *_op_options(comm, m_sizes), 1.0 / temperature, clamp,
-                                _kernel_impl(impl), deterministic)[0]
+                                _kernel_impl(impl), deterministic, bool(normalize))[0]
 
 
 def info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group, *, schedule=None,
-             timeout=None, labels=None) -> Tensor:
+             timeout=None, labels=None, normalize=True) -> Tensor:
     """Distributed CLIP-style InfoNCE: query and key (and labels) concatenated in rank order; returns the global
     loss. With labels the blocks run the torch backend's core whatever `impl` is (no other backend has them)."""
     comm = _comm("info_nce", process_group, schedule, timeout)
     options = [("temperature", float(temperature)), ("clamp", clamp), ("symmetric", bool(symmetric)),
-               ("labels given", labels is not None)]
+               ("labels given", labels is not None), ("normalize", bool(normalize))]
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], options,
                            [("the rows of query", query.shape[0])])
     # O(N) integers travel once, here: each block's column labels are a slice of them
     every = query.new_empty(0, dtype=torch.int64) if labels is None else _gather_rows(comm, labels.view(-1, 1),
                                                                                       n_sizes).view(-1)
     return info_nce_ops.forward(query, key, lam, every, *_op_options(comm, n_sizes), 1.0 / temperature, clamp,
-                                 bool(symmetric), _kernel_impl(impl), deterministic)[0]
+                                 bool(symmetric), _kernel_impl(impl), deterministic, bool(normalize))[0]
 
 
 def adassl_nt_xent(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, lam, temperature, clamp,
-                   variant, impl, deterministic, process_group, *, schedule=None, timeout=None):
+                   variant, impl, deterministic, process_group, *, schedule=None, timeout=None, normalize=True):
     """Distributed one-pass AdaSSL: the latent prologue on local rows (the torch backend's, whatever `impl`:
     see the module docstring), the distributed nt_xent core on the edited rows, l_reg the global mean. Returns
     (l_ssl, l_reg), both the global values on every rank."""
     comm = _comm("adassl_nt_xent", process_group, schedule, timeout)
-    options = [("temperature", float(temperature)), ("clamp", clamp), ("the variant", "vs".index(variant))]
+    options = [("temperature", float(temperature)), ("clamp", clamp), ("the variant", "vs".index(variant)),
+               ("normalize", bool(normalize))]
     (b_sizes,) = _metadata(comm, emb_x.device, emb_x.dtype, emb_x.shape[1], options,
                            [("the rows of emb_x", emb_x.shape[0])])
     l_ssl, l_reg, *_ = adassl_ops.forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx,
                                            lam, *_op_options(comm, b_sizes), 1.0 / temperature, clamp, variant,
-                                           _kernel_impl(impl), deterministic)
+                                           _kernel_impl(impl), deterministic, bool(normalize))
     return l_ssl, l_reg
 
 

@@ -25,19 +25,19 @@ from adassl_fast.core import (
     contrastive_stash_backward,
     contrastive_stash_fake,
     trains_in_one_pass,
+    unit_rows,
 )
 from adassl_fast.indices import diagonal_indices
-from adassl_fast.torch_backend import NORM_EPS
 
 
 def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=None, symmetric=True, clamp=None,
-                       labels=None):
+                       labels=None, normalize=True, negatives=None):
     """Materialising InfoNCE: cross-entropy of row i of S = scale/tau * U V^T against column i, or with labels
-    (N,) against the uniform distribution over the columns of row i's label (docs/spec.md 2.12)."""
-    acc = _checks.accumulation_dtype(query.dtype)
-    u = F.normalize(query.to(acc), dim=1, eps=NORM_EPS)
-    v = F.normalize(key.to(acc), dim=1, eps=NORM_EPS)
-    logits = u @ v.t() * _checks.scale_tensor(scale, query) / temperature
+    (N,) against the uniform distribution over the columns of row i's label (docs/spec.md 2.12). `negatives`
+    (K, d): K more columns of every row (one-directional only)."""
+    cols = key if negatives is None else torch.cat([key, negatives])
+    logits = unit_rows(query, normalize) @ unit_rows(cols, normalize).t() * _checks.scale_tensor(scale, query)
+    logits = logits / temperature
     if clamp is not None:
         logits = clamp_inclusive(logits, clamp)
     if labels is None:
@@ -55,11 +55,12 @@ def info_nce_reference(query: Tensor, key: Tensor, *, temperature=0.07, scale=No
 # torch.library ops (adassl_fast/_library.py).
 
 
-def _symmetric_reference(query, key, scale, inv_temperature, clamp):
+def _symmetric_reference(query, key, scale, inv_temperature, clamp, *, normalize=True):
     """The symmetric loss by materialising S: both directions of the core's reference."""
     pos, excl = diagonal_indices(query.shape[0], query.device)
-    forward = contrastive_reference(query, key, pos, excl, scale, inv_temperature, clamp)
-    return (forward + contrastive_reference(key, query, pos, excl, scale, inv_temperature, clamp)) / 2
+    forward = contrastive_reference(query, key, pos, excl, scale, inv_temperature, clamp, normalize=normalize)
+    backward = contrastive_reference(key, query, pos, excl, scale, inv_temperature, clamp, normalize=normalize)
+    return (forward + backward) / 2
 
 
 # forward -> (loss 0-dim, lse (2, N): row then column LSEs) in the accumulation dtype; backward -> (dquery,
@@ -72,14 +73,15 @@ _ops = define_loss(
     losses=("loss",),
     lse_shape=lambda query, *_: (2, query.shape[0]),
     reference=_symmetric_reference,
+    keywords=("normalize",),
 )
 info_nce_forward_op, info_nce_backward_op = _ops.forward, _ops.backward
 
 
 def _labelled_reference(symmetric):
-    def reference(query, key, labels, scale, inv_temperature, clamp):
+    def reference(query, key, labels, scale, inv_temperature, clamp, *, normalize=True):
         return info_nce_reference(query, key, temperature=1.0 / inv_temperature, scale=scale, symmetric=symmetric,
-                                  clamp=clamp, labels=labels)
+                                  clamp=clamp, labels=labels, normalize=normalize)
 
     return reference
 
@@ -97,6 +99,7 @@ _labelled_ops = {
         lse_shape=shape,
         reference=_labelled_reference(symmetric),
         public="info_nce",
+        keywords=("normalize",),
         **stash,
     )
     for symmetric, name, shape, stash in (
@@ -125,6 +128,8 @@ def info_nce(
     schedule: str | None = None,
     timeout: float | None = None,
     labels: Tensor | None = None,
+    normalize: bool = True,
+    negatives: Tensor | None = None,
 ) -> Tensor:
     """InfoNCE over the N x N cosine similarities of `query` (N, d) and `key` (N, d).
 
@@ -132,35 +137,47 @@ def info_nce(
     loss_i = logsumexp_j S_ij - mean over those j of S_ij (reference, torch and triton backends; "auto" never
     takes cuda).
     `symmetric=True` averages the query->key and key->query cross-entropies.
-    Normalisation, `scale`, `clamp`, `impl`, `process_group`, `schedule` and `timeout` follow `nt_xent`.
-    Returns a 0-dim float32 loss (float64 for float64 inputs).
+    `negatives` (K, d): extra columns (a queue / memory bank of keys) appended to the keys, so each query is
+    contrasted with N + K keys; one-directional only (symmetric=False): the reverse direction's rows would be
+    the keys, and a queue of keys holds no queries for them (docs/api.md). They receive gradients if they
+    require them. Not with labels or process_group.
+    Normalisation (`normalize`), `scale`, `clamp`, `impl`, `process_group`, `schedule` and `timeout` follow
+    `nt_xent`. Returns a 0-dim float32 loss (float64 for float64 inputs).
     """
     query = _checks.matrix("query", query, min_rows=2)
     key = _checks.matrix("key", key)
     _checks.same_layout("key", key, "query", query)
     temperature = _checks.positive_float("temperature", temperature)
     clamp = _checks.optional_clamp(clamp)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    symmetric = _checks.flag("symmetric", symmetric)
+    normalize = _checks.flag("normalize", normalize)
+    negatives = _checks.extra_columns("negatives", negatives, "key", key, process_group)
+    if negatives is not None and symmetric:
+        raise ValueError("negatives need symmetric=False: they are extra keys for the query->key direction, and the "
+                         "key->query direction has no extra queries to match them")
+    if negatives is not None and labels is not None:
+        raise ValueError("negatives cannot be combined with labels (extra columns carry no labels)")
     lam = _checks.scale_tensor(scale, query)
     if labels is not None:
         return _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group,
-                         schedule, timeout)
+                         schedule, timeout, normalize)
     impl = resolve_impl(impl, query.device, query.dtype, query.shape[1])
     if process_group is not None:
         return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
-                                    schedule=schedule, timeout=timeout)
+                                    schedule=schedule, timeout=timeout, normalize=normalize)
     if impl == "reference":
-        return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp)
+        return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp,
+                                  normalize=normalize, negatives=negatives)
     if symmetric:
-        loss, _ = info_nce_forward_op(query, key, lam, 1.0 / temperature, clamp, impl, deterministic)
+        loss, _ = info_nce_forward_op(query, key, lam, 1.0 / temperature, clamp, impl, deterministic, normalize)
         return loss
     pos, excl = diagonal_indices(query.shape[0], query.device)
-    return contrastive_loss(query, key, pos, excl, lam, temperature, clamp, impl, deterministic)
+    cols = key if negatives is None else torch.cat([key, negatives])
+    return contrastive_loss(query, cols, pos, excl, lam, temperature, clamp, impl, deterministic, normalize)
 
 
 def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, deterministic, process_group, schedule,
-              timeout):
+              timeout, normalize):
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         raise TypeError("labels must be an integer tensor")
@@ -171,12 +188,14 @@ def _labelled(query, key, labels, temperature, lam, symmetric, clamp, impl, dete
     impl = resolve_impl_among(impl, LABELLED_IMPLS, "label-defined InfoNCE", query.device, query.dtype, query.shape[1])
     if process_group is not None:
         return distributed.info_nce(query, key, lam, temperature, symmetric, clamp, impl, deterministic, process_group,
-                                    schedule=schedule, timeout=timeout, labels=labels.to(torch.int64).contiguous())
+                                    schedule=schedule, timeout=timeout, labels=labels.to(torch.int64).contiguous(),
+                                    normalize=normalize)
     if impl == "reference":
         return info_nce_reference(query, key, temperature=temperature, scale=lam, symmetric=symmetric, clamp=clamp,
-                                  labels=labels)
+                                  labels=labels, normalize=normalize)
     ops = _labelled_ops[symmetric]
-    args = (query, key, labels.to(torch.int64).contiguous(), lam, 1.0 / temperature, clamp, impl, deterministic)
+    args = (query, key, labels.to(torch.int64).contiguous(), lam, 1.0 / temperature, clamp, impl, deterministic,
+            normalize)
     if ops.forward_backward is not None and trains_in_one_pass(impl, query, key, lam):
         return ops.forward_backward(*args)[0]
     return ops.forward(*args)[0]

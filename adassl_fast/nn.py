@@ -121,14 +121,16 @@ class NTXentLoss(_LearnableScale):
     the loss is the mean cross-entropy over the 2B rows. It equals `nt_xent([z1; z0], [z0; z1], ...)`:
     row i's excluded column i + B is then row i itself. With `learnable_scale` it owns `lambda_train`
     (init log(e - 1)); the logits are scaled by softplus(lambda_train). AdaSSL's stacked form (edited rows
-    against targets) is the functional `adassl_fast.nt_xent(cont, targ)` and `AdaSSL`.
+    against targets) is the functional `adassl_fast.nt_xent(cont, targ)` and `AdaSSL`. normalize=False
+    contrasts the rows as given (already normalised, or a dot-product loss).
     """
 
     def __init__(self, temperature: float = 0.5, learnable_scale: bool = False, clamp: float | None = None,
-                 impl: str = "auto", process_group=None):
+                 impl: str = "auto", process_group=None, normalize: bool = True):
         super().__init__()
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.impl = impl
         self.process_group = process_group
         self._init_scale(learnable_scale)
@@ -138,32 +140,36 @@ class NTXentLoss(_LearnableScale):
         if z0.shape != z1.shape:
             raise ValueError(f"z0 and z1 must have the same shape (B, d), got {tuple(z0.shape)} and {tuple(z1.shape)}")
         return nt_xent(torch.cat([z1, z0]), torch.cat([z0, z1]), temperature=self.temperature, scale=self.scale,
-                       clamp=self.clamp, impl=self.impl, process_group=self.process_group)
+                       clamp=self.clamp, impl=self.impl, process_group=self.process_group, normalize=self.normalize)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, clamp={self.clamp}"
+        return (f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, clamp={self.clamp}, "
+                f"normalize={self.normalize}")
 
 
 class InfoNCELoss(_LearnableScale):
-    """CLIP-style InfoNCE of `query` (N, d) against `key` (N, d); see adassl_fast.info_nce."""
+    """CLIP-style InfoNCE of `query` (N, d) against `key` (N, d); see adassl_fast.info_nce. `forward(query, key,
+    negatives=None)`: negatives (K, d) are extra keys (a queue), with symmetric=False."""
 
     def __init__(self, temperature: float = 0.07, learnable_scale: bool = False, symmetric: bool = True,
-                 clamp: float | None = None, impl: str = "auto", process_group=None):
+                 clamp: float | None = None, impl: str = "auto", process_group=None, normalize: bool = True):
         super().__init__()
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.symmetric = symmetric
         self.impl = impl
         self.process_group = process_group
         self._init_scale(learnable_scale)
 
-    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, negatives: Tensor | None = None) -> Tensor:
         return info_nce(query, key, temperature=self.temperature, scale=self.scale, symmetric=self.symmetric,
-                        clamp=self.clamp, impl=self.impl, process_group=self.process_group)
+                        clamp=self.clamp, impl=self.impl, process_group=self.process_group, normalize=self.normalize,
+                        negatives=negatives)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, learnable_scale={self.lambda_train is not None}, "
-                f"symmetric={self.symmetric}, clamp={self.clamp}")
+                f"symmetric={self.symmetric}, clamp={self.clamp}, normalize={self.normalize}")
 
 
 class SigLIPLoss(nn.Module):
@@ -249,6 +255,8 @@ class AdaSSL(_LearnableScale):
             counter is the `step` buffer (in the state_dict, so a resumed run continues the schedule); it
             advances once per forward in training mode (the reference's 0.5 per sampler call, two calls).
         temperature, learnable_scale, clamp, impl, process_group: for the NT-Xent (SimCLR objective).
+        normalize: the NT-Xent's (default True, the paper's cosine similarities); False contrasts the edited
+            rows and the targets as given.
         fused: use the one-pass `adassl_nt_xent` where the configuration allows (additive editor, SimCLR);
             False always composes the ops (same values, more memory).
 
@@ -265,7 +273,7 @@ class AdaSSL(_LearnableScale):
                  hidden=(128, 128), editor_hidden=(), objective: str = "simclr", predictor_hidden=None,
                  beta: float = 0.5, beta_warmup_steps: int = 0, temperature: float = 0.1,
                  learnable_scale: bool = False, clamp: float | None = 20.0, impl: str = "auto",
-                 process_group=None, fused: bool = True):
+                 process_group=None, fused: bool = True, normalize: bool = True):
         super().__init__()
         d, d_r = _positive_int("emb_dim", emb_dim), _positive_int("latent_dim", latent_dim)
         self.variant = _choice("variant", variant, VARIANTS)
@@ -282,6 +290,7 @@ class AdaSSL(_LearnableScale):
         self.beta, self.beta_warmup_steps = float(beta), beta_warmup_steps
         self.temperature = _checks.positive_float("temperature", temperature)
         self.clamp = _checks.optional_clamp(clamp)
+        self.normalize = _checks.flag("normalize", normalize)
         self.impl, self.process_group, self.fused = impl, process_group, fused
 
         hidden = tuple(hidden)
@@ -349,6 +358,7 @@ class AdaSSL(_LearnableScale):
                 emb_x, emb_y.to(dt), cast(post_xy), cast(post_yx), cast(prior_xy), cast(prior_yx),
                 variant=self.variant, temperature=self.temperature, scale=self.scale, clamp=self.clamp,
                 noise_xy=noise_xy, noise_yx=noise_yx, impl=self.impl, process_group=self.process_group,
+                normalize=self.normalize,
             )
         else:
             r_xy, reg_xy = self._latent(post_xy, prior_xy, noise_xy)
@@ -375,7 +385,7 @@ class AdaSSL(_LearnableScale):
         cont, targ = torch.cat([x_hat, y_hat]), torch.cat([emb_x, emb_y])
         dt = torch.promote_types(cont.dtype, targ.dtype)
         return nt_xent(cont.to(dt), targ.to(dt), temperature=self.temperature, scale=self.scale, clamp=self.clamp,
-                       impl=self.impl, process_group=self.process_group)
+                       impl=self.impl, process_group=self.process_group, normalize=self.normalize)
 
     def extra_repr(self) -> str:
         return (f"emb_dim={self.emb_dim}, latent_dim={self.latent_dim}, variant={self.variant!r}, "

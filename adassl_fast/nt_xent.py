@@ -20,9 +20,8 @@ from torch import Tensor
 
 from adassl_fast import _checks, distributed
 from adassl_fast._dispatch import resolve_impl
-from adassl_fast.core import clamp_inclusive, contrastive_loss
+from adassl_fast.core import clamp_inclusive, contrastive_loss, unit_rows
 from adassl_fast.indices import partner_indices
-from adassl_fast.torch_backend import NORM_EPS
 
 # ----------------------------------------------------------------------------------------------------
 # Reference: the authors' computation, materialising the M x M logits.
@@ -38,23 +37,24 @@ def correlated_mask(batch: int, device=None) -> Tensor:
     return mask
 
 
-def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, scale=None, clamp=20.0) -> Tensor:
-    """The authors' NT-Xent: cont (M, d) rows, targ (M, d) columns, M = 2B -> 0-dim loss.
+def nt_xent_reference(cont: Tensor, targ: Tensor, *, temperature: float = 0.1, scale=None, clamp=20.0,
+                      normalize: bool = True, negatives: Tensor | None = None) -> Tensor:
+    """The authors' NT-Xent: cont (M, d) rows, targ (M, d) columns, M = 2B -> 0-dim loss; `negatives` (K, d):
+    K more columns every row is contrasted with.
 
     Low-precision inputs are upcast to float32 (the reference's cross-entropy runs in float32 under AMP).
     """
-    acc = _checks.accumulation_dtype(cont.dtype)
-    u = F.normalize(cont.to(acc), dim=1, eps=NORM_EPS)
-    v = F.normalize(targ.to(acc), dim=1, eps=NORM_EPS)
-    lam = _checks.scale_tensor(scale, cont)
-    logits = u @ v.t() * lam / temperature
+    cols = targ if negatives is None else torch.cat([targ, negatives])
+    logits = unit_rows(cont, normalize) @ unit_rows(cols, normalize).t() * _checks.scale_tensor(scale, cont)
+    logits = logits / temperature
     if clamp is not None:
         logits = clamp_inclusive(logits, clamp)
     n = logits.shape[0]
-    positives = logits.diagonal().unsqueeze(1)
-    negatives = logits[correlated_mask(n // 2, logits.device)].view(n, n - 2)
+    square, extra = logits[:, :n], logits[:, n:]
+    positives = square.diagonal().unsqueeze(1)
+    in_batch = square[correlated_mask(n // 2, logits.device)].view(n, n - 2)
     labels = torch.zeros(n, dtype=torch.long, device=logits.device)
-    return F.cross_entropy(torch.cat([positives, negatives], dim=1), labels)
+    return F.cross_entropy(torch.cat([positives, in_batch, extra], dim=1), labels)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ def nt_xent(
     deterministic: bool = True,
     schedule: str | None = None,
     timeout: float | None = None,
+    normalize: bool = True,
+    negatives: Tensor | None = None,
 ) -> Tensor:
     """AdaSSL's NT-Xent loss (docs/spec.md 2.1) without materialising the M x M logits.
 
@@ -88,6 +90,9 @@ def nt_xent(
         schedule: with `process_group`: "ring" (default; per-rank memory independent of the world size) or
             "gather" (one all-gather, memory O(global rows x d)); see adassl_fast/distributed.py.
         timeout: with `process_group`: seconds after which a stuck collective raises DistributedError.
+        normalize: L2-normalise the rows of cont, targ (and negatives) first; False takes them as given.
+        negatives: (K, d) extra columns (a queue / memory bank) every row is also contrasted with, same dtype
+            and device; they receive gradients if they require them (detach a queue). Not with process_group.
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs): the mean over rows of the cross-entropy of
@@ -100,12 +105,16 @@ def nt_xent(
         raise ValueError(f"cont must have an even number of rows M = 2B (pairs stacked), got M = {cont.shape[0]}")
     temperature = _checks.positive_float("temperature", temperature)
     clamp = _checks.optional_clamp(clamp)
+    normalize = _checks.flag("normalize", normalize)
+    negatives = _checks.extra_columns("negatives", negatives, "targ", targ, process_group)
     lam = _checks.scale_tensor(scale, cont)
     impl = resolve_impl(impl, cont.device, cont.dtype, cont.shape[1])
     if process_group is not None:
         return distributed.nt_xent(cont, targ, lam, temperature, clamp, impl, deterministic, process_group,
-                                   schedule=schedule, timeout=timeout)
+                                   schedule=schedule, timeout=timeout, normalize=normalize)
     if impl == "reference":
-        return nt_xent_reference(cont, targ, temperature=temperature, scale=lam, clamp=clamp)
+        return nt_xent_reference(cont, targ, temperature=temperature, scale=lam, clamp=clamp, normalize=normalize,
+                                 negatives=negatives)
     pos, excl = partner_indices(cont.shape[0], cont.device)
-    return contrastive_loss(cont, targ, pos, excl, lam, temperature, clamp, impl, deterministic)
+    cols = targ if negatives is None else torch.cat([targ, negatives])
+    return contrastive_loss(cont, cols, pos, excl, lam, temperature, clamp, impl, deterministic, normalize)

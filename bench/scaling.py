@@ -220,9 +220,9 @@ def _calibrate(rows, d, dtype, device, repeats):
     scale = torch.ones((), dtype=acc, device=device)
 
     def kernel():
-        loss, lse = nt_xent_forward_op(cont, targ, idx, excl, scale, 10.0, 20.0, impl, True)
+        loss, lse = nt_xent_forward_op(cont, targ, idx, excl, scale, 10.0, 20.0, impl, True, True)
         nt_xent_backward_op(torch.ones((), dtype=acc, device=device), cont, targ, idx, excl, scale, lse, 10.0, 20.0,
-                            impl, True)
+                            impl, True, True)
     kernel()
     t = statistics.median(_timed(kernel, device, repeats))
     out["flops"] = 8 * rows * rows * d / t

@@ -17,11 +17,11 @@ if torch.cuda.is_available():
     IMPLS.append(pytest.param("cuda", marks=pytest.mark.cuda))
 
 
-def _nt_xent_args(impl, m=10, d=6, dtype=torch.float64):
+def _nt_xent_args(impl, m=10, d=6, dtype=torch.float64, normalize=True):
     leaf = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE, requires_grad=True)
     pos, excl = partner_indices(m, DEVICE)
     scale = torch.tensor(1.2, dtype=dtype, device=DEVICE, requires_grad=True)
-    return (leaf(m, d), leaf(m, d), pos, excl, scale, 10.0, 20.0, impl, True)
+    return (leaf(m, d), leaf(m, d), pos, excl, scale, 10.0, 20.0, impl, True, normalize)
 
 
 def _adassl_args(impl, variant, b=5, d=4):
@@ -32,7 +32,7 @@ def _adassl_args(impl, variant, b=5, d=4):
     noise = (draw(b, d, dtype=torch.float64, device=DEVICE), draw(b, d, dtype=torch.float64, device=DEVICE))
     scale = torch.tensor(0.9, dtype=torch.float64, device=DEVICE, requires_grad=True)
     return (leaf(b, d), leaf(b, d), leaf(b, 2 * d), leaf(b, 2 * d), *prior, *noise, scale, 10.0, 20.0, variant,
-            impl, True)
+            impl, True, True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -40,10 +40,17 @@ def test_opcheck_nt_xent(impl):
     torch.library.opcheck(nt_xent_forward_op, _nt_xent_args(impl))
 
 
+def test_opcheck_without_normalisation():
+    """normalize=False through the ops' keyword option (the torch backend; fused kernels come with their branch)."""
+    torch.library.opcheck(nt_xent_forward_op, _nt_xent_args("torch", normalize=False))
+    query, key, _, _, scale, *rest = _nt_xent_args("torch", m=9, d=5)
+    torch.library.opcheck(info_nce_forward_op, (query, key, scale, 1 / 0.07, None, "torch", True, False))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_opcheck_info_nce(impl):
     query, key, _, _, scale, *rest = _nt_xent_args(impl, m=9, d=5)
-    torch.library.opcheck(info_nce_forward_op, (query, key, scale, 1 / 0.07, None, impl, True))
+    torch.library.opcheck(info_nce_forward_op, (query, key, scale, 1 / 0.07, None, impl, True, True))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

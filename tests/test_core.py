@@ -12,4 +12,4 @@ def test_one_pass_op_refuses_other_backends():
     pos, excl = partner_indices(6, "cpu")
     with pytest.raises(ValueError, match="torch backend"):
         nt_xent_forward_backward_op(cont, targ, pos, excl, torch.tensor(1.0, dtype=torch.float64), 10.0, 20.0,
-                                    "triton", True)
+                                    "triton", True, True)

@@ -22,7 +22,7 @@ from adassl_fast import distributed
 
 D_IN, D = 6, 5
 OPS = ("nt_xent", "info_nce", "info_nce_oneway", "adassl_v", "adassl_s", "siglip", "siglip_raw", "labels",
-       "labels_oneway")
+       "labels_oneway", "nt_xent_raw", "info_nce_raw")  # *_raw: normalize=False
 SCHEDULES = distributed.SCHEDULES
 SIZES = {2: {"equal": (4, 4), "unequal": (3, 5)}, 4: {"equal": (3, 3, 3, 3), "unequal": (2, 4, 3, 5)}}
 WEIGHTS = (1.0, 0.7)  # objective = l_ssl + 0.7 l_reg for AdaSSL
@@ -49,10 +49,10 @@ class Net(nn.Module):
 
     def forward(self, x, y, noise_xy, noise_yx, group=None, impl="torch"):
         ex, ey = self.f(x), self.f(y)
-        if self.op == "nt_xent":
+        if self.op.startswith("nt_xent"):
             cont, targ = torch.cat([self.h(ey), self.h(ex)]), torch.cat([ex, ey])
             return (adassl_fast.nt_xent(cont, targ, temperature=0.2, scale=self.lam, clamp=5.0, impl=impl,
-                                        process_group=group),)
+                                        process_group=group, normalize=self.op == "nt_xent"),)
         if self.op.startswith("siglip"):  # scale and bias receive gradients
             return (adassl_fast.siglip(ex, self.h(ey), scale=3 * self.lam, bias=self.bias,
                                        normalize=self.op == "siglip", impl=impl, process_group=group),)
@@ -62,9 +62,10 @@ class Net(nn.Module):
                                          clamp=None if sym else 4.0, impl=impl, process_group=group,
                                          labels=noise_xy),)
         if self.op.startswith("info_nce"):
-            sym = self.op == "info_nce"
+            sym = self.op != "info_nce_oneway"
             return (adassl_fast.info_nce(ex, self.h(ey), temperature=0.3, scale=self.lam, symmetric=sym,
-                                         clamp=None if sym else 4.0, impl=impl, process_group=group),)
+                                         clamp=None if sym else 4.0, impl=impl, process_group=group,
+                                         normalize=self.op != "info_nce_raw"),)
         v = self.op == "adassl_v"
         priors = (self.qxy(ey), self.qyx(ex)) if v else (None, None)
         return adassl_fast.adassl_nt_xent(ex, ey, self.pxy(ex), self.pyx(ey), *priors, variant="v" if v else "s",
@@ -377,12 +378,13 @@ def _op_args(op, group, schedule, m=7, d=5):
     """(the distributed op, its arguments) on one rank: m local rows of width d."""
     comm = (distributed.group_name(group), [m], schedule, 30.0)
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    if op == "nt_xent":
-        return distributed.nt_xent_ops.forward, (_leaf(m, d), _leaf(m, d), scale, *comm, 1 / 0.3, 4.0, "torch", True)
+    if op.startswith("nt_xent"):  # nt_xent_raw: normalize=False
+        return distributed.nt_xent_ops.forward, (_leaf(m, d), _leaf(m, d), scale, *comm, 1 / 0.3, 4.0, "torch", True,
+                                                 op == "nt_xent")
     if op.startswith("info_nce"):
         labels = torch.randint(0, 3, (m,)) if op.endswith("labels") else torch.empty(0, dtype=torch.int64)
         return distributed.info_nce_ops.forward, (_leaf(m, d), _leaf(m, d), scale, labels, *comm, 1 / 0.3, None,
-                                                  op != "info_nce_oneway", "torch", True)
+                                                  op != "info_nce_oneway", "torch", True, True)
     if op == "siglip":
         params = torch.tensor([3.0, -0.8], dtype=torch.float64, requires_grad=True)
         return distributed.siglip_ops.forward, (_leaf(m, d), _leaf(m, d), params, *comm, True, "torch", True)
@@ -390,12 +392,12 @@ def _op_args(op, group, schedule, m=7, d=5):
     draw = torch.randn if op == "adassl_v" else torch.rand
     noises = (draw(m, d, dtype=torch.float64), draw(m, d, dtype=torch.float64))
     return distributed.adassl_ops.forward, (_leaf(m, d), _leaf(m, d), _leaf(m, 2 * d), _leaf(m, 2 * d), *priors,
-                                            *noises, scale, *comm, 1 / 0.25, 20.0, op[-1], "torch", True)
+                                            *noises, scale, *comm, 1 / 0.25, 20.0, op[-1], "torch", True, True)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("op", ["nt_xent", "info_nce", "info_nce_oneway", "info_nce_labels", "siglip", "adassl_v",
-                                "adassl_s"])
+@pytest.mark.parametrize("op", ["nt_xent", "nt_xent_raw", "info_nce", "info_nce_oneway", "info_nce_labels", "siglip",
+                                "adassl_v", "adassl_s"])
 def test_the_distributed_ops_pass_opcheck(one_rank, op, schedule):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of each op, both schedules."""
     fn, args = _op_args(op, one_rank, schedule)

@@ -28,7 +28,7 @@ LAYERS = (
     ("apps", {"__main__", "apps", "apps.cli", "apps.train", "apps.compare", "apps.data", "apps.metrics",
               "apps.benchmark"}),
     ("public API", {"__init__"}),
-    ("modules", {"nn", "cached"}),
+    ("modules", {"nn", "cached", "compat"}),
     ("functional ops", {"nt_xent", "info_nce", "adassl", "latent", "siglip"}),
     ("distributed schedules", {"distributed"}),
     ("core op", {"core"}),

@@ -71,7 +71,7 @@ def test_torch_backend_matches_the_reference(monkeypatch, symmetric, clamp, temp
     with torch.no_grad():
         _assert_close([info_nce(q, k, scale=s, impl="torch", **kw)], want[:1])
     # the two-pass backward from the saved LSEs
-    loss = _labelled_ops[symmetric].forward(q, k, labels, s, 1 / temperature, clamp, "torch", True)[0]
+    loss = _labelled_ops[symmetric].forward(q, k, labels, s, 1 / temperature, clamp, "torch", True, True)[0]
     _assert_close((loss, *torch.autograd.grad(loss, [q, k, s])), want)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adassl_fast
 from adassl_fast.nn import AdaSSL, FoldAddition, InfoNCELoss, NTXentLoss, beta_at, byol_tau, ema_update
 
 D64 = torch.float64
@@ -234,11 +235,13 @@ def test_additive_simclr_uses_the_one_pass_op(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("variant", ["v", "s"])
-def test_one_pass_equals_composed_ops(variant):
+def test_one_pass_equals_composed_ops(variant, normalize):
     torch.manual_seed(0)
-    fused = AdaSSL(5, 5, variant=variant, hidden=(12,), learnable_scale=True).double()
-    composed = AdaSSL(5, 5, variant=variant, hidden=(12,), learnable_scale=True, fused=False).double()
+    fused = AdaSSL(5, 5, variant=variant, hidden=(12,), learnable_scale=True, normalize=normalize).double()
+    composed = AdaSSL(5, 5, variant=variant, hidden=(12,), learnable_scale=True, fused=False,
+                      normalize=normalize).double()
     composed.load_state_dict(fused.state_dict())
     ex, ey = torch.randn(6, 5, dtype=D64), torch.randn(6, 5, dtype=D64)
     nxy, nyx = noises(variant, 6, 5)
@@ -423,3 +426,17 @@ def test_bad_dims_and_inputs():
         AdaSSL(4, 4, objective="byol")(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(ValueError, match="temperature"):
         NTXentLoss(temperature=-1.0)
+
+
+def test_adassl_normalize_false_is_the_dot_product_loss():
+    """normalize=False reaches the loss: it equals nt_xent(normalize=False) of the composed edited rows."""
+    torch.manual_seed(1)
+    head = AdaSSL(5, 5, hidden=(12,), normalize=False, clamp=None).double()
+    ex, ey = 3 * torch.randn(6, 5, dtype=D64), 3 * torch.randn(6, 5, dtype=D64)
+    nxy, nyx = noises("v", 6, 5)
+    got = head(ex, ey, noise_xy=nxy, noise_yx=nyx)["l_ssl"]
+    r_xy, _ = head._latent(head.posterior(torch.cat([ex, ey], 1)), head.prior(ex), nxy)
+    r_yx, _ = head._latent(head.posterior(torch.cat([ey, ex], 1)), head.prior(ey), nyx)
+    want = adassl_fast.nt_xent(torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey]), temperature=0.1, clamp=None,
+                               impl="reference", normalize=False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
