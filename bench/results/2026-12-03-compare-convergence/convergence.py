@@ -72,11 +72,16 @@ def run(argv) -> None:
                                     range(a.eval_every, a.steps, a.eval_every))
         for rec in [*curve, {"step": a.steps, "runs": final}]:
             points.append({"step": rec["step"], "metrics": _record(jobs, rec["runs"])})
+        _write(a, points, t0)
     else:
         for budget in (int(b) for b in a.budgets.split(",")):
             jobs, final, _ = _train(budget, "cosine", a.lr, a.seeds, a.workers)
             points.append({"step": budget, "metrics": _record(jobs, final)})
             print(budget, f"{time.perf_counter() - t0:.0f} s", flush=True)
+            _write(a, points, t0)  # after every budget: a long sweep keeps what it has measured
+
+
+def _write(a, points: list, t0: float) -> None:
     json.dump({"kind": a.kind, "lr": a.lr, "command": " ".join(sys.argv), "time_s": time.perf_counter() - t0,
                "points": points}, open(a.out, "w"), indent=1)
 
