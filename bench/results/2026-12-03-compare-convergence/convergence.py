@@ -151,7 +151,11 @@ def plot(argv) -> None:
                     if main:
                         ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
                     knee = level_off(pts, m, metric)
-                    summary.setdefault(f"constant lr {curve['lr']:g}", {}).setdefault(m, {})[metric] = knee
+                    entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
+                    at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
+                    if at_default:  # how far below its best the method is at the default's steps
+                        entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
+                    summary.setdefault(f"constant lr {curve['lr']:g}", {}).setdefault(m, {})[metric] = entry
                     if main:
                         ax.axvline(knee, color=c, ls=":", lw=1.2)
                 else:
@@ -166,7 +170,7 @@ def plot(argv) -> None:
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
-    print(json.dumps({"level_off_step": summary}))
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
