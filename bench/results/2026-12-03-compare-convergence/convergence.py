@@ -131,7 +131,7 @@ def plot(argv) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--default-steps", type=int, default=0, help="draw the default compare's --steps")
     a = p.parse_args(argv)
-    curves = [_load(f) for f in a.files]
+    curves = [dict(_load(f), file=f) for f in a.files]
     if curves[0]["kind"] != "constant":
         p.error("the first file must be a `run constant` curve")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -143,10 +143,10 @@ def plot(argv) -> None:
                 pts = sorted(curve["points"], key=lambda pt: pt["step"])
                 steps = [pt["step"] for pt in pts]
                 ms = [_mean_std(pt, m, metric) for pt in pts]
-                label = f"{m}, {curve['kind']} lr {curve['lr']:g}"
+                label = f"{m}, {curve['kind']} lr {curve['lr']:g} ({curve['file']})"
                 if curve["kind"] == "constant":
                     main = i == 0
-                    ax.plot(steps, [x for x, _ in ms], color=c, lw=2 if main else 1, ls="-" if main else "--",
+                    ax.plot(steps, [x for x, _ in ms], color=c, lw=2 if main else 1, ls=("-", "--", ":", "-.")[i % 4],
                             alpha=1 if main else 0.6, label=label)
                     if main:
                         ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
@@ -155,19 +155,19 @@ def plot(argv) -> None:
                     at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
                     if at_default:  # how far below its best the method is at the default's steps
                         entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
-                    summary.setdefault(f"constant lr {curve['lr']:g}", {}).setdefault(m, {})[metric] = entry
+                    summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
                     if main:
                         ax.axvline(knee, color=c, ls=":", lw=1.2)
                 else:
-                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="o", ls="none",
-                                capsize=3, alpha=0.7, label=label)
+                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="os^v"[i % 4],
+                                ls="none", capsize=3, alpha=0.7, label=label)
         if a.default_steps:
             ax.axvline(a.default_steps, color="k", lw=1.5, label=f"default compare ({a.default_steps} steps)")
         ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of lr {curves[0]['lr']:g})",
                      fontsize=10)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+    axes[0].legend(fontsize=5, loc="lower right")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(json.dumps(summary, indent=1))
