@@ -80,11 +80,13 @@ class Config:
     encoder: str = "auto"  # mlp | resnet (auto: mlp for synthetic, resnet for images)
     encoder_hidden: tuple = (256, 256, 256)
     # optimisation
-    steps: int = 5000  # where the slowest method, AdaSSL-V, levels off (bench/results/2026-12-03-compare-convergence)
+    # Where the slowest method, AdaSSL-V, levels off and peaks; after it every method declines at a constant rate
+    # (bench/results/2026-12-03-compare-convergence).
+    steps: int = 5000
     batch_size: int = 256  # pairs per step per rank
-    lr: float = 1e-3
+    lr: float = 1e-3  # 2e-3: AdaSSL-V levels off earlier but lower, and every method declines faster (same results)
     # constant | cosine (lr * (1 + cos(pi (k - 1) / steps)) / 2 at step k). Constant: at 5000 steps cosine leaves
-    # AdaSSL-V well short of its plateau (held-out R^2 0.845 against 0.916; 2026-12-03-compare-convergence).
+    # AdaSSL-V short of its plateau (held-out R^2 0.845 from lr 1e-3, 0.904 from 2e-3, against 0.922 constant).
     lr_schedule: str = "constant"
     weight_decay: float = 1e-5
     grad_clip: float = 1.0

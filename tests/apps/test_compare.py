@@ -88,6 +88,18 @@ def test_beta_warmup_has_one_default_shared_by_train_and_compare():
         assert alone.beta_warmup_steps == runs.models[0].head.beta_warmup_steps == expected
 
 
+def test_steps_and_learning_rate_schedule_have_one_default_shared_by_train_and_compare():
+    """`adassl-fast compare` with no flags trains each run as `adassl-fast train --method M` with no flags: the
+    same steps, learning rate and schedule, so the same learning rate at every step."""
+    args = _compare_args()
+    for method in compare.METHODS:
+        run = compare.run_config(method, 0, 0.05, args)
+        alone = train.config_from_args([f"--{k.replace('_', '-')}={v}" for k, v in compare.METHODS[method].items()])
+        assert (run.steps, run.lr, run.lr_schedule) == (alone.steps, alone.lr, alone.lr_schedule)
+        assert [train.lr_at(k, run) for k in (1, run.steps // 2, run.steps)] == \
+            [train.lr_at(k, alone) for k in (1, alone.steps // 2, alone.steps)]
+
+
 def test_each_seed_has_its_own_mixing_shared_by_the_methods():
     args = _compare_args("--steps", "1")
     runs = compare.Runs([compare.run_config(m, s, 0.05, args) for m in ("simclr", "adassl-s") for s in (0, 1)])

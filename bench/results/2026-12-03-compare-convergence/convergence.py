@@ -1,17 +1,18 @@
 """Learning curves of `adassl-fast compare`'s three methods: held-out R^2, MCC and DCI-D against steps.
 
-Two kinds, both over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, peak lr 1e-3, everything else
-`adassl-fast train`'s defaults:
+Two kinds, both over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, (peak) learning rate --lr, everything
+else `adassl-fast train`'s defaults:
   constant: one run per method and seed at a constant learning rate, evaluated every --eval-every steps
             (where does each method level off?);
   cosine:   for each budget of --budgets, a full run with the cosine schedule over that budget, evaluated at
             its end (what the default `compare` would report at that --steps).
 
-    python convergence.py run constant --steps 8000 --eval-every 500 --out constant.json
+    python convergence.py run constant --lr 2e-3 --steps 8000 --eval-every 500 --out constant.json
     python convergence.py run cosine --budgets 1000,2000,6000 --out cosine_a.json
-    python convergence.py plot constant.json cosine_a.json [more cosine files] --out convergence.png
+    python convergence.py plot constant.json [more constant or cosine files] --default-steps 5000 --out convergence.png
 
-A cosine file may also be a compare.json written by `adassl-fast compare --lr-schedule cosine`.
+The plot marks the level-off steps of the first (constant) curve, the chosen protocol; the others are drawn for
+comparison. Any file may also be a compare.json written by `adassl-fast compare` (one point at its --steps).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from adassl_fast.apps import compare
 METRICS = compare.METRICS
 
 
-def _train(steps: int, schedule: str, seeds: int, workers: int, eval_steps=()) -> tuple[list, list, list]:
+def _train(steps: int, schedule: str, lr: float, seeds: int, workers: int, eval_steps=()) -> tuple[list, list, list]:
     """(jobs, final metrics per job, curve records): the runs in `workers` stacked groups, as compare does."""
-    args = compare.build_parser().parse_args(["--steps", str(steps), "--lr-schedule", schedule])
+    args = compare.build_parser().parse_args(["--steps", str(steps), "--lr-schedule", schedule, "--lr", str(lr)])
     jobs = [(m, s) for m in compare.METHODS for s in range(seeds)]
     groups = [jobs[i::workers] for i in range(workers)]
     datasets: dict = {}
@@ -58,6 +59,7 @@ def run(argv) -> None:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--budgets", default="1000,2000,4000")
+    p.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate of every run")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True)
@@ -66,16 +68,21 @@ def run(argv) -> None:
     t0 = time.perf_counter()
     points = []
     if a.kind == "constant":
-        jobs, final, curve = _train(a.steps, "constant", a.seeds, a.workers,
+        jobs, final, curve = _train(a.steps, "constant", a.lr, a.seeds, a.workers,
                                     range(a.eval_every, a.steps, a.eval_every))
         for rec in [*curve, {"step": a.steps, "runs": final}]:
             points.append({"step": rec["step"], "metrics": _record(jobs, rec["runs"])})
+        _write(a, points, t0)
     else:
         for budget in (int(b) for b in a.budgets.split(",")):
-            jobs, final, _ = _train(budget, "cosine", a.seeds, a.workers)
+            jobs, final, _ = _train(budget, "cosine", a.lr, a.seeds, a.workers)
             points.append({"step": budget, "metrics": _record(jobs, final)})
             print(budget, f"{time.perf_counter() - t0:.0f} s", flush=True)
-    json.dump({"kind": a.kind, "command": " ".join(sys.argv), "time_s": time.perf_counter() - t0,
+            _write(a, points, t0)  # after every budget: a long sweep keeps what it has measured
+
+
+def _write(a, points: list, t0: float) -> None:
+    json.dump({"kind": a.kind, "lr": a.lr, "command": " ".join(sys.argv), "time_s": time.perf_counter() - t0,
                "points": points}, open(a.out, "w"), indent=1)
 
 
@@ -90,15 +97,26 @@ def level_off(points: list, method: str, metric: str, tol: float = 0.01) -> int:
     return next(pt["step"] for pt, m in zip(points, means, strict=True) if m >= max(means) - tol)
 
 
-def _cosine_points(path: str) -> list:
-    """Points of a `run cosine` file, or the one point of an `adassl-fast compare` summary."""
+def _lr(d: dict) -> float:
+    """The (peak) learning rate of a curve file (from its command line if it predates the "lr" key; 1e-3 if it
+    predates --lr) or of a compare summary."""
+    if "meta" in d:
+        return d["meta"]["protocol"]["lr"]
+    words = d["command"].split()
+    return d.get("lr", float(words[words.index("--lr") + 1]) if "--lr" in words else 1e-3)
+
+
+def _load(path: str) -> dict:
+    """A `run` file, or an `adassl-fast compare` summary as a one-point cosine-or-constant file."""
     d = json.load(open(path))
     if "points" in d:
-        return d["points"]
-    steps = d["meta"]["protocol"]["steps"]
+        return {"kind": d["kind"], "lr": _lr(d), "points": d["points"]}
+    protocol = d["meta"]["protocol"]
     methods = [m for m in d if m != "meta"]
-    return [{"step": steps, "metrics": {m: {str(s): {k: d[m][k]["values"][s] for k in METRICS}
-                                            for s in range(len(d[m]["r2"]["values"]))} for m in methods}}]
+    point = {"step": protocol["steps"], "metrics": {m: {str(s): {k: d[m][k]["values"][s] for k in METRICS}
+                                                        for s in range(len(d[m]["r2"]["values"]))}
+                                                    for m in methods}}
+    return {"kind": "compare-" + protocol["lr_schedule"], "lr": _lr(d), "points": [point]}
 
 
 def plot(argv) -> None:
@@ -108,39 +126,51 @@ def plot(argv) -> None:
     import matplotlib.pyplot as plt
 
     p = argparse.ArgumentParser()
-    p.add_argument("constant")
-    p.add_argument("cosine", nargs="+")
+    p.add_argument("files", nargs="+", help="the first must be a constant-lr curve: the chosen protocol, whose "
+                                            "level-off steps are marked; further curves are drawn thinner")
     p.add_argument("--out", required=True)
     p.add_argument("--default-steps", type=int, default=0, help="draw the default compare's --steps")
     a = p.parse_args(argv)
-    const = json.load(open(a.constant))
-    cos = {"points": sorted((pt for f in a.cosine for pt in _cosine_points(f)), key=lambda pt: pt["step"])}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    curves = [dict(_load(f), file=f) for f in a.files]
+    if curves[0]["kind"] != "constant":
+        p.error("the first file must be a `run constant` curve")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = {"simclr": "tab:blue", "adassl-v": "tab:orange", "adassl-s": "tab:green"}
-    summary = {}
+    summary: dict = {}
     for ax, metric in zip(axes, METRICS, strict=True):
         for m, c in colors.items():
-            steps = [pt["step"] for pt in const["points"]]
-            ms = [_mean_std(pt, m, metric) for pt in const["points"]]
-            mean = [x for x, _ in ms]
-            ax.plot(steps, mean, color=c, label=f"{m}, constant lr")
-            ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
-            knee = level_off(const["points"], m, metric)
-            summary.setdefault(m, {})[metric] = knee
-            ax.axvline(knee, color=c, ls=":", lw=1)
-            budgets = [pt["step"] for pt in cos["points"]]
-            cms = [_mean_std(pt, m, metric) for pt in cos["points"]]
-            ax.errorbar(budgets, [x for x, _ in cms], yerr=[s for _, s in cms], color=c, marker="o", ls="--",
-                        capsize=3, label=f"{m}, cosine over the budget")
+            for i, curve in enumerate(curves):
+                pts = sorted(curve["points"], key=lambda pt: pt["step"])
+                steps = [pt["step"] for pt in pts]
+                ms = [_mean_std(pt, m, metric) for pt in pts]
+                label = f"{m}, {curve['kind']} lr {curve['lr']:g} ({curve['file']})"
+                if curve["kind"] == "constant":
+                    main = i == 0
+                    ax.plot(steps, [x for x, _ in ms], color=c, lw=2 if main else 1, ls=("-", "--", ":", "-.")[i % 4],
+                            alpha=1 if main else 0.6, label=label)
+                    if main:
+                        ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
+                    knee = level_off(pts, m, metric)
+                    entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
+                    at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
+                    if at_default:  # how far below its best the method is at the default's steps
+                        entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
+                    summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
+                    if main:
+                        ax.axvline(knee, color=c, ls=":", lw=1.2)
+                else:
+                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="os^v"[i % 4],
+                                ls="none", capsize=3, alpha=0.7, label=label)
         if a.default_steps:
             ax.axvline(a.default_steps, color="k", lw=1.5, label=f"default compare ({a.default_steps} steps)")
-        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off)", fontsize=10)
+        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of lr {curves[0]['lr']:g})",
+                     fontsize=10)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=5, loc="lower right")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
-    print(json.dumps({"level_off_step": summary}))
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
