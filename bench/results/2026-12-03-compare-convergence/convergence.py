@@ -1,14 +1,15 @@
 """Learning curves of `adassl-fast compare`'s three methods: held-out R^2, MCC and DCI-D against steps.
 
-Two kinds, both over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, (peak) learning rate --lr, everything
+Three kinds, all over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, (peak) learning rate --lr, everything
 else `adassl-fast train`'s defaults:
   constant: one run per method and seed at a constant learning rate, evaluated every --eval-every steps
             (where does each method level off?);
-  cosine:   for each budget of --budgets, a full run with the cosine schedule over that budget, evaluated at
-            its end (what the default `compare` would report at that --steps).
+  cosine, wsd: for each budget of --budgets, a full run with that learning-rate schedule over that budget,
+            evaluated at its end (what `compare --lr-schedule KIND --steps BUDGET` would report).
 
     python convergence.py run constant --lr 2e-3 --steps 8000 --eval-every 500 --out constant.json
     python convergence.py run cosine --budgets 1000,2000,6000 --out cosine_a.json
+    python convergence.py run wsd --budgets 5000,3500,2000 --out wsd.json
     python convergence.py plot constant.json [more constant or cosine files] --default-steps 5000 --out convergence.png
 
 The plot marks the level-off steps of the first (constant) curve, the chosen protocol; the others are drawn for
@@ -55,7 +56,7 @@ def _record(jobs, evals) -> dict:
 
 def run(argv) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=("constant", "cosine"))
+    p.add_argument("kind", choices=("constant", "cosine", "wsd"))
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--budgets", default="1000,2000,4000")
@@ -75,7 +76,7 @@ def run(argv) -> None:
         _write(a, points, t0)
     else:
         for budget in (int(b) for b in a.budgets.split(",")):
-            jobs, final, _ = _train(budget, "cosine", a.lr, a.seeds, a.workers)
+            jobs, final, _ = _train(budget, a.kind, a.lr, a.seeds, a.workers)
             points.append({"step": budget, "metrics": _record(jobs, final)})
             print(budget, f"{time.perf_counter() - t0:.0f} s", flush=True)
             _write(a, points, t0)  # after every budget: a long sweep keeps what it has measured
