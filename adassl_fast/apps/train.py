@@ -152,7 +152,7 @@ OPTIONS = {
     "steps": Option("total optimisation steps of the run", int, minimum=1),
     "batch_size": Option("pairs per step per rank", int, minimum=2),
     "lr": Option("AdamW learning rate", float, above=0),
-    "lr_schedule": Option("learning-rate schedule over the run (wsd: constant, then linear to 0 over the last 20%)",
+    "lr_schedule": Option("learning-rate schedule over the run (wsd: constant, then linear to 0 over the last fifth)",
                           choices=("constant", "cosine", "wsd")),
     "weight_decay": Option("AdamW weight decay (not on 1-D parameters)", float, minimum=0),
     "grad_clip": Option("clip the gradient norm to this (0: off)", float, minimum=0),
