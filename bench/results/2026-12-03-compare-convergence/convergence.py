@@ -12,8 +12,10 @@ else `adassl-fast train`'s defaults:
     python convergence.py run wsd --budgets 5000,3500,2000 --out wsd.json
     python convergence.py plot constant.json [more constant or cosine files] --default-steps 5000 --out convergence.png
 
-The plot marks the level-off steps of the first (constant) curve, the chosen protocol; the others are drawn for
-comparison. Any file may also be a compare.json written by `adassl-fast compare` (one point at its --steps).
+The plot marks the level-off steps of the first curve, the chosen protocol; the others are drawn for comparison.
+The level-off (printed as JSON for every curve of two or more points) is the first step or budget whose seed-mean
+is within 0.01 of the curve's best. Any file may also be a compare.json written by `adassl-fast compare` (one
+point at its --steps).
 """
 
 from __future__ import annotations
@@ -127,14 +129,12 @@ def plot(argv) -> None:
     import matplotlib.pyplot as plt
 
     p = argparse.ArgumentParser()
-    p.add_argument("files", nargs="+", help="the first must be a constant-lr curve: the chosen protocol, whose "
-                                            "level-off steps are marked; further curves are drawn thinner")
+    p.add_argument("files", nargs="+", help="the first is the chosen protocol (drawn thick, its level-off steps "
+                                            "marked); further curves are drawn thinner (constant) or as markers")
     p.add_argument("--out", required=True)
     p.add_argument("--default-steps", type=int, default=0, help="draw the default compare's --steps")
     a = p.parse_args(argv)
     curves = [dict(_load(f), file=f) for f in a.files]
-    if curves[0]["kind"] != "constant":
-        p.error("the first file must be a `run constant` curve")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = {"simclr": "tab:blue", "adassl-v": "tab:orange", "adassl-s": "tab:green"}
     summary: dict = {}
@@ -145,26 +145,30 @@ def plot(argv) -> None:
                 steps = [pt["step"] for pt in pts]
                 ms = [_mean_std(pt, m, metric) for pt in pts]
                 label = f"{m}, {curve['kind']} lr {curve['lr']:g} ({curve['file']})"
-                if curve["kind"] == "constant":
-                    main = i == 0
+                main = i == 0
+                if main or curve["kind"] == "constant":
                     ax.plot(steps, [x for x, _ in ms], color=c, lw=2 if main else 1, ls=("-", "--", ":", "-.")[i % 4],
+                            marker="o" if curve["kind"] != "constant" else None,
                             alpha=1 if main else 0.6, label=label)
                     if main:
                         ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
-                    knee = level_off(pts, m, metric)
-                    entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
-                    at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
-                    if at_default:  # how far below its best the method is at the default's steps
-                        entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
-                    summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
-                    if main:
-                        ax.axvline(knee, color=c, ls=":", lw=1.2)
                 else:
                     ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="os^v"[i % 4],
                                 ls="none", capsize=3, alpha=0.7, label=label)
+                if len(pts) < 2:
+                    continue
+                knee = level_off(pts, m, metric)
+                entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
+                at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
+                if at_default:  # how far below its best the method is at the default's steps
+                    entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
+                summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
+                if main:
+                    ax.axvline(knee, color=c, ls=":", lw=1.2)
         if a.default_steps:
             ax.axvline(a.default_steps, color="k", lw=1.5, label=f"default compare ({a.default_steps} steps)")
-        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of lr {curves[0]['lr']:g})",
+        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of {curves[0]['kind']} "
+                     f"lr {curves[0]['lr']:g})",
                      fontsize=10)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
