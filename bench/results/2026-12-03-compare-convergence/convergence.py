@@ -153,8 +153,8 @@ def plot(argv) -> None:
                     if main:
                         ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
                 else:
-                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="os^v"[i % 4],
-                                ls="none", capsize=3, alpha=0.7, label=label)
+                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="osD^v<>p"[i % 8],
+                                ls="-" if len(pts) > 1 else "none", lw=0.8, capsize=3, alpha=0.7, label=label)
                 if len(pts) < 2:
                     continue
                 knee = level_off(pts, m, metric)
