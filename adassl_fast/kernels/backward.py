@@ -1,7 +1,7 @@
 """The backward core: row and column gradients and dscale, recomputing S tile by tile from the saved LSEs.
 
 G = grad / M * (P - onehot(pos)) * [|S| <= clamp], dU = s G V, dV = s G^T U, dscale = 1/tau sum G * C, then
-the normalisation backward (and, for AdaSSL, the latent backward) of each side.
+the normalisation backward (skipped with normalize=False) and, for AdaSSL, the latent backward of each side.
 - Deterministic: a row-owned kernel (sum_j G_ij v_j) and a column-owned kernel (sum_i G_ij u_i, from the
   transposed tile V U^T, so nothing is transposed on chip), no atomics. Non-deterministic: the row-owned
   kernel also adds G^T U into an fp32 (N, d) buffer with atomics (6 instead of 8 M^2 d FLOPs); where the
@@ -67,6 +67,7 @@ def _bwd_row_kernel(
     cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, SYM: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     # Row-owned: dU and (by the bilinear identity sum_j G_ij C_ij = <u_i, sum_j G_ij v_j>) dscale,
     # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
@@ -83,7 +84,7 @@ def _bwd_row_kernel(
     pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
     lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
-    binds = clamp_binds(sk2, clamp2)
+    binds = clamp_binds(sk2, clamp2, NORMALIZE)
 
     du = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     col_start = pid_s * cols_per_split
@@ -117,7 +118,7 @@ def _bwd_col_kernel(
     u_ptr, v_ptr, pos_ptr, excl_ptr, scale_ptr, M, N, d, inv_t, clamp2,  # the logits, as in _fwd_kernel
     rows_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SYM: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SYM: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # Column-owned: this program owns BLOCK_N rows of v and streams BLOCK_M rows of u. It forms the
     # transposed tile S^T = V U^T directly, so G^T is the register operand of the second product and
@@ -132,7 +133,7 @@ def _bwd_col_kernel(
 
     t = operand(load_rows(v_ptr, v_ptr, cols, dd, N, N, d, d, False), UPCAST)
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
-    binds = clamp_binds(sk2, clamp2)
+    binds = clamp_binds(sk2, clamp2, NORMALIZE)
     if SYM:
         lse2_t = tl.load(lsec_ptr + cols, mask=cols < N, other=float("inf"))[:, None] * LOG2E
 
@@ -178,6 +179,7 @@ def _finish_block(
     inv_t,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     """Rows [pid * BLOCK_M, +BLOCK_M) of one side (see _finish_kernel)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,10 +194,13 @@ def _finish_block(
         u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, ld, False).to(ACC)
         tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale * inv_t)
     g = g * (gscale * tl.load(scale_ptr) * inv_t)
-    x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
-                      noise_a, noise_b, ACC, PROLOGUE)
-    inv = tl.load(rinv_ptr + rows, mask=rows < R, other=0.0)
-    dc = _normalize_backward(g, x, inv, ACC)
+    if NORMALIZE:
+        x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
+                          noise_a, noise_b, ACC, PROLOGUE)
+        inv = tl.load(rinv_ptr + rows, mask=rows < R, other=0.0)
+        dc = _normalize_backward(g, x, inv, ACC)
+    else:  # the rows were used as given: g is already their gradient
+        dc = g
     if PROLOGUE == 0:
         store_rows(dst_a, dst_b, rows, dd, half, R, d, d, dc, TWO_PART, ACCUM)
     else:
@@ -222,10 +227,10 @@ def _finish_kernel(
     grid_r,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     PROLOGUE: tl.constexpr, TWO_PART: tl.constexpr, ACCUM: tl.constexpr, DSCALE: tl.constexpr,
-    BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr,
+    BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
-    # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
+    # grad_loss / M and scale / tau, the normalisation backward (NORMALIZE only) and (AdaSSL) the latent backward.
     # One launch for both sides where their sinks are distinct (small M is bound by launches).
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -234,12 +239,12 @@ def _finish_kernel(
                       half_c, N, d, ld, nsplit_c, n_loss,
                       targ_a, targ_b, targ_a, targ_b, targ_a, targ_b, targ_a, targ_b,
                       cdst_a, cdst_b, cdst_a, cdst_b, cdst_a, cdst_b, inv_t,
-                      ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False)
+                      ACC, BLOCK_C, BLOCK_D, 0, TWO_PART_C, False, False, NORMALIZE)
     else:
         _finish_block(part_ptr, dsc_ptr, u_ptr, rinv_ptr, scale_ptr, grad_ptr, greg_ptr, pid,
                       half, R, d, ld, nsplit, n_loss, emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,
                       dst_a, dst_b, dpost_a, dpost_b, dprior_a, dprior_b, inv_t,
-                      ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE)
+                      ACC, BLOCK_M, BLOCK_D, PROLOGUE, TWO_PART, ACCUM, DSCALE, NORMALIZE)
 
 
 @dataclass
@@ -280,7 +285,7 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
     configs = configs or {}
     cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + suffix, device, dtype, d)
     cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + suffix, device, dtype, d)
-    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat)
+    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat, logits.normalize)
     ld = u.shape[1]  # the matrix kernels' width: d padded to 16 (normalize_rows)
     lsec = col_lse if sym else lse
     n_loss = 2 * M if sym else M
@@ -326,7 +331,7 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
             *first.args(), *second.plain_args(), grid_r,
             BLOCK_M=block, BLOCK_D=block_d(d), PROLOGUE=first.source.prologue, TWO_PART=first.two_part,
             ACCUM=accum, DSCALE=row_side is not None, BOTH=both, BLOCK_C=block_c, TWO_PART_C=second.two_part,
-            num_warps=4)
+            NORMALIZE=logits.normalize, num_warps=4)
         return dsc
 
     if grad_reg is None:

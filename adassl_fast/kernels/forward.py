@@ -29,7 +29,7 @@ def _fwd_kernel(
     M, N, d, inv_t, clamp2,  # clamp2: the clamp in log2 units
     cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     # as a tensor: tl.minimum / tl.maximum would round a bare float argument to fp32 (interpreter, fp64)
@@ -44,7 +44,7 @@ def _fwd_kernel(
     x = operand(load_rows(u_ptr, u_ptr, rows, dd, M, M, d, d, False), UPCAST)
     sk2 = tl.load(scale_ptr) * inv_t * LOG2E
     pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
-    binds = clamp_binds(sk2, clamp2)
+    binds = clamp_binds(sk2, clamp2, NORMALIZE)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, ACC)
@@ -132,7 +132,7 @@ def forward_core(rows: RowSource, cols: RowSource, logits: Logits, *, num_splits
     """
     dtype, device = cols.emb_a.dtype, cols.emb_a.device
     stat = stat_dtype(dtype)
-    u, _, reg, v, _ = normalize_rows(rows, cols, stat)
+    u, _, reg, v, _ = normalize_rows(rows, cols, stat, logits.normalize)
     lse = empty(rows.rows, stat, device)
     loss_part = empty(cdiv(rows.rows, MERGE_BLOCK), stat, device)
     row_lse(u, v, logits, lse, loss_part, rows.rows, config or pick_config("fwd", device, dtype, rows.width),

@@ -20,7 +20,7 @@ from .rows import RowSink, RowSource
 from .tiles import Logits
 
 
-def _diagonal(query, key, indices, scale, inv_temperature, clamp) -> Logits:
+def _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize) -> Logits:
     """The logits of S = scale / tau * u v^T with positives on the diagonal and nothing excluded.
 
     indices: (pos, excl) = (arange(N), -1 everywhere) as (N,) int64 tensors (the caller keeps one pair per N:
@@ -29,22 +29,24 @@ def _diagonal(query, key, indices, scale, inv_temperature, clamp) -> Logits:
     pos, excl = indices
     check_core_inputs(query, key, pos, excl, scale)
     assert key.shape == query.shape, (query.shape, key.shape)
-    return Logits(pos, excl, scale, inv_temperature, clamp)
+    return Logits(pos, excl, scale, inv_temperature, clamp, bool(normalize))
 
 
 @on_input_device
-def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, num_splits=None, config=None):
+def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, normalize=True, num_splits=None,
+                     config=None):
     """Fused forward of the symmetric InfoNCE loss.
 
     query, key (N, d): same floating dtype, contiguous; scale () float32 (float64 for float64 inputs);
-    inv_temperature float; clamp float or None; indices: the diagonal (pos, excl) (N,) int64 (see _diagonal).
+    inv_temperature float; clamp float or None; indices: the diagonal (pos, excl) (N,) int64 (see _diagonal);
+    normalize=False: the rows as given (kernels/nt_xent.py).
     Returns (loss (), lse (2, N): row LSEs then column LSEs), float32 (float64 for float64 inputs).
     """
-    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize)
     N, d = query.shape
     dtype, device = query.dtype, query.device
     stat = stat_dtype(dtype)
-    u, _, _, v, _ = normalize_rows(RowSource.plain(query), RowSource.plain(key), stat)
+    u, _, _, v, _ = normalize_rows(RowSource.plain(query), RowSource.plain(key), stat, logits.normalize)
     cfg = config or pick_config("fwd", device, dtype, d)
     lse = empty((2, N), stat, device)
     loss_part = empty((2, cdiv(N, MERGE_BLOCK)), stat, device)
@@ -56,13 +58,13 @@ def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, num_
 
 @on_input_device
 def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *, indices,
-                      num_splits=None, configs=None):
+                      normalize=True, num_splits=None, configs=None):
     """Fused backward of the symmetric InfoNCE loss.
 
-    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward; indices as there.
+    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward; indices, normalize as there.
     deterministic as in nt_xent_backward. Returns (dquery, dkey (N, d)) in the input dtype and dscale ().
     """
-    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize)
     assert lse.shape == (2, query.shape[0]), lse.shape
     lse = lse.contiguous()
     dquery = empty(query.shape, query.dtype, query.device)

@@ -1,7 +1,8 @@
 """What the matrix kernels share: the logits they score, and the tile helpers of forward and backward.
 
 Every matrix kernel (kernels/forward.py, kernels/backward.py) streams normalised rows u (M, ld) against
-v (N, ld) and scores them the same way: S_ij = scale / tau * <u_i, v_j>, clamped to +-clamp, row i's
+v (N, ld) (or, with normalize=False, the rows as given) and scores them the same way:
+S_ij = scale / tau * <u_i, v_j>, clamped to +-clamp, row i's
 positive column pos_i and excluded column excl_i (-1: none). Logits carries that scoring on the host and
 hands every matrix kernel the same run of arguments (u, v, pos, excl, scale, M, N, ld, 1 / tau, clamp);
 the Triton helpers below find the tiles that need masks and the blocks where the clamp can bind.
@@ -26,7 +27,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 class Logits:
     """How the matrix kernels score rows against columns (docs/backends.md, the nt_xent core).
 
-    pos, excl: (M,) int64, contiguous; scale: () in the statistics dtype; clamp: float or None.
+    pos, excl: (M,) int64, contiguous; scale: () in the statistics dtype; clamp: float or None;
+    normalize: whether u, v are the normalised rows (False: the rows as given, docs/backends.md).
     """
 
     pos: torch.Tensor
@@ -34,6 +36,7 @@ class Logits:
     scale: torch.Tensor
     inv_temperature: float
     clamp: float | None
+    normalize: bool = True
 
     def args(self, u: torch.Tensor, v: torch.Tensor) -> tuple:
         """The arguments every matrix kernel takes from u_ptr to clamp2, scoring u (M, ld) against v (N, ld)."""
@@ -44,7 +47,7 @@ class Logits:
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         upcast, prec = dot_precision(dtype)
-        return dict(CLAMP=self.clamp is not None, UPCAST=upcast, PREC=prec)
+        return dict(CLAMP=self.clamp is not None, UPCAST=upcast, PREC=prec, NORMALIZE=self.normalize)
 
 
 @triton.jit
@@ -79,8 +82,13 @@ def holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop):
 
 
 @triton.jit
-def clamp_binds(sk2, clamp2):
+def clamp_binds(sk2, clamp2, NORMALIZE: tl.constexpr):
     """False when no logit can reach the clamp: |S| <= |scale / tau| |cos| and |cos| <= 1, with 1 % to
     spare for operands rounded to bf16. Then the clamp is the identity and every tile skips it (clamp 20
-    at tau 0.1, the benchmark's setting, while |scale| < 1.98)."""
-    return tl.abs(sk2) * 1.01 >= clamp2
+    at tau 0.1, the benchmark's setting, while |scale| < 1.98). Rows taken as given (NORMALIZE off) have
+    no such bound: there the clamp always applies."""
+    if NORMALIZE:
+        binds = tl.abs(sk2) * 1.01 >= clamp2
+    else:
+        binds = tl.full([], 1, tl.int1)
+    return binds

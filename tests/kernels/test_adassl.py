@@ -11,6 +11,7 @@ from adassl_fast.adassl import adassl_nt_xent_reference
 from adassl_fast.indices import partner_indices
 from adassl_fast.kernels import adassl as ak
 from adassl_fast.kernels import launch
+from tests.rows_as_given import adassl_losses, free_rows, leaves
 
 pytestmark = pytest.mark.triton
 
@@ -51,14 +52,14 @@ def _reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg):
     return l_ssl.detach(), l_reg.detach(), list(grads)
 
 
-def _kernel(ins, variant, scale, temperature, clamp, g_ssl, g_reg, deterministic, num_splits):
+def _kernel(ins, variant, scale, temperature, clamp, g_ssl, g_reg, deterministic, num_splits, normalize=True):
     partners = partner_indices(2 * ins[0].shape[0], ins[0].device)
     l_ssl, l_reg, lse = ak.adassl_forward(*ins, scale, 1 / temperature, clamp, variant, indices=partners,
-                                          num_splits=num_splits)
+                                          normalize=normalize, num_splits=num_splits)
     st = l_ssl.dtype
     out = ak.adassl_backward(
         torch.tensor(g_ssl, dtype=st), torch.tensor(g_reg, dtype=st), *ins, scale, lse, 1 / temperature, clamp,
-        variant, deterministic, indices=partners, num_splits=num_splits,
+        variant, deterministic, indices=partners, normalize=normalize, num_splits=num_splits,
     )
     grads = list(out[:4]) + (list(out[4:6]) if variant == "v" else []) + [out[6]]
     if variant == "s":
@@ -137,3 +138,60 @@ def test_out_of_bounds_guarded_by_sentinels():
         assert torch.equal(x, y)
     for buf, v in zip(bufs, views, strict=True):
         assert (buf[:4096] == 1.0e30).all() and (buf[4096 + v.numel() :] == 1.0e30).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize=False: the edited rows and the targets as given (docs/backends.md), against the float64 oracle of
+# tests/rows_as_given.py.
+
+
+def as_given_inputs(B, d, variant, dtype=F64):
+    """AdaSSL inputs whose edited rows and targets have norms spread around 1 (0.4 to ~3), so the logits of the
+    rows as given stay O(scale / tau) and neither setting of normalize saturates the softmax."""
+    emb_x, emb_y = free_rows(B, d), free_rows(B, d)
+    if variant == "v":  # mu ~ 0.5 / row, sigma = softplus(~ -4 +- 1) ~ 0.02 - 0.05
+        post_xy, post_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
+        prior_xy, prior_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
+        noise_xy, noise_yx = torch.randn(B, d, dtype=F64), torch.randn(B, d, dtype=F64)
+    else:  # mask logits ~ N(0, 1), the masked values ~ 0.5 / row
+        post_xy, post_yx = (torch.cat([torch.randn(B, d, dtype=F64), 0.5 * free_rows(B, d)], 1) for _ in "xy")
+        prior_xy = prior_yx = torch.empty(0, dtype=F64)
+        noise_xy, noise_yx = torch.rand(B, d, dtype=F64), torch.rand(B, d, dtype=F64)
+    ins = [emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx]
+    return [t.to(dtype) for t in ins]
+
+
+def as_given_reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg, normalize=False):
+    graded = leaves(*ins[:4], *(ins[4:6] if variant == "v" else []), scale)
+    tensors = graded[:4] + (graded[4:6] if variant == "v" else list(ins[4:6])) + list(ins[6:]) + [graded[-1]]
+    l_ssl, l_reg = adassl_losses(*tensors, 1 / temperature, clamp, variant, normalize)
+    grads = torch.autograd.grad([l_ssl, l_reg], graded, [torch.tensor(g, dtype=F64) for g in (g_ssl, g_reg)])
+    return l_ssl.detach(), l_reg.detach(), list(grads)
+
+
+@pytest.mark.parametrize(
+    "B,d,variant,clamp,deterministic,num_splits",
+    [
+        (3, 5, "v", None, True, 1),
+        (17, 24, "v", 3.0, True, None),
+        (33, 37, "v", 3.0, False, 1),
+        (17, 37, "s", 3.0, False, None),
+        (65, 5, "s", None, True, 1),
+        (9, 131, "s", 3.0, True, None),  # BLOCK_D 256
+    ],
+)
+def test_rows_as_given_match_float64(B, d, variant, clamp, deterministic, num_splits):
+    ins = as_given_inputs(B, d, variant)
+    scale, temperature = torch.tensor(1.3, dtype=F64), 0.5  # |scale / tau| = 2.6 < clamp
+    l_ssl, l_reg, lse, grads = _kernel(ins, variant, scale, temperature, clamp, 0.9, 0.6, deterministic, num_splits,
+                                       normalize=False)
+    r_ssl, r_reg, r_grads = as_given_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6)
+    n_ssl, _, n_grads = as_given_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6, normalize=True)
+    assert abs(n_ssl - r_ssl) > 1e-2 and (n_grads[0] - r_grads[0]).abs().max() > 1e-2 * r_grads[0].abs().max()
+    assert abs(l_ssl.item() - r_ssl.item()) <= 1e-12
+    assert abs(l_reg.item() - r_reg.item()) <= 1e-12 * max(1.0, abs(r_reg.item()))
+    for name, a, b in zip(_names(variant), grads, r_grads, strict=True):
+        assert a.dtype == F64 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        err = (a - b).abs().max().item()
+        assert err <= 1e-12 * max(1.0, b.abs().max().item()), f"{name}: {err:.3e}"
