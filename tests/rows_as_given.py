@@ -77,7 +77,32 @@ def adassl_losses(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, 
     return l_ssl, (reg_xy + reg_yx) / 2
 
 
-
 def leaves(*tensors):
     """float64 copies of `tensors` that require grad (the oracle's inputs)."""
     return [t.detach().to(F64).requires_grad_() for t in tensors]
+
+
+def adassl_inputs(B, d, variant, dtype=F64):
+    """AdaSSL inputs whose edited rows and targets have norms spread around 1 (0.4 to ~3), so the logits of the
+    rows as given stay O(scale / tau) and neither setting of normalize saturates the softmax."""
+    emb_x, emb_y = free_rows(B, d), free_rows(B, d)
+    if variant == "v":  # mu ~ 0.5 / row, sigma = softplus(~ -4 +- 1) ~ 0.02 - 0.05
+        post_xy, post_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
+        prior_xy, prior_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
+        noise_xy, noise_yx = torch.randn(B, d, dtype=F64), torch.randn(B, d, dtype=F64)
+    else:  # mask logits ~ N(0, 1), the masked values ~ 0.5 / row
+        post_xy, post_yx = (torch.cat([torch.randn(B, d, dtype=F64), 0.5 * free_rows(B, d)], 1) for _ in "xy")
+        prior_xy = prior_yx = torch.empty(0, dtype=F64)
+        noise_xy, noise_yx = torch.rand(B, d, dtype=F64), torch.rand(B, d, dtype=F64)
+    ins = [emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx]
+    return [t.to(dtype) for t in ins]
+
+
+def adassl_reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg, normalize=False):
+    """(l_ssl, l_reg, the gradients of g_ssl l_ssl + g_reg l_reg w.r.t. emb_x, emb_y, post_*, (prior_* for "v"),
+    scale) by adassl_losses, float64."""
+    graded = leaves(*ins[:4], *(ins[4:6] if variant == "v" else []), scale)
+    tensors = graded[:4] + (graded[4:6] if variant == "v" else list(ins[4:6])) + list(ins[6:]) + [graded[-1]]
+    l_ssl, l_reg = adassl_losses(*tensors, 1 / temperature, clamp, variant, normalize)
+    grads = torch.autograd.grad([l_ssl, l_reg], graded, [torch.tensor(g, dtype=F64) for g in (g_ssl, g_reg)])
+    return l_ssl.detach(), l_reg.detach(), list(grads)

@@ -11,7 +11,7 @@ from adassl_fast.adassl import adassl_nt_xent_reference
 from adassl_fast.indices import partner_indices
 from adassl_fast.kernels import adassl as ak
 from adassl_fast.kernels import launch
-from tests.rows_as_given import adassl_losses, free_rows, leaves
+from tests.rows_as_given import adassl_inputs, adassl_reference
 
 pytestmark = pytest.mark.triton
 
@@ -145,30 +145,6 @@ def test_out_of_bounds_guarded_by_sentinels():
 # tests/rows_as_given.py.
 
 
-def as_given_inputs(B, d, variant, dtype=F64):
-    """AdaSSL inputs whose edited rows and targets have norms spread around 1 (0.4 to ~3), so the logits of the
-    rows as given stay O(scale / tau) and neither setting of normalize saturates the softmax."""
-    emb_x, emb_y = free_rows(B, d), free_rows(B, d)
-    if variant == "v":  # mu ~ 0.5 / row, sigma = softplus(~ -4 +- 1) ~ 0.02 - 0.05
-        post_xy, post_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
-        prior_xy, prior_yx = (torch.cat([0.5 * free_rows(B, d), torch.randn(B, d, dtype=F64) - 4], 1) for _ in "xy")
-        noise_xy, noise_yx = torch.randn(B, d, dtype=F64), torch.randn(B, d, dtype=F64)
-    else:  # mask logits ~ N(0, 1), the masked values ~ 0.5 / row
-        post_xy, post_yx = (torch.cat([torch.randn(B, d, dtype=F64), 0.5 * free_rows(B, d)], 1) for _ in "xy")
-        prior_xy = prior_yx = torch.empty(0, dtype=F64)
-        noise_xy, noise_yx = torch.rand(B, d, dtype=F64), torch.rand(B, d, dtype=F64)
-    ins = [emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx]
-    return [t.to(dtype) for t in ins]
-
-
-def as_given_reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg, normalize=False):
-    graded = leaves(*ins[:4], *(ins[4:6] if variant == "v" else []), scale)
-    tensors = graded[:4] + (graded[4:6] if variant == "v" else list(ins[4:6])) + list(ins[6:]) + [graded[-1]]
-    l_ssl, l_reg = adassl_losses(*tensors, 1 / temperature, clamp, variant, normalize)
-    grads = torch.autograd.grad([l_ssl, l_reg], graded, [torch.tensor(g, dtype=F64) for g in (g_ssl, g_reg)])
-    return l_ssl.detach(), l_reg.detach(), list(grads)
-
-
 @pytest.mark.parametrize(
     "B,d,variant,clamp,deterministic,num_splits",
     [
@@ -181,12 +157,12 @@ def as_given_reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg, no
     ],
 )
 def test_rows_as_given_match_float64(B, d, variant, clamp, deterministic, num_splits):
-    ins = as_given_inputs(B, d, variant)
+    ins = adassl_inputs(B, d, variant)
     scale, temperature = torch.tensor(1.3, dtype=F64), 0.5  # |scale / tau| = 2.6 < clamp
     l_ssl, l_reg, lse, grads = _kernel(ins, variant, scale, temperature, clamp, 0.9, 0.6, deterministic, num_splits,
                                        normalize=False)
-    r_ssl, r_reg, r_grads = as_given_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6)
-    n_ssl, _, n_grads = as_given_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6, normalize=True)
+    r_ssl, r_reg, r_grads = adassl_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6)
+    n_ssl, _, n_grads = adassl_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6, normalize=True)
     assert abs(n_ssl - r_ssl) > 1e-2 and (n_grads[0] - r_grads[0]).abs().max() > 1e-2 * r_grads[0].abs().max()
     assert abs(l_ssl.item() - r_ssl.item()) <= 1e-12
     assert abs(l_reg.item() - r_reg.item()) <= 1e-12 * max(1.0, abs(r_reg.item()))
