@@ -319,12 +319,12 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
         """One launch for the sides given (either may be None). The row side also writes the per-program
         dscale shares (returned)."""
         first = row_side or col_side
-        block = rows_per_program(d, first.source.prologue, finishing=True)
+        block = rows_per_program(d, first.source.prologue, finishing=True, normalize=logits.normalize)
         grid_r = cdiv(first.source.rows, block)
         dsc = empty(grid_r, stat, device) if row_side else first.inv
         both = row_side is not None and col_side is not None
         second = col_side if both else first
-        block_c = rows_per_program(d, 0, finishing=True)
+        block_c = rows_per_program(d, 0, finishing=True, normalize=logits.normalize)
         grid = grid_r + (cdiv(N, block_c) if both else 0)
         _finish_kernel[(grid,)](
             dsc, u, logits.scale, grad_loss, grad_reg, d, ld, n_loss, float(logits.inv_temperature),
