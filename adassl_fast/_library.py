@@ -283,24 +283,28 @@ def _triton_backend() -> Backend:
     the library)."""
     from adassl_fast.kernels import adassl, info_nce, nt_xent, siglip
 
-    def info_nce_forward(query, *args):
-        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+    def info_nce_forward(query, *args, **options):  # options: normalize (docs/backends.md)
+        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device), **options)
 
-    def info_nce_backward(grad_loss, query, *args):
-        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+    def info_nce_backward(grad_loss, query, *args, **options):
+        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device),
+                                          **options)
 
-    def adassl_forward(emb_x, *args):
-        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
+    def adassl_forward(emb_x, *args, **options):
+        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
 
-    def adassl_backward(grad_ssl, grad_reg, emb_x, *args):
+    def adassl_backward(grad_ssl, grad_reg, emb_x, *args, **options):
         return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
-                                      indices=partner_indices(2 * len(emb_x), emb_x.device))
+                                      indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
 
-    def siglip_forward(query, *args):
-        return siglip.siglip_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+    # the SigLIP op passes normalize as its option, positionally (docs/backends.md); kernels/ takes it by keyword
+    def siglip_forward(query, key, params, normalize):
+        return siglip.siglip_forward(query, key, params, indices=diagonal_indices(len(query), query.device),
+                                     normalize=normalize)
 
-    def siglip_backward(grad_loss, query, *args):
-        return siglip.siglip_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+    def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
+        return siglip.siglip_backward(grad_loss, query, key, params, lse, deterministic,
+                                      indices=diagonal_indices(len(query), query.device), normalize=normalize)
 
     return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
                    adassl_forward, adassl_backward, siglip_forward, siglip_backward, info_nce.labelled_forward,
