@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 import adassl_fast
 
-PENDING = pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                            reason="the Triton kernels without normalisation come with branch issue-16-kernels")
-IMPLS = ["torch", pytest.param("triton", marks=[pytest.mark.triton, PENDING])]
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def _rows(m, d, dtype, norm=1.0):
