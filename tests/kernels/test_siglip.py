@@ -202,18 +202,22 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
         assert guards_intact(buf, view)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_public_op_and_module_match_the_reference(normalize):
+@pytest.mark.parametrize("normalize, deterministic", [(True, True), (False, True), (True, False)])
+def test_public_op_and_module_match_the_reference(normalize, deterministic, monkeypatch):
+    schedules = []
+    real = ksig.siglip_backward
+    monkeypatch.setattr(ksig, "siglip_backward", lambda *a, **k: schedules.append(a[5]) or real(*a, **k))
     leaf = lambda *s: torch.randn(*s, dtype=F64, requires_grad=True)
     q, k = leaf(23, 11), leaf(23, 11)
     s, b = torch.tensor(5.0, dtype=F64, requires_grad=True), torch.tensor(-4.0, dtype=F64, requires_grad=True)
-    found = adassl_fast.siglip(q, k, scale=s, bias=b, normalize=normalize, impl="triton")
+    found = adassl_fast.siglip(q, k, scale=s, bias=b, normalize=normalize, impl="triton", deterministic=deterministic)
     want = siglip_reference(q, k, scale=s, bias=b, normalize=normalize)
     _close(found, want, 1e-12, "loss")
     for got, ref, what in zip(torch.autograd.grad(1.5 * found, (q, k, s, b)),
                               torch.autograd.grad(1.5 * want, (q, k, s, b)), ("query", "key", "scale", "bias"),
                               strict=True):
         _close(got, ref, 1e-12, f"d{what}")
+    assert schedules == [deterministic]
     module = SigLIPLoss(impl="triton").double()
     loss = module(q, k)
     grads = torch.autograd.grad(loss, (q, module.log_scale, module.bias))
