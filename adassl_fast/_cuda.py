@@ -106,8 +106,8 @@ def _contiguous(*tensors):
     return [t.contiguous() for t in tensors]
 
 
-def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
-    """-> (loss 0-dim, lse (M,)); float32 (float64 for float64 inputs)."""
+def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, *, normalize=True):
+    """-> (loss 0-dim, lse (M,)); float32 (float64 for float64 inputs). normalize=False: the rows as given."""
     m = _module()
     with torch.cuda.device(cont.device):
         loss, lse = m.nt_xent_forward(
@@ -115,13 +115,16 @@ def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp):
             scale,
             float(inv_temperature),
             _clamp(clamp),
+            bool(normalize),
             _stream(cont),
         )
     return loss, lse
 
 
-def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic=True):
-    """-> (dcont, dtarg, dscale). Always the deterministic row/column schedule."""
+def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic=True, *,
+                     normalize=True):
+    """-> (dcont, dtarg, dscale). Always the deterministic row/column schedule; normalize=False: no
+    normalisation backward."""
     m = _module()
     with torch.cuda.device(cont.device):
         dcont, dtarg, dscale = m.nt_xent_backward(
@@ -131,15 +134,17 @@ def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatu
             lse,
             float(inv_temperature),
             _clamp(clamp),
+            bool(normalize),
             _stream(cont),
         )
     return dcont, dtarg, dscale
 
 
 def adassl_forward(
-    emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp, variant
+    emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale, inv_temperature, clamp, variant, *,
+    normalize=True,
 ):
-    """-> (l_ssl, l_reg, lse (2B,))."""
+    """-> (l_ssl, l_reg, lse (2B,)). normalize=False: the edited rows and the targets as given."""
     m = _module()
     with torch.cuda.device(emb_x.device):
         return tuple(
@@ -149,6 +154,7 @@ def adassl_forward(
                 float(inv_temperature),
                 _clamp(clamp),
                 str(variant),
+                bool(normalize),
                 _stream(emb_x),
             )
         )
@@ -171,6 +177,8 @@ def adassl_backward(
     clamp,
     variant,
     deterministic=True,
+    *,
+    normalize=True,
 ):
     """-> (demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale)."""
     m = _module()
@@ -185,6 +193,7 @@ def adassl_backward(
                 float(inv_temperature),
                 _clamp(clamp),
                 str(variant),
+                bool(normalize),
                 _stream(emb_x),
             )
         )

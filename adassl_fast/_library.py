@@ -270,31 +270,16 @@ def backend(impl: str) -> Backend:
     if impl == "torch":
         return _entry_points(torch_backend)
     if impl == "triton":
-        return Backend(*(entry and _normalizing_only(entry, impl) for entry in _triton_backend()))
+        return _triton_backend()
     if impl == "cuda":
         from adassl_fast import _cuda
 
-        core_forward = _normalizing_only(_cuda.nt_xent_forward, impl)
-        core_backward = _normalizing_only(_cuda.nt_xent_backward, impl)
         # the CUDA backend composes the symmetric InfoNCE op from two calls of its nt_xent core
-        return Backend(core_forward, core_backward, torch_backend.symmetric_forward(core_forward),
-                       torch_backend.symmetric_backward(core_backward), _normalizing_only(_cuda.adassl_forward, impl),
-                       _normalizing_only(_cuda.adassl_backward, impl))
+        return Backend(_cuda.nt_xent_forward, _cuda.nt_xent_backward,
+                       torch_backend.symmetric_forward(_cuda.nt_xent_forward),
+                       torch_backend.symmetric_backward(_cuda.nt_xent_backward), _cuda.adassl_forward,
+                       _cuda.adassl_backward)
     raise ValueError(f"no kernels for impl={impl!r}")
-
-
-def _normalizing_only(entry, impl: str):
-    """A fused entry point that does not take `normalize` yet (the kernels that skip the normalisation come with
-    branch issue-16-kernels, which replaces this adapter by the keyword itself): runs normalize=True, refuses
-    normalize=False."""
-
-    @functools.wraps(entry)
-    def run(*args, normalize=True):
-        if not normalize:
-            raise NotImplementedError(f'normalize=False is not implemented on impl="{impl}" yet; use impl="torch"')
-        return entry(*args)
-
-    return run
 
 
 def _entry_points(module) -> Backend:
@@ -306,24 +291,28 @@ def _triton_backend() -> Backend:
     the library)."""
     from adassl_fast.kernels import adassl, info_nce, nt_xent, siglip
 
-    def info_nce_forward(query, *args):
-        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+    def info_nce_forward(query, *args, **options):  # options: normalize (docs/backends.md)
+        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device), **options)
 
-    def info_nce_backward(grad_loss, query, *args):
-        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+    def info_nce_backward(grad_loss, query, *args, **options):
+        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device),
+                                          **options)
 
-    def adassl_forward(emb_x, *args):
-        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device))
+    def adassl_forward(emb_x, *args, **options):
+        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
 
-    def adassl_backward(grad_ssl, grad_reg, emb_x, *args):
+    def adassl_backward(grad_ssl, grad_reg, emb_x, *args, **options):
         return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
-                                      indices=partner_indices(2 * len(emb_x), emb_x.device))
+                                      indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
 
-    def siglip_forward(query, *args):
-        return siglip.siglip_forward(query, *args, indices=diagonal_indices(len(query), query.device))
+    # the SigLIP op passes normalize as its option, positionally (docs/backends.md); kernels/ takes it by keyword
+    def siglip_forward(query, key, params, normalize):
+        return siglip.siglip_forward(query, key, params, indices=diagonal_indices(len(query), query.device),
+                                     normalize=normalize)
 
-    def siglip_backward(grad_loss, query, *args):
-        return siglip.siglip_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device))
+    def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
+        return siglip.siglip_backward(grad_loss, query, key, params, lse, deterministic,
+                                      indices=diagonal_indices(len(query), query.device), normalize=normalize)
 
     return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
                    adassl_forward, adassl_backward, siglip_forward, siglip_backward, info_nce.labelled_forward,

@@ -65,27 +65,29 @@ _ops = _library.define_loss(
 
 
 def siglip(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: bool = True, impl: str = "auto",
-           process_group=None) -> Tensor:
+           process_group=None, deterministic: bool = True, schedule: str | None = None,
+           timeout: float | None = None) -> Tensor:
     """SigLIP's sigmoid loss over the N x N logits scale * <u_i, v_j> + bias (u, v the L2-normalised rows of
     `query` and `key`, or the rows as given with normalize=False); row i's positive is key i.
 
-    `scale` and `bias`: floats or 0-dim tensors (they receive gradients). Returns a 0-dim float32 loss
-    (float64 for float64 inputs).
+    `scale` and `bias`: floats or 0-dim tensors (they receive gradients). `deterministic=False` lets the
+    Triton backward take its atomic schedule; `schedule` ("ring" / "gather") and `timeout` pick the distributed
+    schedule with `process_group`, as for info_nce. Returns a 0-dim float32 loss (float64 for float64 inputs).
     """
     query = _checks.matrix("query", query, min_rows=2)
     key = _checks.matrix("key", key)
     _checks.same_layout("key", key, "query", query)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = _checks.flag("normalize", normalize)
     scale = _checks.scale_tensor(scale, query)
     bias = _checks.scale_tensor(bias, query)
     impl = resolve_impl_among(impl, SIGLIP_IMPLS, "SigLIP", query.device, query.dtype, query.shape[1])
     params = torch.stack([scale, bias])
     if process_group is not None:  # the ring (or gather) schedule of adassl_fast/distributed.py
-        return distributed.siglip(query, key, params, normalize, impl, process_group)
+        return distributed.siglip(query, key, params, normalize, impl, process_group, schedule=schedule,
+                                  timeout=timeout)
     if impl == "reference":
         return siglip_reference(query, key, scale=scale, bias=bias, normalize=normalize)
-    args = (query, key, params, normalize, impl, True)
+    args = (query, key, params, normalize, impl, _checks.flag("deterministic", deterministic))
     if trains_in_one_pass(impl, query, key, params):
         return _ops.forward_backward(*args)[0]
     return _ops.forward(*args)[0]

@@ -50,12 +50,6 @@ def _rows_per_block(n_cols: int) -> int:
     return max(16, SLAB_ELEMENTS // max(n_cols, 1))
 
 
-def _normalize(x: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    x = x.to(acc)
-    norm = torch.linalg.vector_norm(x, dim=1)
-    return x / norm.clamp_min(NORM_EPS).unsqueeze(1), norm
-
-
 def _normalize_backward_(grad_u: Tensor, x: Tensor, norm: Tensor, radial: Tensor, weight) -> Tensor:
     """grad_u (dL/du for u = x / max(||x||, eps)) becomes weight * dL/dx in place, with radial = x . grad_u per
     row: weight (g - (u.g) u) / ||x||, or weight g / eps below eps. Whole-matrix ops, no M x d temporaries."""
@@ -64,26 +58,30 @@ def _normalize_backward_(grad_u: Tensor, x: Tensor, norm: Tensor, radial: Tensor
     return grad_u.mul_(inv.unsqueeze(1)).addcmul_(x, along.unsqueeze(1), value=-1)
 
 
-def _logit_bound(s: float, clamp: float | None, spread: float = 1.0) -> tuple[float, bool]:
-    """An upper bound on |S| and whether the clamp can bite: |<u, v>| <= spread (plus rounding); spread is 1
-    for unit rows, max ||u|| max ||v|| for rows taken as given (normalize=False)."""
-    bound = abs(s) * spread * (1 + 1e-5)
+def _logit_bound(s: float, clamp: float | None, reach: float) -> tuple[float, bool]:
+    """An upper bound on |S| and whether the clamp can bite, given reach >= max |<u_i, v_j>| (plus rounding)."""
+    bound = abs(s) * reach * (1 + 1e-5)
     if clamp is not None and bound >= clamp:
         return clamp, True
     return bound, False
 
 
-def one_exp_pass(scale, inv_temperature: float, clamp: float | None, spread: float = 1.0) -> bool:
-    """Whether exp(S) needs no shift for any row or column (so one pass gives row and column statistics)."""
-    return _logit_bound(float(scale) * inv_temperature, clamp, spread)[0] < _UNSHIFTED_BOUND
+def _row_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=_checks.accumulation_dtype(x.dtype))
 
 
-def _spread(rows: Tensor, cols: Tensor, normalize: bool) -> float:
-    """max |<u_i, v_j>| <= spread: 1 for unit rows, else the product of the largest row norms (a host sync)."""
-    if normalize:
-        return 1.0
-    largest = lambda t: float(torch.linalg.vector_norm(t, dim=1, dtype=_checks.accumulation_dtype(t.dtype)).max())
-    return largest(rows) * largest(cols)
+def _reach(x_norms: Tensor, y_norms: Tensor) -> float:
+    """A bound on |<x_i, y_j>| for rows taken as given (normalize=False; unit rows have 1): the product of the
+    largest norms (Cauchy-Schwarz), read on the host (one device sync)."""
+    if x_norms.numel() == 0 or y_norms.numel() == 0:
+        return 0.0
+    return float(x_norms.max() * y_norms.max())
+
+
+def one_exp_pass(scale, inv_temperature: float, clamp: float | None, reach: float = 1.0) -> bool:
+    """Whether exp(S) needs no shift for any row or column (so one pass gives row and column statistics);
+    reach: a bound on |<u_i, v_j>| (1 for unit rows, `_reach` for rows as given)."""
+    return _logit_bound(float(scale) * inv_temperature, clamp, reach)[0] < _UNSHIFTED_BOUND
 
 
 class _Pass(NamedTuple):
@@ -98,6 +96,7 @@ class _Pass(NamedTuple):
 def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_weight=None, lse=None, col_lse=None,
                 col_sum=False, labels=None, normalize=True) -> _Pass:
     """One pass over the row blocks of S = scale / tau * u v^T, clamped, each row's excluded column removed.
+    u, v: the rows normalised, or (normalize=False) as given.
 
     grad_weight (float or 0-dim tensor) w: also the gradients of w * sum_i [lse_i - S_{i,pos_i}] (plus
     w * sum_j [col_lse_j - S_jj] where col_lse is given: symmetric InfoNCE, both softmaxes in one G).
@@ -113,17 +112,16 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
     acc = _checks.accumulation_dtype(cont.dtype)
     s = float(scale) * inv_temperature
     x = cont.to(acc)
-    norm_u = torch.linalg.vector_norm(x, dim=1)
-    m, n, d = x.shape[0], targ.shape[0], x.shape[1]
-    # v with a column of ones: the GEMM that forms E V also sums each row of E (no separate pass over the slab)
-    if normalize:
-        v, norm_v = _normalize(targ, acc)
-        row_factor = s / norm_u.clamp_min(NORM_EPS)  # u_i * s = x_i * row_factor_i
-    else:
-        v, norm_v = targ.to(acc), None
-        row_factor = torch.full_like(norm_u, s)
-    bound, clamp_active = _logit_bound(s, clamp, _spread(x, v, normalize))
+    norm_u, norm_v = torch.linalg.vector_norm(x, dim=1), _row_norms(targ)
+    bound, clamp_active = _logit_bound(s, clamp, 1.0 if normalize else _reach(norm_u, norm_v))
     unshifted = bound < _UNSHIFTED_BOUND
+    m, n, d = x.shape[0], targ.shape[0], x.shape[1]
+    # u_i * s = x_i * row_factor_i
+    row_factor = s / norm_u.clamp_min(NORM_EPS) if normalize else norm_u.new_full((m,), s)
+    v = targ.to(acc)
+    if normalize:
+        v = v / norm_v.clamp_min(NORM_EPS).unsqueeze(1)
+    # v with a column of ones: the GEMM that forms E V also sums each row of E (no separate pass over the slab)
     v_ones = torch.cat([v, v.new_ones(n, 1)], 1)
     v = v_ones[:, :d]
     positive = torch.empty(m, dtype=acc, device=x.device)
@@ -189,7 +187,7 @@ def row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, *, grad_wei
         _normalize_backward_(dcont, x, norm_u, radial, grad_weight * s)
         y = targ.to(acc)
         _normalize_backward_(grad_v, y, norm_v, torch.linalg.vecdot(y, grad_v), grad_weight)
-    else:
+    else:  # the rows were used as given: G V and G^T (s U) are their gradients already, up to the weights
         sum_gc = radial.sum()
         dcont.mul_(grad_weight * s)
         grad_v.mul_(grad_weight)
@@ -264,14 +262,14 @@ def _unpaired(n: int, device) -> tuple[Tensor, Tensor]:
     return none, none
 
 
-def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None, normalize=True):
+def nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None, *, normalize=True):
     p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=_label_pairs(labels),
                    normalize=normalize)
     return (p.lse - p.positive).mean(), p.lse
 
 
 def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, deterministic,
-                    col_lse=None, labels=None, normalize=True):
+                    col_lse=None, labels=None, *, normalize=True):
     """Gradients (dcont, dtarg, dscale) of mean_i [lse_i - S_{i,pos_i}] from the saved LSEs.
 
     col_lse (N,): the column LSEs of the symmetric InfoNCE loss, (that mean + mean_j [col_lse_j - S_jj]) / 2
@@ -283,7 +281,7 @@ def nt_xent_backward(grad_loss, cont, targ, pos, excl, scale, lse, inv_temperatu
     return p.dcont.to(cont.dtype), p.dtarg.to(targ.dtype), p.dscale
 
 
-def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None, normalize=True):
+def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clamp, labels=None, *, normalize=True):
     """(loss, lse, dcont, dtarg, dscale) in one pass: the gradients for grad_loss = 1, in the accumulation
     dtype (the op's backward scales them by the incoming gradient)."""
     p = row_blocks(cont, targ, pos, excl, scale, inv_temperature, clamp, grad_weight=1.0 / cont.shape[0],
@@ -299,7 +297,7 @@ def nt_xent_forward_backward(cont, targ, pos, excl, scale, inv_temperature, clam
 def symmetric_forward(directional):
     """(loss, lse (2, N)) from a one-directional core forward: rows against columns, then the reverse."""
 
-    def forward(query, key, scale, inv_temperature, clamp, normalize=True):
+    def forward(query, key, scale, inv_temperature, clamp, *, normalize=True):
         pos, excl = diagonal_indices(query.shape[0], query.device)
         loss_r, lse_r = directional(query, key, pos, excl, scale, inv_temperature, clamp, normalize=normalize)
         loss_c, lse_c = directional(key, query, pos, excl, scale, inv_temperature, clamp, normalize=normalize)
@@ -311,7 +309,7 @@ def symmetric_forward(directional):
 def symmetric_backward(directional):
     """(dquery, dkey, dscale) from a one-directional core backward: one call per direction, summed."""
 
-    def backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, normalize=True):
+    def backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *, normalize=True):
         pos, excl = diagonal_indices(query.shape[0], query.device)
         half = grad_loss / 2
         dq, dk, ds = directional(half, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
@@ -328,14 +326,18 @@ def _square_indices(query, labels):
     return diagonal_indices(n, query.device) if labels is None else _unpaired(n, query.device)
 
 
-def info_nce_forward(query, key, scale, inv_temperature, clamp, labels=None, normalize=True):
+def info_nce_forward(query, key, scale, inv_temperature, clamp, labels=None, *, normalize=True):
     """One pass for both directions where one exp serves rows and columns (|scale / tau| < 30, or a clamp
-    below 30: the usual settings), else one pass per direction. labels (N,): label-defined positives (the
-    positives' mean logit is the same sum down the columns as along the rows: the labelling is shared)."""
+    below 30: the usual settings; rows taken as given also count their norms), else one pass per direction.
+    labels (N,): label-defined positives (the positives' mean logit is the same sum down the columns as along
+    the rows: the labelling is shared)."""
     pos, excl = _square_indices(query, labels)
-    if not one_exp_pass(scale, inv_temperature, clamp, _spread(query, key, normalize)):
-        loss_r, lse_r = nt_xent_forward(query, key, pos, excl, scale, inv_temperature, clamp, labels, normalize)
-        loss_c, lse_c = nt_xent_forward(key, query, pos, excl, scale, inv_temperature, clamp, labels, normalize)
+    reach = 1.0 if normalize else _reach(_row_norms(query), _row_norms(key))
+    if not one_exp_pass(scale, inv_temperature, clamp, reach):
+        loss_r, lse_r = nt_xent_forward(query, key, pos, excl, scale, inv_temperature, clamp, labels,
+                                        normalize=normalize)
+        loss_c, lse_c = nt_xent_forward(key, query, pos, excl, scale, inv_temperature, clamp, labels,
+                                        normalize=normalize)
         return (loss_r + loss_c) / 2, torch.stack([lse_r, lse_c])
     p = row_blocks(query, key, pos, excl, scale, inv_temperature, clamp, col_sum=True, labels=_label_pairs(labels),
                    normalize=normalize)
@@ -343,7 +345,7 @@ def info_nce_forward(query, key, scale, inv_temperature, clamp, labels=None, nor
     return ((p.lse - p.positive).mean() + (col_lse - p.positive).mean()) / 2, torch.stack([p.lse, col_lse])
 
 
-def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels=None,
+def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels=None, *,
                       normalize=True):
     pos, excl = _square_indices(query, labels)
     return nt_xent_backward(grad_loss, query, key, pos, excl, scale, lse[0], inv_temperature, clamp, deterministic,
@@ -353,30 +355,30 @@ def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp,
 # InfoNCE with label-defined positives (docs/spec.md 2.12): one-directional (the core with labels) and symmetric.
 
 
-def labelled_forward(query, key, labels, scale, inv_temperature, clamp, normalize=True):
+def labelled_forward(query, key, labels, scale, inv_temperature, clamp, *, normalize=True):
     return nt_xent_forward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature, clamp,
-                           labels, normalize)
+                           labels, normalize=normalize)
 
 
-def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic,
+def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic, *,
                       normalize=True):
     return nt_xent_backward(grad_loss, query, key, *_unpaired(query.shape[0], query.device), scale, lse,
                             inv_temperature, clamp, deterministic, labels=labels, normalize=normalize)
 
 
-def labelled_forward_backward(query, key, labels, scale, inv_temperature, clamp, normalize=True):
+def labelled_forward_backward(query, key, labels, scale, inv_temperature, clamp, *, normalize=True):
     return nt_xent_forward_backward(query, key, *_unpaired(query.shape[0], query.device), scale, inv_temperature,
-                                    clamp, labels, normalize)
+                                    clamp, labels, normalize=normalize)
 
 
-def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp, normalize=True):
-    return info_nce_forward(query, key, scale, inv_temperature, clamp, labels, normalize)
+def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp, *, normalize=True):
+    return info_nce_forward(query, key, scale, inv_temperature, clamp, labels, normalize=normalize)
 
 
-def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic,
+def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic, *,
                                normalize=True):
     return info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, labels,
-                             normalize)
+                             normalize=normalize)
 
 
 
@@ -445,7 +447,7 @@ def edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, no
 
 
 def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                          inv_temperature, clamp, variant, normalize=True):
+                          inv_temperature, clamp, variant, *, normalize=True):
     cont, targ, l_reg = edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     pos, excl = partner_indices(cont.shape[0], cont.device)
     l_ssl, lse = nt_xent_forward(cont, targ, pos, excl, scale, inv_temperature, clamp, normalize=normalize)
@@ -453,7 +455,7 @@ def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
 
 
 def adassl_forward_backward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                                   inv_temperature, clamp, variant, normalize=True):
+                                   inv_temperature, clamp, variant, *, normalize=True):
     """(l_ssl, l_reg, lse, dcont, dtarg, dscale): the nt_xent core's one-pass training schedule on the edited
     rows, its gradients for grad_ssl = 1 (the backward scales them and runs the latent prologue's backward)."""
     cont, targ, l_reg = edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
@@ -464,7 +466,7 @@ def adassl_forward_backward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, 
 
 
 def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
-                           noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic, normalize=True):
+                           noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic, *, normalize=True):
     cont, targ, _ = edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
     pos, excl = partner_indices(cont.shape[0], cont.device)
     dcont, dtarg, dscale = nt_xent_backward(grad_ssl, cont, targ, pos, excl, scale, lse, inv_temperature, clamp, True,

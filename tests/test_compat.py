@@ -213,8 +213,7 @@ def test_lightly_memory_bank_over_several_steps(impl, size):
         assert not loss_fn.bank.requires_grad
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.xfail(
-    raises=NotImplementedError, strict=True, reason="normalize=False kernels come with branch issue-16-kernels")])])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_lightly_memory_bank_on_fp32_backends(impl):
     """MoCo's loss through the core op on each CPU backend (fp32; Triton in its interpreter) against float64."""
     torch.manual_seed(6)

@@ -26,8 +26,10 @@ from tests.compiled import resource_usage, run_worker
 
 ARCH_CC = {"sm90": 90, "sm80": 80, "sm86": 86}
 DTYPES = {"16": "bf16"}
-# fp32 inputs (kernels/configs.py operand_dtype): fp32 rows in, the normalised rows u, v as fp16 operands
+# fp32 inputs (kernels/configs.py operand_dtype): fp32 rows in, the normalised rows u, v as fp16 operands; with
+# normalize=False the rows as given, as bf16 operands
 F32_INPUTS = dict(dtype="fp32", operand="fp16")
+F32_GIVEN = dict(dtype="fp32", operand="bf16")
 
 # argument name -> pointer type ("X" = the input dtype, "S" = the statistics dtype)
 _PTRS = {
@@ -89,7 +91,8 @@ def jobs():
                 blocks = dict(BLOCK_M=cfg.block_n, BLOCK_N=cfg.block_m)
             else:
                 blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-            plain = dict(BLOCK_D=bd, UPCAST=False, PREC=prec, SIGMOID=False, LABELS=False, **blocks, **extra)
+            plain = dict(BLOCK_D=bd, UPCAST=False, PREC=prec, NORMALIZE=True, SIGMOID=False, LABELS=False, **blocks,
+                         **extra)
             # the modes of kernels/tiles.py: SigLIP's SIGMOID logits (no clamp, never SYM) and label-defined
             # positives (LABELS, with the clamp: the most registers). Their fp32-input (fp16 operand) twins are
             # left out: on 2026-12-03 each of the 93 compiled to the registers and shared memory of its bf16 job
@@ -104,40 +107,47 @@ def jobs():
             for mode, clamp, consts in modes:
                 name = f"{mode}{label}{'-clamp' if clamp else ''}"
                 out.append(dict(base, kernel=kernel, variant=name, constexprs=consts))
-                # fp32 inputs stream fp16 operands through the same shapes (with the clamp: the most registers)
                 if clamp and not mode:
+                    # fp32 inputs stream fp16 operands through the same shapes (with the clamp: the most registers)
                     out.append(dict(base, **F32_INPUTS, kernel=kernel, variant=f"{name}-f32in", constexprs=consts))
+                    # rows taken as given (normalize=False, bf16 operands also for fp32 rows): the clamp always
+                    # applies (tiles.clamp_binds)
+                    if arch in ("sm90", "sm80"):
+                        out.append(dict(base, kernel=kernel, variant=f"{name}-given",
+                                        constexprs=dict(consts, NORMALIZE=False)))
     # the O(M d) helpers at each shipped BLOCK_D, with the launchers' rows per program: for sm_90 and sm_80
     # (they use at most 256 bytes of shared memory; tests/test_launch_path.py compiles them for sm_86 too)
     from adassl_fast.kernels.launch import rows_per_program
 
-    for arch, inputs in (("sm90", {}), ("sm80", {}), ("sm90", F32_INPUTS), ("sm80", F32_INPUTS)):
+    # normalize=False: fp32 rows in, bf16 rows out, and (finishing kernel only) bf16 rows
+    for arch, inputs, normalize in (("sm90", {}, True), ("sm80", {}, True), ("sm90", F32_INPUTS, True),
+                                    ("sm80", F32_INPUTS, True), ("sm90", F32_GIVEN, False), ("sm80", F32_GIVEN, False),
+                                    ("sm90", {}, False), ("sm80", {}, False)):
         small = dict(dict(arch=arch, dtype="bf16", options=dict(num_warps=4, num_stages=1), matmul=False), **inputs)
-        f32 = "-f32in" if inputs else ""
+        suffix = ("-f32in" if inputs else "") + ("" if normalize else "-given")
         for bd in sorted({b for a, _, b, _ in shipped_configs() if a == arch}):
-            # (siglip-raw: SigLIP's normalize=False, the rows as given)
-            for prologue, label, norm in ((0, "nt_xent", True), (1, "adassl_v", True), (2, "adassl_s", True),
-                                          (0, "siglip-raw", False)):
+            # bf16 rows as given are only cast: the plain rows (the cores' and SigLIP's), no AdaSSL prologue
+            prologues = ((0, "nt_xent"), (1, "adassl_v"), (2, "adassl_s")) if inputs or normalize else ((0, "nt_xent"),)
+            for prologue, label in prologues:
                 block = rows_per_program(bd, prologue, False)
                 tblock = rows_per_program(bd, 0, False)  # the targ side's rows per program, in the same launch
-                out.append(dict(small, kernel="_normalize_kernel", variant=label + f32,
+                out.append(dict(small, kernel="_normalize_kernel", variant=label + suffix,
                                 config=f"m{block}_t{tblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=block, BLOCK_T=tblock, BLOCK_D=bd, PROLOGUE=prologue,
-                                                NORMALIZE=norm)))
+                                                NORMALIZE=normalize)))
             # the finishing launches backward_core makes: plain ops finish both sides in one launch; AdaSSL (its
             # sinks alias) the targ side, then the edited rows adding to it
-            cblock = rows_per_program(bd, 0, True)
-            for label, prologue, accum, dscale, both, norm in (("nt_xent-both", 0, False, True, True, True),
-                                                               ("adassl-targ", 0, False, False, False, True),
-                                                               ("adassl_v", 1, True, True, False, True),
-                                                               ("adassl_s", 2, True, True, False, True),
-                                                               ("siglip-raw-both", 0, False, True, True, False)):
-                fblock = rows_per_program(bd, prologue, True)
-                out.append(dict(small, kernel="_finish_kernel", variant=label + f32, config=f"m{fblock}_d{bd}",
+            cblock = rows_per_program(bd, 0, True, normalize)
+            for label, prologue, accum, dscale, both in (("nt_xent-both", 0, False, True, True),
+                                                         ("adassl-targ", 0, False, False, False),
+                                                         ("adassl_v", 1, True, True, False),
+                                                         ("adassl_s", 2, True, True, False)):
+                fblock = rows_per_program(bd, prologue, True, normalize)
+                out.append(dict(small, kernel="_finish_kernel", variant=label + suffix, config=f"m{fblock}_d{bd}",
                                 constexprs=dict(BLOCK_M=fblock, BLOCK_D=bd, PROLOGUE=prologue, TWO_PART=True,
                                                 ACCUM=accum, DSCALE=dscale, BOTH=both, BLOCK_C=cblock,
-                                                TWO_PART_C=False, NORMALIZE=norm)))
-        if not inputs:
+                                                TWO_PART_C=False, NORMALIZE=normalize)))
+        if not inputs and normalize:
             for sigmoid in (False, True):
                 out.append(dict(small, kernel="_fwd_merge_kernel", variant="sigmoid" if sigmoid else "-",
                                 config="b128", constexprs=dict(BLOCK=128, SIGMOID=sigmoid)))

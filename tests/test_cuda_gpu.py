@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adassl_fast import _cuda
+from adassl_fast import _cuda, _library
 from tests.precision import rel_err
+from tests.rows_as_given import adassl_inputs, adassl_reference, core_loss, free_rows, leaves, symmetric_loss
 
 pytestmark = [
     pytest.mark.cuda,
@@ -329,3 +330,72 @@ def test_cuda_adassl_backward_is_deterministic(variant):
     b = _cuda.adassl_backward(gs, gr, *ins, scale, lse, 10.0, 20.0, variant, True)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize=False: the rows as given (docs/backends.md), against the float64 oracle of tests/rows_as_given.py.
+# |scale / tau| = 2.6 is below the clamp, which only rows of norm > 1 reach: the tensor-core kernels' clamp
+# skip (clamp_live) must not apply to them.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,d,clamp", [(34, 24, 3.0), (130, 37, None), (514, 128, 3.0), (130, 300, 3.0)])
+def test_cuda_rows_as_given_nt_xent(dtype, M, d, clamp):
+    dev, acc, inv_t = "cuda", _acc(dtype), 2.0
+    cont = free_rows(M, d).to(dev)
+    targ = cont.roll(1, 0) + free_rows(M, d).to(dev)
+    pos, excl = _indices(M, dev)
+    scale = torch.tensor(1.3, device=dev, dtype=acc)
+    c, t, s = leaves(cont.to(dtype), targ.to(dtype), scale)  # the oracle sees the same (rounded) rows
+    ref, _ = core_loss(c, t, pos, excl, s, inv_t, clamp, False)
+    rc, rt, rs = torch.autograd.grad(ref, (c, t, s))
+    loss, lse = _cuda.nt_xent_forward(cont.to(dtype), targ.to(dtype), pos, excl, scale, inv_t, clamp,
+                                      normalize=False)
+    dc, dt, ds = _cuda.nt_xent_backward(torch.tensor(1.0, device=dev, dtype=acc), cont.to(dtype), targ.to(dtype),
+                                        pos, excl, scale, lse, inv_t, clamp, True, normalize=False)
+    ltol, gtol = _tol(dtype)
+    assert abs(float(loss) - float(ref)) <= ltol * max(1.0, abs(float(ref)))
+    assert rel_err(dc, rc) < gtol and rel_err(dt, rt) < gtol, (rel_err(dc, rc), rel_err(dt, rt))
+    assert abs(float(ds) - float(rs)) <= 3 * gtol * max(1e-3, abs(float(rs)))
+    unit, _ = _cuda.nt_xent_forward(cont.to(dtype), targ.to(dtype), pos, excl, scale, inv_t, clamp)
+    assert abs(float(unit) - float(loss)) > 1e-2  # the flag matters on rows of norm != 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_cuda_rows_as_given_symmetric_info_nce(dtype):
+    dev, N, d, inv_t, clamp = "cuda", 130, 37, 2.0, 3.0
+    query = free_rows(N, d).to(dev)
+    key = query + free_rows(N, d).to(dev)
+    scale = torch.tensor(1.3, device=dev, dtype=_acc(dtype))
+    q, k, s = leaves(query.to(dtype), key.to(dtype), scale)
+    ref, _ = symmetric_loss(q, k, s, inv_t, clamp, False)
+    want = torch.autograd.grad(ref, (q, k, s))
+    entry = _library.backend("cuda")
+    loss, lse = entry.info_nce_forward(query.to(dtype), key.to(dtype), scale, inv_t, clamp, normalize=False)
+    got = entry.info_nce_backward(torch.tensor(1.0, device=dev, dtype=scale.dtype), query.to(dtype), key.to(dtype),
+                                  scale, lse, inv_t, clamp, True, normalize=False)
+    ltol, gtol = _tol(dtype)
+    assert abs(float(loss) - float(ref)) <= ltol * max(1.0, abs(float(ref)))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 3 * gtol, rel_err(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["v", "s"])
+def test_cuda_rows_as_given_adassl(dtype, variant):
+    dev, B, d, inv_t, clamp = "cuda", 65, 37, 2.0, 3.0
+    ins = [t.to(dev) for t in adassl_inputs(B, d, variant, dtype)]
+    scale = torch.tensor(1.3, device=dev, dtype=_acc(dtype))
+    r_ssl, r_reg, want = adassl_reference(ins, variant, scale, 1 / inv_t, clamp, 0.9, 0.6)
+    l_ssl, l_reg, lse = _cuda.adassl_forward(*ins, scale, inv_t, clamp, variant, normalize=False)
+    acc = scale.dtype
+    out = _cuda.adassl_backward(torch.tensor(0.9, device=dev, dtype=acc), torch.tensor(0.6, device=dev, dtype=acc),
+                                *ins, scale, lse, inv_t, clamp, variant, True, normalize=False)
+    got = list(out[:4]) + (list(out[4:6]) if variant == "v" else []) + [out[6]]
+    ltol, gtol = _tol(dtype)
+    if dtype == torch.bfloat16:
+        ltol, gtol = 5e-3, 4e-2  # the edited rows are rounded to the input dtype before the matrix product
+    assert abs(float(l_ssl) - float(r_ssl)) <= ltol * max(1.0, abs(float(r_ssl)))
+    assert abs(float(l_reg) - float(r_reg)) <= ltol * max(1.0, abs(float(r_reg)))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 3 * gtol, rel_err(g, w)

@@ -471,3 +471,19 @@ def test_distributed_adassl_runs_its_core_on_the_impl_and_the_torch_prologue(one
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)
     for a, e in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_siglip_takes_the_schedule_it_is_given(one_rank, schedule, monkeypatch):
+    """siglip(schedule=, timeout=) reaches the distributed op as info_nce's do; a bad name is refused."""
+    seen = []
+    real = distributed._comm
+    monkeypatch.setattr(distributed, "_comm", lambda *a: seen.append(real(*a)) or seen[-1])
+    q, k = _leaf(7, 5), _leaf(7, 5)
+    got = adassl_fast.siglip(q, k, scale=3.0, bias=-0.8, impl="torch", process_group=one_rank, schedule=schedule,
+                             timeout=12.0)
+    assert [(c.op, c.schedule, c.timeout) for c in seen] == [("siglip", schedule, 12.0)]
+    torch.testing.assert_close(got, adassl_fast.siglip(q, k, scale=3.0, bias=-0.8, impl="reference"),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        adassl_fast.siglip(q, k, impl="torch", process_group=one_rank, schedule="tree")

@@ -42,23 +42,35 @@ CASES = [("sm90", "nt_xent", 1030, 96, True), ("sm90", "nt_xent", 1030, 100, Fal
          ("sm90", "siglip", 1030, 100, True), ("sm90", "siglip_f32", 1030, 300, False),
          ("sm86", "siglip", 1030, 300, True),
          ("sm90", "supcon", 1030, 100, False), ("sm90", "labels_f32", 1030, 128, True),
-         ("sm80", "supcon_f32", 1030, 300, True)]
+         ("sm80", "supcon_f32", 1030, 300, True),
+         # normalize=False ("_given"): fp32 rows as given, bf16 operands, no normalisation backward
+         ("sm90", "nt_xent_given_f32", 1030, 100, False), ("sm80", "nt_xent_given_f32", 1030, 100, True)]
 DTYPES = {"_f16": "float16", "_f32": "float32"}  # op suffix -> input dtype (else bfloat16)
 CLASSES = {"sm90": 90, "sm80": 80, "sm86": 86}  # -> compute capability; the stand-in's device index is the order
 
 
 def _step(op: str, M: int, d: int, deterministic: bool):
     """Forward + backward of `op` through the public API on CPU tensors, bf16 (or DTYPES' for a suffix);
-    nothing is computed."""
+    nothing is computed. "nt_xent_given": the Triton backend's entry points with normalize=False."""
     import torch
 
     import adassl_fast
+    from adassl_fast import _library
+    from adassl_fast.indices import partner_indices
 
     dtype = getattr(torch, DTYPES.get(op[-4:], "bfloat16"))
     op = op.removesuffix(op[-4:]) if op[-4:] in DTYPES else op
 
     def leaf(*shape):
         return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+    if op == "nt_xent_given":
+        entry, (pos, excl), scale = _library.backend("triton"), partner_indices(M, "cpu"), torch.tensor(1.0)
+        a, b = torch.randn(M, d, dtype=dtype), torch.randn(M, d, dtype=dtype)
+        _, lse = entry.nt_xent_forward(a, b, pos, excl, scale, 10.0, 20.0, normalize=False)
+        entry.nt_xent_backward(torch.tensor(1.0), a, b, pos, excl, scale, lse, 10.0, 20.0, deterministic,
+                               normalize=False)
+        return
 
     if op in ("nt_xent", "info_nce"):
         a, b = leaf(M, d), leaf(M, d)
@@ -164,7 +176,8 @@ def test_every_case_compiled_its_own_specialisations(report):
     for case in (CASES[0], CASES[9], CASES[11]):
         assert len(report[case]["launches_compiled"]) >= 6, case
     for case in (("sm90", "nt_xent", 65536, 128, True), ("sm90", "nt_xent", 1030, 300, True),
-                 ("sm90", "nt_xent_f16", 1030, 100, True), ("sm90", "nt_xent_f32", 1030, 100, True)):
+                 ("sm90", "nt_xent_f16", 1030, 100, True), ("sm90", "nt_xent_f32", 1030, 100, True),
+                 ("sm90", "nt_xent_given_f32", 1030, 100, False)):
         assert report[case]["launches_compiled"], case
 
 

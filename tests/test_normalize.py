@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 import adassl_fast
 
-PENDING = pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                            reason="the Triton kernels without normalisation come with branch issue-16-kernels")
-IMPLS = ["torch", pytest.param("triton", marks=[pytest.mark.triton, PENDING])]
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def _rows(m, d, dtype, norm=1.0):
@@ -54,15 +52,24 @@ OPS = ["nt_xent", "info_nce", "info_nce_oneway", "labels", "adassl"]
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backend_matches_reference_without_normalisation(op, impl):
-    if impl == "triton" and op == "labels":
-        pytest.skip("label-defined positives are torch-only (docs/backends.md)")
     torch.manual_seed(OPS.index(op))
     dtype = torch.float64 if impl == "torch" else torch.float32
     tensors = _inputs(op, dtype)
+    if impl == "triton":
+        # fp32 rows taken as given become bf16 operands (docs/backends.md): rows that bf16 holds exactly leave
+        # only fp32 accumulation here (the bf16 rounding bound is tested in tests/kernels/)
+        tensors = [t.detach().bfloat16().float().requires_grad_(t.requires_grad) for t in tensors]
     lam = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
     want, want_grads = _value_and_grads(op, "reference", [t.detach().double().requires_grad_(t.requires_grad)
                                                           for t in tensors], lam)
     got, grads = _value_and_grads(op, impl, tensors, lam)
+    if impl == "triton" and op == "adassl":
+        # the edited rows emb + r are formed in the kernel and rounded to bf16 there (2^-9 relative each):
+        # the loss and each gradient to a relative-norm bound, as in tests/kernels/
+        assert abs(float(got) - float(want)) <= 1e-2 * abs(float(want))
+        for g, w in zip(grads, want_grads, strict=True):
+            assert float((g.double() - w).norm()) <= 1e-2 * float(w.norm())
+        return
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-4)
     torch.testing.assert_close(got.double(), want, **tol)
     for g, w in zip(grads, want_grads, strict=True):

@@ -26,11 +26,12 @@ inline int pad_cols(int d) { return (d + 7) / 8 * 8; }
 // rows are formed here, rounded to T, exactly as the source defines them) computes
 // inv = 1 / max(||x_i||, 1e-12) in A and writes u_i = x_i * inv, rounded to T, to the contiguous
 // (rows, ldu) buffer `out` (pad columns [d, ldu) are zero); optionally the per-row regulariser sum.
+// normalize = false (rows taken as given): inv = 1, u_i = x_i (already a T value: exact).
 // One warp per row. x_i is parked in `out` on the first pass (exact: it is already a T value) and read
 // back by the same lane on the second, so the latent transcendental work runs once per element.
 template <class T, class A, class Src>
 __global__ void __launch_bounds__(256)
-    prep_rows_kernel(Src src, int64_t rows, int d, int ldu, T* out, A* rowreg) {
+    prep_rows_kernel(Src src, int64_t rows, int d, int ldu, T* out, A* rowreg, bool normalize) {
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (i >= rows) return;
@@ -42,7 +43,7 @@ __global__ void __launch_bounds__(256)
     o[k] = Cvt<T>::from_f(v);
   }
   for (int o2 = 16; o2 > 0; o2 >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o2);
-  const A inv = A(1) / fmax(sqrt(ss), A(1e-12));
+  const A inv = normalize ? A(1) / fmax(sqrt(ss), A(1e-12)) : A(1);
   for (int k = lane; k < ldu; k += 32) o[k] = Cvt<T>::from_f(k < d ? ld<T, A>(o + k) * inv : A(0));
   if (rowreg) {
     // A separate loop: fused with the first one, the float64 AdaSSL-V instance spills on sm_90a.
@@ -193,10 +194,11 @@ __global__ void __launch_bounds__(1024) sum_kernel(const A* x, int64_t n, A fact
   if (threadIdx.x == 0) out[0] = red[0] * factor;
 }
 
-// Normalisation backward: dx_i = (g_i - (u_i . g_i) u_i) / n_i, or g_i / eps when ||x_i|| < eps.
-// One warp per row.
+// Normalisation backward: dx_i = (g_i - (u_i . g_i) u_i) / n_i, or g_i / eps when ||x_i|| < eps; dx_i = g_i
+// for rows taken as given (normalize = false). One warp per row.
 template <class T, class A, class Src>
-__global__ void __launch_bounds__(256) norm_backward_kernel(Src src, int64_t rows, int d, const A* g, T* out) {
+__global__ void __launch_bounds__(256)
+    norm_backward_kernel(Src src, int64_t rows, int d, const A* g, T* out, bool normalize) {
   int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   int lane = threadIdx.x & 31;
   if (i >= rows) return;
@@ -212,9 +214,9 @@ __global__ void __launch_bounds__(256) norm_backward_kernel(Src src, int64_t row
     dot += __shfl_xor_sync(0xffffffffu, dot, o);
   }
   const A n = sqrt(ss);
-  const bool tiny = n < A(1e-12);
-  const A rn = A(1) / fmax(n, A(1e-12));
-  const A udot = dot * rn;  // u . g
+  const bool tiny = normalize && n < A(1e-12);
+  const A rn = normalize ? A(1) / fmax(n, A(1e-12)) : A(1);
+  const A udot = normalize ? dot * rn : A(0);  // u . g (0: no projection for rows as given)
   for (int k = lane; k < d; k += 32) {
     A v = src.template get<A>(i, k);
     A r = tiny ? gi[k] * rn : (gi[k] - udot * v * rn) * rn;
@@ -222,12 +224,13 @@ __global__ void __launch_bounds__(256) norm_backward_kernel(Src src, int64_t row
   }
 }
 
-// AdaSSL: normalisation backward of the four rows that touch pair b, then the chain rule into
-// emb_x, emb_y, post_*, prior_* (docs/spec.md 3.3, 3.4, 3.6), plus the regulariser gradient. One warp per b.
+// AdaSSL: normalisation backward of the four rows that touch pair b (none for rows taken as given,
+// normalize = false), then the chain rule into emb_x, emb_y, post_*, prior_* (docs/spec.md 3.3, 3.4, 3.6),
+// plus the regulariser gradient. One warp per b.
 template <class T, class A, int VAR>
 __global__ void __launch_bounds__(256)
     ada_backward_kernel(AdaRows<T, VAR> src, const A* gU, const A* gV, const A* grad_reg_p, T* demb_x,
-                        T* demb_y, T* dpost_xy, T* dpost_yx, T* dprior_xy, T* dprior_yx) {
+                        T* demb_y, T* dpost_xy, T* dpost_yx, T* dprior_xy, T* dprior_yx, bool normalize) {
   const int64_t B = src.B;
   const int d = src.d;
   int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -255,9 +258,9 @@ __global__ void __launch_bounds__(256)
       dot[q] += __shfl_xor_sync(0xffffffffu, dot[q], o);
     }
     A n = sqrt(ss[q]);
-    tiny[q] = n < A(1e-12);
-    rn[q] = A(1) / fmax(n, A(1e-12));
-    udot[q] = dot[q] * rn[q];
+    tiny[q] = normalize && n < A(1e-12);
+    rn[q] = normalize ? A(1) / fmax(n, A(1e-12)) : A(1);
+    udot[q] = normalize ? dot[q] * rn[q] : A(0);
   }
   const A c = *grad_reg_p / static_cast<A>(2 * B);
   for (int k = lane; k < d; k += 32) {

@@ -341,14 +341,16 @@ struct AsyncMma {
 // g_out = dL/dv. Tiles with no positive / excluded entry and no row past the end ("plain" tiles, all but
 // O(1) per owned block for nt_xent) skip the index tests; the decision is warp-uniform (kFwd, kRow: a
 // vote over the warp's 16 rows) or CTA-uniform (kCol: flags the loader computes with the metadata).
-// Plain tiles also skip the clamp when no logit can reach it (clamp_live below, uniform per launch).
+// Plain tiles also skip the clamp when no logit can reach it (clamp_live below, uniform per launch):
+// |S| <= |alpha| cos_bound, cos_bound an upper bound on |<u_i, v_j>| (run_core: 1.02 for unit rows, +inf for
+// rows taken as given).
 template <class T, int DP, int MODE, class Path>
 __global__ void __launch_bounds__(kMThreads)
     mma_core_kernel(const T* __restrict__ own, const T* __restrict__ str, int64_t n_own, int64_t n_str, int d,
                     int ldu, const int64_t* __restrict__ pos, const int64_t* __restrict__ excl,
                     const float* __restrict__ lse_in, const float* scale_p, const float* gl_p, float inv_temp,
                     float clampv, float inv_m, float* out_lse, float* out_rowloss, float* g_out,
-                    float* part_out) {
+                    float* part_out, float cos_bound) {
   constexpr int KS = DP / 16;      // k-steps of the S product
   constexpr int NT = kMCols / 8;   // n-tiles of S per warp
   constexpr int NF = DP / 8;       // feature n-tiles of the gradient product
@@ -372,10 +374,9 @@ __global__ void __launch_bounds__(kMThreads)
   const float alpha = *scale_p * inv_temp;
   const float alpha2 = alpha * kLog2e;
   const float gfac = (MODE == kFwd) ? 0.f : *gl_p * inv_m;
-  // |<u_i, v_j>| <= (1 + 2^-8)^2 (1 + 1e-5) < 1.01 for rows rounded to bf16 / fp16 (unit roundoff <= 2^-8,
-  // fp32 norms and accumulation), so with |alpha| * 1.02 < clamp no logit can reach the clamp: plain tiles
-  // then skip the clamp and its gradient indicator (the usual tau = 0.1, lambda < 1.9 regime).
-  const bool clamp_live = fabsf(alpha) * 1.02f >= clampv;
+  // With |alpha| * cos_bound < clamp no logit can reach the clamp: plain tiles then skip the clamp and its
+  // gradient indicator (for unit rows the usual tau = 0.1, lambda < 1.9 regime).
+  const bool clamp_live = fabsf(alpha) * cos_bound >= clampv;
 
   // Owned-row metadata: this thread's rows are warp*16 + g and + 8. ptile / etile: the streamed tile
   // that holds the positive / excluded column (-1: none).
@@ -646,12 +647,12 @@ template <class T, int DP, int MODE, class Path>
 int64_t launch_mma(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
                    const int64_t* pos, const int64_t* excl, const float* lse_in, const float* scale_p,
                    const float* gl_p, float inv_temp, float clampv, float inv_m, float* out_lse,
-                   float* out_rowloss, float* g_out, float* part_out) {
+                   float* out_rowloss, float* g_out, float* part_out, float cos_bound) {
   const unsigned nb = static_cast<unsigned>((n_own + kMRows - 1) / kMRows);
   if (nb == 0) return 0;
   mma_core_kernel<T, DP, MODE, Path><<<nb, kMThreads, 0, s>>>(own, str, n_own, n_str, d, ldu, pos, excl, lse_in,
                                                               scale_p, gl_p, inv_temp, clampv, inv_m, out_lse,
-                                                              out_rowloss, g_out, part_out);
+                                                              out_rowloss, g_out, part_out, cos_bound);
   return nb;
 }
 
@@ -670,11 +671,12 @@ inline bool async_mma_enabled() {
 template <class T, int MODE, class A>
 int64_t run_mma_core(cudaStream_t s, const T* own, const T* str, int64_t n_own, int64_t n_str, int d, int ldu,
                      const int64_t* pos, const int64_t* excl, const A* lse_in, const A* scale_p, const A* gl_p,
-                     A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out, A* part_out) {
+                     A inv_temp, A clampv, A inv_m, A* out_lse, A* out_rowloss, A* g_out, A* part_out,
+                     float cos_bound) {
   if constexpr (std::is_same<A, float>::value) {
 #define ADASSL_MMA_CALL(DPV, PATH)                                                                               \
   return launch_mma<T, DPV, MODE, PATH>(s, own, str, n_own, n_str, d, ldu, pos, excl, lse_in, scale_p, gl_p,   \
-                                        inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out)
+                                        inv_temp, clampv, inv_m, out_lse, out_rowloss, g_out, part_out, cos_bound)
     const bool async = async_mma_enabled();  // (its 64-column swizzle atoms need d > 32)
     if (d <= 32) ADASSL_MMA_CALL(32, SyncMma);
     if (d <= 64) {

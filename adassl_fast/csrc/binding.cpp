@@ -13,18 +13,19 @@ const char* adassl_cuda_error_string(int err);
 int64_t adassl_cuda_workspace_bytes(int64_t M, int64_t N, int d, int esize, int tsize, int backward);
 int adassl_cuda_nt_xent_forward(int dtype, const void* cont, const void* targ, int64_t M, int64_t N, int d,
                                 const int64_t* pos, const int64_t* excl, const void* scale, double inv_temp,
-                                double clamp, void* loss, void* lse, void* ws, int64_t stream);
+                                double clamp, int normalize, void* loss, void* lse, void* ws, int64_t stream);
 int adassl_cuda_nt_xent_backward(int dtype, const void* grad_loss, const void* cont, const void* targ,
                                  int64_t M, int64_t N, int d, const int64_t* pos, const int64_t* excl,
-                                 const void* scale, const void* lse, double inv_temp, double clamp, void* dcont,
-                                 void* dtarg, void* dscale, void* ws, int64_t stream);
+                                 const void* scale, const void* lse, double inv_temp, double clamp, int normalize,
+                                 void* dcont, void* dtarg, void* dscale, void* ws, int64_t stream);
 int adassl_cuda_adassl_forward(int dtype, int variant, const void* const* ins, int64_t B, int d,
                                const int64_t* pos, const int64_t* excl, const void* scale, double inv_temp,
-                               double clamp, void* l_ssl, void* l_reg, void* lse, void* ws, int64_t stream);
+                               double clamp, int normalize, void* l_ssl, void* l_reg, void* lse, void* ws,
+                               int64_t stream);
 int adassl_cuda_adassl_backward(int dtype, int variant, const void* grad_ssl, const void* grad_reg,
                                 const void* const* ins, int64_t B, int d, const int64_t* pos,
                                 const int64_t* excl, const void* scale, const void* lse, double inv_temp,
-                                double clamp, void* const* outs, void* ws, int64_t stream);
+                                double clamp, int normalize, void* const* outs, void* ws, int64_t stream);
 }
 
 namespace {
@@ -97,7 +98,7 @@ torch::Tensor workspace(const torch::Tensor& like, int64_t M, int64_t N, int64_t
 
 std::vector<torch::Tensor> nt_xent_forward(torch::Tensor cont, torch::Tensor targ, torch::Tensor pos,
                                            torch::Tensor excl, torch::Tensor scale, double inv_temperature,
-                                           c10::optional<double> clamp, int64_t stream) {
+                                           c10::optional<double> clamp, bool normalize, int64_t stream) {
   TORCH_CHECK(cont.dim() == 2, "adassl_fast cuda: cont must be 2-D (M, d)");
   const int64_t M = cont.size(0), d = cont.size(1);
   check_rows(cont, "cont", cont, d);
@@ -114,8 +115,8 @@ std::vector<torch::Tensor> nt_xent_forward(torch::Tensor cont, torch::Tensor tar
   check_launch(adassl_cuda_nt_xent_forward(dtype_code(cont.scalar_type()), cont.data_ptr(), targ.data_ptr(), M,
                                            N, static_cast<int>(d), pos.data_ptr<int64_t>(),
                                            excl.data_ptr<int64_t>(), sc.data_ptr(), inv_temperature,
-                                           clamp_value(clamp), loss.data_ptr(), lse.data_ptr(), ws.data_ptr(),
-                                           stream),
+                                           clamp_value(clamp), normalize ? 1 : 0, loss.data_ptr(), lse.data_ptr(),
+                                           ws.data_ptr(), stream),
                "nt_xent_forward");
   return {loss, lse};
 }
@@ -123,7 +124,7 @@ std::vector<torch::Tensor> nt_xent_forward(torch::Tensor cont, torch::Tensor tar
 std::vector<torch::Tensor> nt_xent_backward(torch::Tensor grad_loss, torch::Tensor cont, torch::Tensor targ,
                                             torch::Tensor pos, torch::Tensor excl, torch::Tensor scale,
                                             torch::Tensor lse, double inv_temperature, c10::optional<double> clamp,
-                                            int64_t stream) {
+                                            bool normalize, int64_t stream) {
   TORCH_CHECK(cont.dim() == 2, "adassl_fast cuda: cont must be 2-D (M, d)");
   const int64_t M = cont.size(0), d = cont.size(1);
   check_rows(cont, "cont", cont, d);
@@ -142,7 +143,7 @@ std::vector<torch::Tensor> nt_xent_backward(torch::Tensor grad_loss, torch::Tens
   check_launch(adassl_cuda_nt_xent_backward(dtype_code(cont.scalar_type()), gl.data_ptr(), cont.data_ptr(),
                                             targ.data_ptr(), M, N, static_cast<int>(d), pos.data_ptr<int64_t>(),
                                             excl.data_ptr<int64_t>(), sc.data_ptr(), lse_c.data_ptr(),
-                                            inv_temperature, clamp_value(clamp), dcont.data_ptr(),
+                                            inv_temperature, clamp_value(clamp), normalize ? 1 : 0, dcont.data_ptr(),
                                             dtarg.data_ptr(), dscale.data_ptr(), ws.data_ptr(), stream),
                "nt_xent_backward");
   return {dcont, dtarg, dscale.to(scale.scalar_type())};
@@ -196,7 +197,7 @@ std::vector<torch::Tensor> adassl_forward(torch::Tensor emb_x, torch::Tensor emb
                                           torch::Tensor post_yx, torch::Tensor prior_xy, torch::Tensor prior_yx,
                                           torch::Tensor noise_xy, torch::Tensor noise_yx, torch::Tensor scale,
                                           double inv_temperature, c10::optional<double> clamp,
-                                          std::string variant, int64_t stream) {
+                                          std::string variant, bool normalize, int64_t stream) {
   AdaInputs a = check_ada(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant);
   const int64_t M = 2 * a.B;
   auto sc = scalar_arg(scale, "scale", emb_x);
@@ -208,8 +209,8 @@ std::vector<torch::Tensor> adassl_forward(torch::Tensor emb_x, torch::Tensor emb
   check_launch(adassl_cuda_adassl_forward(dtype_code(emb_x.scalar_type()), a.variant, a.ptrs, a.B,
                                           static_cast<int>(a.d), a.pos.data_ptr<int64_t>(),
                                           a.excl.data_ptr<int64_t>(), sc.data_ptr(), inv_temperature,
-                                          clamp_value(clamp), l_ssl.data_ptr(), l_reg.data_ptr(), lse.data_ptr(),
-                                          ws.data_ptr(), stream),
+                                          clamp_value(clamp), normalize ? 1 : 0, l_ssl.data_ptr(), l_reg.data_ptr(),
+                                          lse.data_ptr(), ws.data_ptr(), stream),
                "adassl_forward");
   return {l_ssl, l_reg, lse};
 }
@@ -219,7 +220,7 @@ std::vector<torch::Tensor> adassl_backward(torch::Tensor grad_ssl, torch::Tensor
                                            torch::Tensor prior_xy, torch::Tensor prior_yx, torch::Tensor noise_xy,
                                            torch::Tensor noise_yx, torch::Tensor scale, torch::Tensor lse,
                                            double inv_temperature, c10::optional<double> clamp,
-                                           std::string variant, int64_t stream) {
+                                           std::string variant, bool normalize, int64_t stream) {
   AdaInputs a = check_ada(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant);
   const int64_t M = 2 * a.B;
   auto sc = scalar_arg(scale, "scale", emb_x);
@@ -251,8 +252,8 @@ std::vector<torch::Tensor> adassl_backward(torch::Tensor grad_ssl, torch::Tensor
   check_launch(adassl_cuda_adassl_backward(dtype_code(emb_x.scalar_type()), a.variant, gs.data_ptr(),
                                            gr.data_ptr(), a.ptrs, a.B, static_cast<int>(a.d),
                                            a.pos.data_ptr<int64_t>(), a.excl.data_ptr<int64_t>(), sc.data_ptr(),
-                                           lse_c.data_ptr(), inv_temperature, clamp_value(clamp), outs,
-                                           ws.data_ptr(), stream),
+                                           lse_c.data_ptr(), inv_temperature, clamp_value(clamp), normalize ? 1 : 0,
+                                           outs, ws.data_ptr(), stream),
                "adassl_backward");
   return {demb_x, demb_y, dpost_xy, dpost_yx, dprior_xy, dprior_yx, dscale.to(scale.scalar_type())};
 }

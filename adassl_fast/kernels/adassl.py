@@ -48,26 +48,27 @@ def _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise
     return rows, RowSource.two_part(emb_x, emb_y, B, 2 * B)
 
 
-def _partners(indices, emb_x, scale, inv_temperature, clamp) -> Logits:
+def _partners(indices, emb_x, scale, inv_temperature, clamp, normalize) -> Logits:
     """The logits of nt_xent over the 2B rows: indices = (pos, excl), (2B,) int64, pos_i = i and
     excl_i = (i + B) mod 2B (the caller keeps one pair per B: adassl_fast.nt_xent.partner_indices)."""
     pos, excl = indices
     assert pos.shape == excl.shape == (2 * emb_x.shape[0],), (pos.shape, excl.shape)
-    return Logits(pos, excl, scale, inv_temperature, clamp)
+    return Logits(pos, excl, scale, inv_temperature, clamp, bool(normalize))
 
 
 @on_input_device
 def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
-                   inv_temperature, clamp, variant, *, indices, num_splits=None, config=None):
+                   inv_temperature, clamp, variant, *, indices, normalize=True, num_splits=None, config=None):
     """One-pass AdaSSL forward.
 
     emb_x, emb_y (B, d); post_* (B, 2d); prior_* (B, 2d) for "v", empty for "s"; noise_* (B, d)
     (standard normal for "v", uniform for "s"); scale () float32 (float64 for float64 inputs);
-    indices: nt_xent's partner (pos, excl) (2B,) int64 (see _partners).
+    indices: nt_xent's partner (pos, excl) (2B,) int64 (see _partners); normalize=False: the edited rows and
+    the targets as given (no L2 normalisation).
     Returns (l_ssl (), l_reg (), lse (2B,)), float32 (float64 for float64 inputs).
     """
     rows, cols = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
-    logits = _partners(indices, emb_x, scale, inv_temperature, clamp)
+    logits = _partners(indices, emb_x, scale, inv_temperature, clamp, normalize)
     l_ssl, lse, reg_sums = forward_core(rows, cols, logits, num_splits=num_splits, config=config)
     # l_reg = (R_xy + R_yx) / 2 with R a mean over B rows: the sum over all 2B rows / 2B
     return l_ssl, reg_sums.sum() / rows.rows, lse
@@ -76,15 +77,15 @@ def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
 @on_input_device
 def adassl_backward(grad_ssl, grad_reg, emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy,
                     noise_yx, scale, lse, inv_temperature, clamp, variant, deterministic, *, indices,
-                    num_splits=None, configs=None):
+                    normalize=True, num_splits=None, configs=None):
     """One-pass AdaSSL backward.
 
-    grad_ssl, grad_reg () tensors; the inputs and indices as in adassl_forward; lse (2B,) from it.
+    grad_ssl, grad_reg () tensors; the inputs, indices and normalize as in adassl_forward; lse (2B,) from it.
     Returns (demb_x, demb_y (B, d), dpost_xy, dpost_yx (B, 2d), dprior_xy, dprior_yx ((B, 2d) for
     "v", empty for "s"), dscale ()), gradients in the input dtype, dscale like scale.
     """
     rows, cols = _sources(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant)
-    logits = _partners(indices, emb_x, scale, inv_temperature, clamp)
+    logits = _partners(indices, emb_x, scale, inv_temperature, clamp, normalize)
     (B, d), dev, dt = emb_x.shape, emb_x.device, emb_x.dtype
     demb_x, demb_y = empty((B, d), dt, dev), empty((B, d), dt, dev)
     dpost_xy, dpost_yx = empty((B, 2 * d), dt, dev), empty((B, 2 * d), dt, dev)

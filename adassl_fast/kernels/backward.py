@@ -1,7 +1,7 @@
 """The backward core: row and column gradients and dscale, recomputing S tile by tile from the saved LSEs.
 
 G = grad / M * (P - onehot(pos)) * [|S| <= clamp], dU = s G V, dV = s G^T U, dscale = 1/tau sum G * C, then
-the normalisation backward (and, for AdaSSL, the latent backward) of each side.
+the normalisation backward (skipped with normalize=False) and, for AdaSSL, the latent backward of each side.
 - Deterministic: a row-owned kernel (sum_j G_ij v_j) and a column-owned kernel (sum_i G_ij u_i, from the
   transposed tile V U^T, so nothing is transposed on chip), no atomics. Non-deterministic: the row-owned
   kernel also adds G^T U into an fp32 (N, d) buffer with atomics (6 instead of 8 M^2 d FLOPs); where the
@@ -81,14 +81,15 @@ def _bwd_row_kernel(
     cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, SYM: tl.constexpr,
-    SIGMOID: tl.constexpr, LABELS: tl.constexpr,
+    SIGMOID: tl.constexpr, LABELS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # Row-owned: dU and (by the bilinear identity sum_j G_ij C_ij = <u_i, sum_j G_ij v_j>) dscale,
     # which the finishing kernel forms from this kernel's output. The grad_loss / M factor and the
     # scale are applied there too, so this loop holds only exp2 and the two products.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = owned_rows(
-        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS)
+        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS,
+        NORMALIZE)
     pid_s = tl.program_id(1)
     if SIGMOID:
         lse2 = tl.zeros([BLOCK_M], ACC)  # unused
@@ -137,14 +138,14 @@ def _bwd_col_kernel(
     rows_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SYM: tl.constexpr,
-    SIGMOID: tl.constexpr, LABELS: tl.constexpr,
+    SIGMOID: tl.constexpr, LABELS: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # Column-owned: this program owns BLOCK_N rows of v and streams BLOCK_M rows of u. It forms the
     # transposed tile S^T = V U^T directly, so G^T is the register operand of the second product and
     # nothing is transposed on chip.
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     cols, dd, t, sk2, b2, clamp2, binds = owned_block(v_ptr, N, d, scale_ptr, inv_t, clamp2, BLOCK_N, BLOCK_D,
-                                                      UPCAST, SIGMOID)
+                                                      UPCAST, SIGMOID, NORMALIZE)
     pid_s = tl.program_id(1)
     col_lo = tl.program_id(0) * BLOCK_N
     col_stop = col_lo + BLOCK_N
@@ -216,11 +217,12 @@ def _finish_block(
         u = load_rows(u_ptr, u_ptr, rows, dd, R, R, d, ld, False).to(ACC)
         tl.store(dsc_ptr + pid, tl.sum(tl.sum(u * g, 1), 0) * gscale * inv_t)
     g = g * (gscale * tl.load(scale_ptr) * inv_t)
-    x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
-                      noise_a, noise_b, ACC, PROLOGUE)
     if NORMALIZE:
-        dc = _normalize_backward(g, x, tl.load(rinv_ptr + rows, mask=rows < R, other=0.0), ACC)
-    else:  # the rows were scored as given
+        x, _ = build_rows(rows, dd, half, R, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
+                          noise_a, noise_b, ACC, PROLOGUE)
+        inv = tl.load(rinv_ptr + rows, mask=rows < R, other=0.0)
+        dc = _normalize_backward(g, x, inv, ACC)
+    else:  # the rows were scored as given: g is already their gradient
         dc = g
     if PROLOGUE == 0:
         store_rows(dst_a, dst_b, rows, dd, half, R, d, d, dc, TWO_PART, ACCUM)
@@ -251,7 +253,7 @@ def _finish_kernel(
     BOTH: tl.constexpr, BLOCK_C: tl.constexpr, TWO_PART_C: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     # The O(R d) end of the backward: sum the splits in a fixed order (deterministic), apply
-    # grad_loss / M and scale / tau, the normalisation backward and (AdaSSL) the latent backward.
+    # grad_loss / M and scale / tau, the normalisation backward (NORMALIZE only) and (AdaSSL) the latent backward.
     # One launch for both sides where their sinks are distinct (small M is bound by launches).
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -290,7 +292,7 @@ class _Finish:
 
 def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource, col_sink: RowSink,
                   logits: Logits, lse, deterministic: bool, *, grad_reg=None, col_lse=None,
-                  accumulate: bool = False, normalize: bool = True, num_splits=None, configs=None):
+                  accumulate: bool = False, num_splits=None, configs=None):
     """Shared backward: writes the row / column gradients into the sinks, returns dscale (SIGMOID logits: the (2,)
     gradient of (scale, bias); lse is then None).
 
@@ -298,7 +300,7 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
     symmetric InfoNCE loss (lse_i - S_ii + lse'_i - S_ii) / 2M, whose G holds both directions' softmaxes: one
     pair of matmul kernels for both (pos = arange, nothing excluded). accumulate: the two sinks alias (AdaSSL:
     emb_x / emb_y are both rows and columns); the side finished second adds to what the first wrote.
-    normalize=False: the rows were scored as given (no normalisation backward).
+    logits.normalize False: the rows were scored as given (no normalisation backward).
     """
     dtype, device, d = cols.emb_a.dtype, cols.emb_a.device, rows.width
     M, N = rows.rows, cols.rows
@@ -308,7 +310,7 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
     configs = configs or {}
     cfg_r = configs.get("bwd_row") or pick_config("bwd_row" + suffix, device, dtype, d)
     cfg_c = configs.get("bwd_col") or pick_config("bwd_col" + suffix, device, dtype, d)
-    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat, normalize)
+    u, rinv, _, v, cinv = normalize_rows(rows, cols, stat, logits.normalize)
     ld = u.shape[1]  # the matrix kernels' width: d padded to 16 (normalize_rows)
     if lse is None:  # SIGMOID: no LSEs; never read
         lse = logits.scale
@@ -345,19 +347,19 @@ def backward_core(grad_loss, rows: RowSource, row_sink: RowSink, cols: RowSource
         """One launch for the sides given (either may be None). The row side also writes the per-program
         dscale shares (returned)."""
         first = row_side or col_side
-        block = rows_per_program(d, first.source.prologue, finishing=True)
+        block = rows_per_program(d, first.source.prologue, finishing=True, normalize=logits.normalize)
         grid_r = cdiv(first.source.rows, block)
         dsc = empty(grid_r, stat, device) if row_side else first.inv
         both = row_side is not None and col_side is not None
         second = col_side if both else first
-        block_c = rows_per_program(d, 0, finishing=True)
+        block_c = rows_per_program(d, 0, finishing=True, normalize=logits.normalize)
         grid = grid_r + (cdiv(N, block_c) if both else 0)
         _finish_kernel[(grid,)](
             dsc, u, logits.scale, grad_loss, grad_reg, d, ld, n_loss, float(logits.inv_temperature),
             *first.args(), *second.plain_args(), grid_r,
             BLOCK_M=block, BLOCK_D=block_d(d), PROLOGUE=first.source.prologue, TWO_PART=first.two_part,
             ACCUM=accum, DSCALE=row_side is not None, BOTH=both, BLOCK_C=block_c, TWO_PART_C=second.two_part,
-            NORMALIZE=normalize, num_warps=4)
+            NORMALIZE=logits.normalize, num_warps=4)
         return dsc
 
     if grad_reg is None:

@@ -7,7 +7,7 @@ Key: (arch, dtype class, BLOCK_D) -> one `Config` per kernel kind.
 - arch: the GPU class (arch_class()): "sm90" (H100 / H200), "sm80" (A100 and other parts with >= 163 KB of
   shared memory a block), "sm86" (RTX 30 / 40 / 50, A10, L4, L40: 99 KB); "interp" (TRITON_INTERPRET).
 - dtype class: "16" (bf16 / fp16 operands: bf16 and fp16 inputs, and fp32 inputs, whose normalised rows
-  are fp16: operand_dtype()), "64" (fp64, interpreter only).
+  are fp16, or bf16 for rows taken as given: operand_dtype()), "64" (fp64, interpreter only).
 - BLOCK_D: d padded to a power of two (16 .. 512); the whole feature dimension is one tl.dot K.
 Kernel kinds: "fwd" (row-owned forward), "bwd_row" (row-owned dU, also the atomic schedule),
 "bwd_col" (column-owned dV). BLOCK_M is the block the program owns, BLOCK_N the block it streams.
@@ -96,7 +96,8 @@ _TABLE = {
                           "atomic": False},
 }
 # fp32 inputs run the "16" entries: the normalising pre-kernel reads fp32 rows and writes fp16 unit rows
-# (operand_dtype), statistics and gradient accumulation stay fp32 (docs/backends.md, "fp32 inputs").
+# (bf16 rows with normalize=False: operand_dtype), statistics and gradient accumulation stay fp32
+# (docs/backends.md, "fp32 inputs").
 # Not shipped (cross-compile sweep, 2026-11-28), so pick_config raises and dispatch falls back to the torch
 # backend:
 # - fp32 operands (3xTF32, three dots per product): at d = 128 the backward kernels fit only at 64 x 16
@@ -121,13 +122,18 @@ def block_d(d: int) -> int:
     return max(16, 1 << (max(int(d), 1) - 1).bit_length())
 
 
-def operand_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the normalised rows u, v that the matrix kernels stream, for inputs of `dtype`.
+def operand_dtype(dtype: torch.dtype, normalize: bool = True) -> torch.dtype:
+    """The dtype of the rows u, v that the matrix kernels stream, for inputs of `dtype`.
 
     fp32 inputs are normalised in fp32 and rounded once to fp16: unit vectors lie in [-1, 1], where fp16
     keeps 3 more mantissa bits than bf16, and the bf16 / fp16 shapes then serve them (docs/backends.md).
+    fp32 rows taken as given (normalize=False) have no such bound: they are rounded to bf16, which keeps
+    fp32's exponent range (fp16 overflows past 65504 and loses precision below 6e-5), so any finite row
+    is representable, at bf16's unit roundoff of 2^-9.
     """
-    return torch.float16 if dtype == torch.float32 else dtype
+    if dtype == torch.float32:
+        return torch.float16 if normalize else torch.bfloat16
+    return dtype
 
 
 def dtype_class(dtype: torch.dtype) -> str:

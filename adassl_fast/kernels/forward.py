@@ -26,19 +26,21 @@ from .tiles import Logits, holds_special, owned_rows, softplus2, streamed_tile
 def _fwd_kernel(
     part_ptr,  # (3, nsplit, M) ACC out: running max and sum (log2 units), positive logit (log2 units)
     # u_ptr .. clamp2: Logits.args (kernels/tiles.py)
-    u_ptr, v_ptr,  # (M, d), (N, d) normalised rows (operand dtype: configs.operand_dtype)
+    u_ptr, v_ptr,  # (M, d), (N, d) normalised (or as-given) rows (operand dtype: configs.operand_dtype)
     pos_ptr, excl_ptr,  # (M,) int64 (LABELS: the labels and each row's count of positives)
     scale_ptr,  # () ACC (SIGMOID: (2,), the scale and the bias)
     M, N, d, inv_t, clamp2,  # clamp2: the clamp in log2 units
     cols_per_split, nsplit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CLAMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SIGMOID: tl.constexpr, LABELS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     # SIGMOID: the sum slot holds sum_j softplus(-z_ij L_ij) (log2 units), the max and positive slots stay unused.
     # LABELS: the positive slot holds the positives' mean logit (each tile's sum over the row's count).
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     rows, row_ok, dd, x, sk2, b2, clamp2, binds, pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = owned_rows(
-        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS)
+        u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M, BLOCK_D, UPCAST, SIGMOID, LABELS,
+        NORMALIZE)
     pid_s = tl.program_id(1)
 
     # Finite start: a split can hold only the excluded column of a row, and exp2(-inf - -inf) is NaN.
@@ -137,9 +139,9 @@ def row_lse(u, v, logits: Logits, lse, loss_part, n_loss: int, cfg, num_splits):
                                             SIGMOID=logits.sigmoid, num_warps=4)
 
 
-def forward_core(rows: RowSource, cols: RowSource, logits: Logits, *, normalize=True, num_splits=None, config=None):
+def forward_core(rows: RowSource, cols: RowSource, logits: Logits, *, num_splits=None, config=None):
     """Shared forward of nt_xent, AdaSSL, SigLIP and labelled InfoNCE: (loss (), lse (M,), per-program regulariser
-    sums). normalize=False: the rows are scored as given (SigLIP's option).
+    sums). logits.normalize False: the rows are scored as given.
 
     The M cont rows come from `rows`, the N targ rows from the plain source `cols`. The regulariser sums
     cover all rows and latent dims (undefined for PROLOGUE 0: not summed there, one launch fewer on the
@@ -147,7 +149,7 @@ def forward_core(rows: RowSource, cols: RowSource, logits: Logits, *, normalize=
     """
     dtype, device = cols.emb_a.dtype, cols.emb_a.device
     stat = stat_dtype(dtype)
-    u, _, reg, v, _ = normalize_rows(rows, cols, stat, normalize)
+    u, _, reg, v, _ = normalize_rows(rows, cols, stat, logits.normalize)
     lse = empty(rows.rows, stat, device)
     loss_part = empty(cdiv(rows.rows, MERGE_BLOCK), stat, device)
     kind = "fwd_sigmoid" if logits.sigmoid else "fwd"

@@ -29,26 +29,26 @@ def _square(query, key, logits: Logits) -> Logits:
     return logits
 
 
-def _diagonal(query, key, indices, scale, inv_temperature, clamp) -> Logits:
+def _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize) -> Logits:
     """The logits of S = scale / tau * u v^T with positives on the diagonal and nothing excluded.
 
     indices: (pos, excl) = (arange(N), -1 everywhere) as (N,) int64 tensors (the caller keeps one pair per N:
     adassl_fast.nt_xent.diagonal_indices). The same indices serve the column direction.
     """
     pos, excl = indices
-    return _square(query, key, Logits(pos, excl, scale, inv_temperature, clamp))
+    return _square(query, key, Logits(pos, excl, scale, inv_temperature, clamp, bool(normalize)))
 
 
-def _labelled(query, key, labels, scale, inv_temperature, clamp) -> Logits:
+def _labelled(query, key, labels, scale, inv_temperature, clamp, normalize) -> Logits:
     """LABELS logits: labels (N,) int64, shared by the rows and the columns of either direction."""
-    return _square(query, key, Logits.labelled(labels, scale, inv_temperature, clamp))
+    return _square(query, key, Logits.labelled(labels, scale, inv_temperature, clamp, bool(normalize)))
 
 
 def _symmetric_forward(query, key, logits: Logits, num_splits, config):
     N, d = query.shape
     dtype, device = query.dtype, query.device
     stat = stat_dtype(dtype)
-    u, _, _, v, _ = normalize_rows(RowSource.plain(query), RowSource.plain(key), stat)
+    u, _, _, v, _ = normalize_rows(RowSource.plain(query), RowSource.plain(key), stat, logits.normalize)
     cfg = config or pick_config("fwd", device, dtype, d)
     lse = empty((2, N), stat, device)
     loss_part = empty((2, cdiv(N, MERGE_BLOCK)), stat, device)
@@ -70,35 +70,38 @@ def _symmetric_backward(grad_loss, query, key, logits: Logits, lse, deterministi
 
 
 @on_input_device
-def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, num_splits=None, config=None):
+def info_nce_forward(query, key, scale, inv_temperature, clamp, *, indices, normalize=True, num_splits=None,
+                     config=None):
     """Fused forward of the symmetric InfoNCE loss.
 
     query, key (N, d): same floating dtype, contiguous; scale () float32 (float64 for float64 inputs);
-    inv_temperature float; clamp float or None; indices: the diagonal (pos, excl) (N,) int64 (see _diagonal).
+    inv_temperature float; clamp float or None; indices: the diagonal (pos, excl) (N,) int64 (see _diagonal);
+    normalize=False: the rows as given (kernels/nt_xent.py).
     Returns (loss (), lse (2, N): row LSEs then column LSEs), float32 (float64 for float64 inputs).
     """
-    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize)
     return _symmetric_forward(query, key, logits, num_splits, config)
 
 
 @on_input_device
 def info_nce_backward(grad_loss, query, key, scale, lse, inv_temperature, clamp, deterministic, *, indices,
-                      num_splits=None, configs=None):
+                      normalize=True, num_splits=None, configs=None):
     """Fused backward of the symmetric InfoNCE loss.
 
-    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward; indices as there.
+    grad_loss () tensor; query, key (N, d); scale (); lse (2, N) from info_nce_forward; indices, normalize as there.
     deterministic as in nt_xent_backward. Returns (dquery, dkey (N, d)) in the input dtype and dscale ().
     """
-    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp)
+    logits = _diagonal(query, key, indices, scale, inv_temperature, clamp, normalize)
     return _symmetric_backward(grad_loss, query, key, logits, lse, deterministic, num_splits, configs)
 
 
 @on_input_device
-def labelled_forward(query, key, labels, scale, inv_temperature, clamp, *, num_splits=None, config=None):
+def labelled_forward(query, key, labels, scale, inv_temperature, clamp, *, normalize=True, num_splits=None,
+                     config=None):
     """Fused forward of one-directional InfoNCE with label-defined positives: mean_i [lse_i - mean over the
-    columns j of row i's label of S^_ij]. query, key (N, d) and scale as in info_nce_forward; labels (N,) int64.
-    Returns (loss (), lse (N,))."""
-    logits = _labelled(query, key, labels, scale, inv_temperature, clamp)
+    columns j of row i's label of S^_ij]. query, key (N, d), scale and normalize as in info_nce_forward; labels
+    (N,) int64. Returns (loss (), lse (N,))."""
+    logits = _labelled(query, key, labels, scale, inv_temperature, clamp, normalize)
     loss, lse, _ = forward_core(RowSource.plain(query), RowSource.plain(key), logits, num_splits=num_splits,
                                 config=config)
     return loss, lse
@@ -106,9 +109,9 @@ def labelled_forward(query, key, labels, scale, inv_temperature, clamp, *, num_s
 
 @on_input_device
 def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic, *,
-                      num_splits=None, configs=None):
+                      normalize=True, num_splits=None, configs=None):
     """Fused backward of labelled_forward's loss from its lse (N,): (dquery, dkey, dscale)."""
-    logits = _labelled(query, key, labels, scale, inv_temperature, clamp)
+    logits = _labelled(query, key, labels, scale, inv_temperature, clamp, normalize)
     dquery = empty(query.shape, query.dtype, query.device)
     dkey = empty(key.shape, key.dtype, key.device)
     dscale = backward_core(grad_loss.reshape(()), RowSource.plain(query), RowSink.plain(dquery), RowSource.plain(key),
@@ -118,15 +121,17 @@ def labelled_backward(grad_loss, query, key, labels, scale, lse, inv_temperature
 
 
 @on_input_device
-def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp, *, num_splits=None, config=None):
-    """Fused forward of symmetric InfoNCE with label-defined positives: (loss (), lse (2, N))."""
-    logits = _labelled(query, key, labels, scale, inv_temperature, clamp)
+def labelled_info_nce_forward(query, key, labels, scale, inv_temperature, clamp, *, normalize=True, num_splits=None,
+                              config=None):
+    """Fused forward of symmetric InfoNCE with label-defined positives: (loss (), lse (2, N)); normalize as in
+    info_nce_forward."""
+    logits = _labelled(query, key, labels, scale, inv_temperature, clamp, normalize)
     return _symmetric_forward(query, key, logits, num_splits, config)
 
 
 @on_input_device
 def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_temperature, clamp, deterministic, *,
-                               num_splits=None, configs=None):
+                               normalize=True, num_splits=None, configs=None):
     """Fused backward of labelled_info_nce_forward's loss from its lse (2, N): (dquery, dkey, dscale)."""
-    logits = _labelled(query, key, labels, scale, inv_temperature, clamp)
+    logits = _labelled(query, key, labels, scale, inv_temperature, clamp, normalize)
     return _symmetric_backward(grad_loss, query, key, logits, lse, deterministic, num_splits, configs)

@@ -53,7 +53,7 @@ def column_splits(n_own_blocks: int, n_loop_blocks: int, device, num_splits) -> 
     return cdiv(n_loop_blocks, num_splits)
 
 
-def rows_per_program(d: int, prologue: int, finishing: bool) -> int:
+def rows_per_program(d: int, prologue: int, finishing: bool, normalize: bool = True) -> int:
     """Rows per program of the O(M d) kernels (the normalising and the finishing kernel).
 
     Their whole tile lives in registers: the AdaSSL latent math keeps ~10 (rows x BLOCK_D) fp32 temporaries
@@ -62,9 +62,15 @@ def rows_per_program(d: int, prologue: int, finishing: bool) -> int:
     kernel writes the caller's (rows, d) gradients: where d is not a multiple of 16 those rows are not
     16-byte aligned, each element takes its own address, and it gets half the budget (at d = 100 the full
     one spilled 912 bytes on sm_80; a quarter left an 8-byte stack frame on sm_90; tests/test_launch_path.py).
+    The finishing kernel of plain rows taken as given (normalize=False: no normalisation backward, so little
+    is live) gets a quarter: at the full and the half budget ptxas chose 56-128 registers for it on sm_90
+    and spilled 8-16 bytes (bf16 and fp32 rows, d = 128-512; tests/test_cross_compile.py), at a quarter it
+    takes 39-72 and spills none.
     """
     budget = (1024 if finishing else 2048) if prologue else 8192
-    if finishing and d % 16:
+    if finishing and not prologue and not normalize:
+        budget //= 4
+    elif finishing and d % 16:
         budget //= 2
     return max(1, min(64, budget // block_d(d)))
 

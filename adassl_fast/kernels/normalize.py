@@ -1,6 +1,8 @@
 """The normalising pre-kernel: u = x / max(|x|, eps) of both sides, written once per call.
 
-The matrix kernels stream only u and v, so one lean set of them serves nt_xent, info_nce and AdaSSL, and
+With NORMALIZE off (normalize=False: rows taken as given) it writes u = x, only cast to the operand dtype.
+
+The matrix kernels stream only u and v, so one lean set of them serves nt_xent, info_nce, AdaSSL and SigLIP, and
 S = scale / tau * <u_i, v_j> is one multiply per element. For AdaSSL this kernel forms the edited rows
 first (kernels/latent.py) and sums the KL / L0 regulariser; the edited rows are written only in their
 normalised form, O(M d) bytes.
@@ -25,8 +27,8 @@ def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
                      ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROLOGUE: tl.constexpr,
                      NORMALIZE: tl.constexpr):
     """Rows [pid * BLOCK_M, +BLOCK_M) of one side: writes u_i = x_i / max(|x_i|, eps) (out_ptr's dtype, row
-    stride ld, zeros in columns [d, ld)) and 1 / max(|x_i|, eps); returns the block's regulariser sum (0 for
-    PROLOGUE 0). NORMALIZE False: the rows as given (the inverse norms are not written)."""
+    stride ld, zeros in columns [d, ld)) and 1 / max(|x_i|, eps), or (NORMALIZE off) u_i = x_i and no inverse
+    norm; returns the block's regulariser sum (0 for PROLOGUE 0)."""
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     x, reg = build_rows(rows, cols, half, n_rows, d, emb_a, emb_b, post_a, post_b, prior_a, prior_b,
@@ -45,7 +47,7 @@ def _normalize_block(out_ptr, inv_ptr, pid, half, n_rows, d, ld,
 @triton.jit
 def _normalize_kernel(
     out_ptr,  # (n_rows, ld) out, operand dtype (configs.operand_dtype): the cont side's u
-    inv_ptr,  # (n_rows,) ACC out: its 1 / max(|x_i|, eps)
+    inv_ptr,  # (n_rows,) ACC out: its 1 / max(|x_i|, eps) (NORMALIZE only)
     reg_ptr,  # (grid_u,) ACC out: per-program regulariser sum (PROLOGUE != 0)
     half, n_rows, d, ld,  # ld: d rounded up to 16, the row stride of u and v (see normalize_rows)
     emb_a, emb_b, post_a, post_b, prior_a, prior_b, noise_a, noise_b,  # the cont rows (RowSource)
@@ -68,7 +70,7 @@ def _normalize_kernel(
                          targ_a, targ_b, targ_a, targ_b, ACC, BLOCK_T, BLOCK_D, 0, NORMALIZE)
 
 
-def normalize_rows(rows: RowSource, cols: RowSource, stat, normalize: bool = True):
+def normalize_rows(rows: RowSource, cols: RowSource, stat, normalize: bool):
     """(u (M, ld), 1/|x| (M,), per-program regulariser sums, v (N, ld), 1/|t| (N,)) of both sides, one launch.
 
     `rows` gives the M cont rows (for AdaSSL formed from emb / post / prior / noise), `cols` the N targ rows
@@ -78,13 +80,14 @@ def normalize_rows(rows: RowSource, cols: RowSource, stat, normalize: bool = Tru
     multiplied its exp / log work by ~8). Their rows are ld = d rounded up to 16 wide, zero-padded: the
     matrix kernels then see 16-divisible strides and widths whatever d is (Triton's aligned, vectorised code;
     with d = 100, 200 or 300 the sm_90 kernels spilled up to 736 bytes).
-    normalize=False: u and v are the rows as given (SigLIP's option), the inverse norms left unwritten.
+    normalize=False: u, v are the rows as given, in the operand dtype (bf16 for fp32 rows), and the inverse
+    norms are left unwritten (nothing reads them).
     """
     dev, dtype, d = rows.emb_a.device, rows.emb_a.dtype, rows.width
     M, N = rows.rows, cols.rows
     ld = cdiv(d, 16) * 16
-    u, inv_u = empty((M, ld), operand_dtype(dtype), dev), empty(M, stat, dev)
-    v, inv_v = empty((N, ld), operand_dtype(dtype), dev), empty(N, stat, dev)
+    u, inv_u = empty((M, ld), operand_dtype(dtype, normalize), dev), empty(M, stat, dev)
+    v, inv_v = empty((N, ld), operand_dtype(dtype, normalize), dev), empty(N, stat, dev)
     block, block_t = rows_per_program(d, rows.prologue, finishing=False), rows_per_program(d, 0, finishing=False)
     grid_u = cdiv(M, block)
     reg = empty(grid_u, stat, dev)

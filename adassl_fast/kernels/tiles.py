@@ -1,8 +1,9 @@
 """What the matrix kernels share: the logits they score, and the tile helpers of forward and backward.
 
-Every matrix kernel (kernels/forward.py, kernels/backward.py) streams rows u (M, ld) against v (N, ld) and
-scores them the same way: S_ij = scale / tau * <u_i, v_j>, clamped to +-clamp, row i's positive column
-pos_i and excluded column excl_i (-1: none). Two modes change what a tile of S feeds (docs/spec.md):
+Every matrix kernel (kernels/forward.py, kernels/backward.py) streams rows u (M, ld) against v (N, ld), the
+normalised rows or (Logits.normalize False) the rows as given, and scores them the same way:
+S_ij = scale / tau * <u_i, v_j>, clamped to +-clamp, row i's positive column pos_i and excluded column excl_i
+(-1: none). Two modes change what a tile of S feeds (docs/spec.md):
 - SIGMOID (SigLIP, 2.11 / 3.7): L_ij = scale <u_i, v_j> + bias (tau = 1, no clamp), each entry its own term
   softplus(-z_ij L_ij), z = +1 at the positive column, -1 elsewhere: no row LSE. `scale` is then the (2,)
   tensor (scale, bias).
@@ -34,8 +35,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 class Logits:
     """How the matrix kernels score rows against columns (docs/backends.md, the nt_xent core).
 
-    pos, excl: (M,) int64, contiguous; scale: () in the statistics dtype; clamp: float or None. The modes
-    (module docstring) come from `sigmoid` and `labelled`, which give their pos / excl / scale meaning.
+    pos, excl: (M,) int64, contiguous; scale: () in the statistics dtype; clamp: float or None; normalize:
+    whether u, v are the normalised rows (False: the rows as given, docs/backends.md). The modes (module
+    docstring) come from `sigmoid` and `labelled`, which give their pos / excl / scale meaning.
     """
 
     pos: torch.Tensor
@@ -43,22 +45,23 @@ class Logits:
     scale: torch.Tensor
     inv_temperature: float
     clamp: float | None
+    normalize: bool = True
     sigmoid: bool = False
     labels: bool = False
 
     @staticmethod
-    def pairwise_sigmoid(indices, params: torch.Tensor) -> Logits:
+    def pairwise_sigmoid(indices, params: torch.Tensor, normalize: bool) -> Logits:
         """SigLIP's logits L = params[0] <u_i, v_j> + params[1] with the diagonal (pos, excl) `indices`."""
         pos, excl = indices
-        return Logits(pos, excl, params, 1.0, None, sigmoid=True)
+        return Logits(pos, excl, params, 1.0, None, normalize, sigmoid=True)
 
     @staticmethod
-    def labelled(labels: torch.Tensor, scale, inv_temperature: float, clamp) -> Logits:
+    def labelled(labels: torch.Tensor, scale, inv_temperature: float, clamp, normalize: bool) -> Logits:
         """Label-defined positives: `labels` (N,) int64 shared by rows and columns, with each row's count of
         positives, |{j : labels_j = labels_i}|, from one sort (O(N log N), no N x N compare, no host sync)."""
         ordered = labels.sort().values
         counts = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-        return Logits(labels, counts, scale, inv_temperature, clamp, labels=True)
+        return Logits(labels, counts, scale, inv_temperature, clamp, normalize, labels=True)
 
     def args(self, u: torch.Tensor, v: torch.Tensor) -> tuple:
         """The arguments every matrix kernel takes from u_ptr to clamp2, scoring u (M, ld) against v (N, ld)."""
@@ -69,7 +72,8 @@ class Logits:
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         upcast, prec = dot_precision(dtype)
-        return dict(CLAMP=self.clamp is not None, UPCAST=upcast, PREC=prec, SIGMOID=self.sigmoid, LABELS=self.labels)
+        return dict(CLAMP=self.clamp is not None, UPCAST=upcast, PREC=prec, NORMALIZE=self.normalize,
+                    SIGMOID=self.sigmoid, LABELS=self.labels)
 
 
 @triton.jit
@@ -82,10 +86,11 @@ def operand(x, UPCAST: tl.constexpr):
 
 @triton.jit
 def owned_block(x_ptr, n, ld, scale_ptr, inv_t, clamp2, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, SIGMOID: tl.constexpr):
+                UPCAST: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr):
     """What every matrix kernel sets up first: the indices of the BLOCK rows of x (n, ld) that program_id(0)
     owns, the feature indices, the owned tile (on chip for the whole loop: K = d in one tl.dot), the logit
-    scale and bias in log2 units (bias 0 but in SIGMOID mode), the clamp as a tensor and whether it binds."""
+    scale and bias in log2 units (bias 0 but in SIGMOID mode), the clamp as a tensor and whether it binds
+    (clamp_binds: always for rows taken as given, NORMALIZE off)."""
     ACC: tl.constexpr = scale_ptr.dtype.element_ty
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dd = tl.arange(0, BLOCK_D)
@@ -97,17 +102,18 @@ def owned_block(x_ptr, n, ld, scale_ptr, inv_t, clamp2, BLOCK: tl.constexpr, BLO
         b2 = tl.zeros([], ACC)
     # as a tensor: tl.minimum / tl.maximum would round a bare float argument to fp32 (interpreter, fp64)
     clamp2 = tl.zeros([], ACC) + clamp2
-    return idx, dd, x, sk2, b2, clamp2, clamp_binds(sk2, clamp2)
+    return idx, dd, x, sk2, b2, clamp2, clamp_binds(sk2, clamp2, NORMALIZE)
 
 
 @triton.jit
 def owned_rows(u_ptr, pos_ptr, excl_ptr, scale_ptr, M, d, inv_t, clamp2, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, SIGMOID: tl.constexpr, LABELS: tl.constexpr):
+               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, SIGMOID: tl.constexpr, LABELS: tl.constexpr,
+               NORMALIZE: tl.constexpr):
     """The row-owned kernels' set-up (the forward and the row-owned backward): owned_block for the rows of u,
     which rows are inside, their positive and excluded columns and the ranges holds_special takes. LABELS: `pos`
     holds the rows' labels and `excl` 1 / their counts of positives (positive_weights)."""
     rows, dd, x, sk2, b2, clamp2, binds = owned_block(u_ptr, M, d, scale_ptr, inv_t, clamp2, BLOCK_M, BLOCK_D,
-                                                      UPCAST, SIGMOID)
+                                                      UPCAST, SIGMOID, NORMALIZE)
     row_ok = rows < M
     pos, excl, pos_lo, pos_hi, excl_lo, excl_hi = row_indices(pos_ptr, excl_ptr, rows, row_ok)
     if LABELS:
@@ -176,8 +182,15 @@ def holds_special(pos_lo, pos_hi, excl_lo, excl_hi, start, stop):
 
 
 @triton.jit
-def clamp_binds(sk2, clamp2):
+def clamp_binds(sk2, clamp2, NORMALIZE: tl.constexpr):
     """False when no logit can reach the clamp: |S| <= |scale / tau| |cos| and |cos| <= 1, with 1 % to
     spare for operands rounded to bf16. Then the clamp is the identity and every tile skips it (clamp 20
-    at tau 0.1, the benchmark's setting, while |scale| < 1.98)."""
-    return tl.abs(sk2) * 1.01 >= clamp2
+    at tau 0.1, the benchmark's setting, while |scale| < 1.98). Rows taken as given (NORMALIZE off) have
+    no such bound (+inf: the clamp applies unless scale is 0, where every logit is 0). A bound rather than a
+    constant True keeps the tiles' run-time branch, whose register allocation the shipped shapes were
+    vetted with (a constant made the SYM column kernel spill 24 bytes on sm_90 at d = 256)."""
+    if NORMALIZE:
+        reach = 1.01
+    else:
+        reach = float("inf")
+    return tl.abs(sk2) * reach >= clamp2

@@ -11,6 +11,7 @@ from adassl_fast.adassl import adassl_nt_xent_reference
 from adassl_fast.indices import partner_indices
 from adassl_fast.kernels import adassl as ak
 from adassl_fast.kernels import launch
+from tests.rows_as_given import adassl_inputs, adassl_reference
 
 pytestmark = pytest.mark.triton
 
@@ -51,14 +52,14 @@ def _reference(ins, variant, scale, temperature, clamp, g_ssl, g_reg):
     return l_ssl.detach(), l_reg.detach(), list(grads)
 
 
-def _kernel(ins, variant, scale, temperature, clamp, g_ssl, g_reg, deterministic, num_splits):
+def _kernel(ins, variant, scale, temperature, clamp, g_ssl, g_reg, deterministic, num_splits, normalize=True):
     partners = partner_indices(2 * ins[0].shape[0], ins[0].device)
     l_ssl, l_reg, lse = ak.adassl_forward(*ins, scale, 1 / temperature, clamp, variant, indices=partners,
-                                          num_splits=num_splits)
+                                          normalize=normalize, num_splits=num_splits)
     st = l_ssl.dtype
     out = ak.adassl_backward(
         torch.tensor(g_ssl, dtype=st), torch.tensor(g_reg, dtype=st), *ins, scale, lse, 1 / temperature, clamp,
-        variant, deterministic, indices=partners, num_splits=num_splits,
+        variant, deterministic, indices=partners, normalize=normalize, num_splits=num_splits,
     )
     grads = list(out[:4]) + (list(out[4:6]) if variant == "v" else []) + [out[6]]
     if variant == "s":
@@ -137,3 +138,36 @@ def test_out_of_bounds_guarded_by_sentinels():
         assert torch.equal(x, y)
     for buf, v in zip(bufs, views, strict=True):
         assert (buf[:4096] == 1.0e30).all() and (buf[4096 + v.numel() :] == 1.0e30).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize=False: the edited rows and the targets as given (docs/backends.md), against the float64 oracle of
+# tests/rows_as_given.py.
+
+
+@pytest.mark.parametrize(
+    "B,d,variant,clamp,deterministic,num_splits",
+    [
+        (3, 5, "v", None, True, 1),
+        (17, 24, "v", 3.0, True, None),
+        (33, 37, "v", 3.0, False, 1),
+        (17, 37, "s", 3.0, False, None),
+        (65, 5, "s", None, True, 1),
+        (9, 131, "s", 3.0, True, None),  # BLOCK_D 256
+    ],
+)
+def test_rows_as_given_match_float64(B, d, variant, clamp, deterministic, num_splits):
+    ins = adassl_inputs(B, d, variant)
+    scale, temperature = torch.tensor(1.3, dtype=F64), 0.5  # |scale / tau| = 2.6 < clamp
+    l_ssl, l_reg, lse, grads = _kernel(ins, variant, scale, temperature, clamp, 0.9, 0.6, deterministic, num_splits,
+                                       normalize=False)
+    r_ssl, r_reg, r_grads = adassl_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6)
+    n_ssl, _, n_grads = adassl_reference(ins, variant, scale, temperature, clamp, 0.9, 0.6, normalize=True)
+    assert abs(n_ssl - r_ssl) > 1e-2 and (n_grads[0] - r_grads[0]).abs().max() > 1e-2 * r_grads[0].abs().max()
+    assert abs(l_ssl.item() - r_ssl.item()) <= 1e-12
+    assert abs(l_reg.item() - r_reg.item()) <= 1e-12 * max(1.0, abs(r_reg.item()))
+    for name, a, b in zip(_names(variant), grads, r_grads, strict=True):
+        assert a.dtype == F64 and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        err = (a - b).abs().max().item()
+        assert err <= 1e-12 * max(1.0, b.abs().max().item()), f"{name}: {err:.3e}"

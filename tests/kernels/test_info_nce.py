@@ -14,6 +14,7 @@ from adassl_fast.kernels import info_nce as kin
 from adassl_fast.kernels import nt_xent as ntx
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes
+from tests.rows_as_given import free_rows, leaves, symmetric_loss
 
 pytestmark = pytest.mark.triton
 
@@ -29,11 +30,12 @@ def _diagonal(query):
     return diagonal_indices(query.shape[0], query.device)
 
 
-def _run(query, key, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
-    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, indices=_diagonal(query), num_splits=num_splits)
+def _run(query, key, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0, normalize=True):
+    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, indices=_diagonal(query), normalize=normalize,
+                                     num_splits=num_splits)
     g = torch.tensor(grad, dtype=loss.dtype)
     dq, dk, ds = kin.info_nce_backward(g, query, key, scale, lse, inv_t, clamp, deterministic,
-                                       indices=_diagonal(query), num_splits=num_splits)
+                                       indices=_diagonal(query), normalize=normalize, num_splits=num_splits)
     return loss, lse, dq, dk, ds
 
 
@@ -181,3 +183,62 @@ def test_backward_asks_for_the_sym_configs(monkeypatch):
     query, key = torch.randn(20, 8, dtype=F64), torch.randn(20, 8, dtype=F64)
     _run(query, key, torch.tensor(1.0, dtype=F64), 5.0, None)
     assert asked == ["bwd_row_sym", "bwd_col_sym"]  # (the forward looks up "fwd" in kernels/info_nce.py)
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize=False: the rows as given (docs/backends.md), against the float64 oracle of tests/rows_as_given.py.
+
+
+def _as_given_reference(query, key, scale, inv_t, clamp, grad=1.0, normalize=False):
+    q, k, s = leaves(query, key, scale)
+    loss, lse = symmetric_loss(q, k, s, inv_t, clamp, normalize)
+    return (loss.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, s), torch.tensor(grad, dtype=F64)))
+
+
+def _as_given_problem(N, d):
+    query = free_rows(N, d)
+    return query, query + free_rows(N, d), torch.tensor(1.3, dtype=F64)
+
+
+@pytest.mark.parametrize("N,d,clamp,deterministic,num_splits", [
+    (6, 5, None, True, 1),
+    (37, 17, 3.0, True, None),
+    (37, 24, 3.0, False, 1),
+    (130, 37, None, False, None),
+    (300, 17, 3.0, True, 1),  # off-diagonal tiles on the unmasked fast path, the clamp binding there
+    (70, 130, 3.0, False, None),  # BLOCK_D 256
+])
+def test_rows_as_given_match_float64(N, d, clamp, deterministic, num_splits):
+    # |scale / tau| = 2.6 < clamp: only rows of norm > 1 reach the clamp (tiles.clamp_binds)
+    query, key, scale = _as_given_problem(N, d)
+    inv_t = 2.0
+    if clamp is not None:
+        assert (scale * inv_t * (query @ key.t())).abs().max() > clamp > 1.01 * scale * inv_t
+    loss, lse, dq, dk, ds = _run(query, key, scale, inv_t, clamp, deterministic, num_splits, grad=0.6,
+                                 normalize=False)
+    r_loss, r_lse, r_dq, r_dk, r_ds = _as_given_reference(query, key, scale, inv_t, clamp, grad=0.6)
+    n_loss, _, n_dq, _, _ = _as_given_reference(query, key, scale, inv_t, clamp, grad=0.6, normalize=True)
+    assert abs(n_loss - r_loss) > 1e-2 and (n_dq - r_dq).abs().max() > 1e-2 * r_dq.abs().max()  # the flag matters
+    _close(loss, r_loss, 1e-12, "loss")
+    _close(lse, r_lse, 1e-12, "row / column lse")
+    _close(dq, r_dq, 1e-12, "dquery")
+    _close(dk, r_dk, 1e-12, "dkey")
+    _close(ds, r_ds, 1e-12, "dscale")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,cfg", shipped_block_shapes(), ids=lambda v: getattr(v, "name", v))
+def test_every_shipped_block_shape_rows_as_given_float64(kernel, cfg):
+    N, d, clamp, inv_t = 150, 24, 3.0, 2.0
+    query, key, scale = _as_given_problem(N, d)
+    r_loss, r_lse, r_dq, r_dk, r_ds = _as_given_reference(query, key, scale, inv_t, clamp)
+    loss, lse = kin.info_nce_forward(query, key, scale, inv_t, clamp, indices=_diagonal(query), normalize=False,
+                                     config=cfg if kernel == "fwd" else None)
+    _close(loss, r_loss, 1e-12, f"{cfg.name}: loss")
+    _close(lse, r_lse, 1e-12, f"{cfg.name}: row / column lse")
+    for deterministic in (True, False) if kernel == "bwd_row" else (True,):
+        dq, dk, ds = kin.info_nce_backward(torch.tensor(1.0, dtype=F64), query, key, scale, lse, inv_t, clamp,
+                                           deterministic, indices=_diagonal(query), normalize=False,
+                                           configs={kernel: cfg})
+        for got, want, what in ((dq, r_dq, "dquery"), (dk, r_dk, "dkey"), (ds, r_ds, "dscale")):
+            _close(got, want, 1e-12, f"{cfg.name} deterministic={deterministic}: {what}")

@@ -16,6 +16,7 @@ from adassl_fast.kernels import launch
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes
 from tests.precision import rel_err
+from tests.rows_as_given import free_rows, labelled_loss, leaves
 
 pytestmark = pytest.mark.triton
 
@@ -30,12 +31,13 @@ def _poison(monkeypatch):
 
 
 def _run(query, key, labels, scale, inv_t, clamp, symmetric, deterministic=True, num_splits=None, grad=1.0,
-         config=None, configs=None):
+         config=None, configs=None, normalize=True):
     forward, backward = ENTRIES[symmetric]
-    loss, lse = forward(query, key, labels, scale, inv_t, clamp, num_splits=num_splits, config=config)
+    loss, lse = forward(query, key, labels, scale, inv_t, clamp, normalize=normalize, num_splits=num_splits,
+                        config=config)
     g = torch.tensor(grad, dtype=loss.dtype)
-    dq, dk, ds = backward(g, query, key, labels, scale, lse, inv_t, clamp, deterministic, num_splits=num_splits,
-                          configs=configs)
+    dq, dk, ds = backward(g, query, key, labels, scale, lse, inv_t, clamp, deterministic, normalize=normalize,
+                          num_splits=num_splits, configs=configs)
     return loss, lse, dq, dk, ds
 
 
@@ -194,3 +196,39 @@ def test_out_of_bounds_guarded_by_sentinels(symmetric, deterministic):
     for buf, view in ((qbuf, qv), (kbuf, kv)):
         assert guards_intact(buf, view)
     assert guards_intact(lbuf, lv, fill=int(labels[0]))
+
+
+# normalize=False: the rows as given (docs/backends.md), against the float64 oracle of tests/rows_as_given.py.
+
+
+def _as_given_reference(query, key, labels, scale, inv_t, clamp, symmetric, normalize, grad=1.0):
+    """float64 (loss, dquery, dkey, dscale); symmetric: the mean of both directions (S and S^T, the same labels)."""
+    q, k, s = leaves(query, key, scale)
+    loss = labelled_loss(q, k, labels, s, inv_t, clamp, normalize)[0]
+    if symmetric:
+        loss = (loss + labelled_loss(k, q, labels, s, inv_t, clamp, normalize)[0]) / 2
+    return (loss.detach(), *torch.autograd.grad(loss, (q, k, s), torch.tensor(grad, dtype=F64)))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("N,d,classes,clamp,deterministic,num_splits", [
+    (37, 17, 5, 3.0, True, None),
+    (130, 24, 4, 3.0, False, 2),
+    (70, 37, 6, None, True, 1),
+])
+def test_rows_as_given_match_float64(N, d, classes, clamp, deterministic, num_splits, symmetric):
+    # |scale / tau| = 2.6 < clamp: only rows of norm > 1 reach the clamp, which must apply all the same
+    # (tiles.clamp_binds: the skip holds only for unit rows)
+    query = free_rows(N, d)
+    key, scale, inv_t, labels = query + free_rows(N, d), torch.tensor(1.3, dtype=F64), 2.0, _labels(N, classes)
+    if clamp is not None:
+        assert (scale * inv_t * (query @ key.t())).abs().max() > clamp > 1.01 * scale * inv_t
+    loss, _, dq, dk, ds = _run(query, key, labels, scale, inv_t, clamp, symmetric, deterministic, num_splits,
+                               grad=0.6, normalize=False)
+    want = _as_given_reference(query, key, labels, scale, inv_t, clamp, symmetric, False, grad=0.6)
+    unit = _as_given_reference(query, key, labels, scale, inv_t, clamp, symmetric, True, grad=0.6)
+    # the oracle with normalize=True is the library's reference, and the flag matters on these rows
+    _close(unit[0], _reference(query, key, labels, scale, 1 / inv_t, clamp, symmetric, grad=0.6)[0], 1e-12, "oracle")
+    assert abs(unit[0] - want[0]) > 1e-2 and (unit[1] - want[1]).abs().max() > 1e-2 * want[1].abs().max()
+    for got, ref, what in zip((loss, dq, dk, ds), want, ("loss", "dquery", "dkey", "dscale"), strict=True):
+        _close(got, ref, 1e-12, what)

@@ -14,6 +14,7 @@ from adassl_fast.nt_xent import nt_xent_reference
 from tests.kernels.sentinels import guards_intact, padded
 from tests.kernels.shapes import shipped_block_shapes
 from tests.precision import rel_err
+from tests.rows_as_given import core_loss, free_rows, leaves
 
 pytestmark = pytest.mark.triton
 
@@ -37,11 +38,12 @@ def _problem(M, d, dtype=F64):
     return torch.randn(M, d, dtype=dtype), torch.randn(M, d, dtype=dtype), pos, excl, torch.tensor(1.0, dtype=dtype)
 
 
-def _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0):
-    loss, lse = ntx.nt_xent_forward(cont, targ, pos, excl, scale, inv_t, clamp, num_splits=num_splits)
+def _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic=True, num_splits=None, grad=1.0, normalize=True):
+    loss, lse = ntx.nt_xent_forward(cont, targ, pos, excl, scale, inv_t, clamp, normalize=normalize,
+                                    num_splits=num_splits)
     g = torch.tensor(grad, dtype=loss.dtype)
     dc, dt, ds = ntx.nt_xent_backward(g, cont, targ, pos, excl, scale, lse, inv_t, clamp, deterministic,
-                                      num_splits=num_splits)
+                                      normalize=normalize, num_splits=num_splits)
     return loss, lse, dc, dt, ds
 
 
@@ -270,16 +272,16 @@ def test_deterministic_schedule_is_bitwise_reproducible():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
-def test_out_of_bounds_guarded_by_sentinels(deterministic):
+@pytest.mark.parametrize("deterministic,normalize", [(True, True), (False, True), (False, False)])
+def test_out_of_bounds_guarded_by_sentinels(deterministic, normalize):
     cont, targ, pos, excl, scale = _problem(34, 37)
-    clean = _run(cont, targ, pos, excl, scale, 4.0, 20.0, deterministic)
+    clean = _run(cont, targ, pos, excl, scale, 4.0, 20.0, deterministic, normalize=normalize)
     # a block of 64 rows x 64 features reads far past both ends if any mask is wrong
     cbuf, cv = padded(cont, 64 * 64, 64 * 64)
     tbuf, tv = padded(targ, 64 * 64, 64 * 64)
     pbuf, pv = padded(pos, 64, 64, fill=-(2**40))
     ebuf, ev = padded(excl, 64, 64, fill=2**40)
-    guarded = _run(cv, tv, pv, ev, scale, 4.0, 20.0, deterministic)
+    guarded = _run(cv, tv, pv, ev, scale, 4.0, 20.0, deterministic, normalize=normalize)
     for x, y in zip(clean, guarded, strict=True):
         assert torch.equal(x, y)
     for buf, view in ((cbuf, cv), (tbuf, tv)):
@@ -296,3 +298,138 @@ def test_zero_rows_take_the_eps_branch():
     _close(dc, r_dc, 1e-12 * max(1.0, r_dc.abs().max().item()), what="dcont")
     _close(dt, r_dt, 1e-12 * max(1.0, r_dt.abs().max().item()), what="dtarg")
     _close(ds, r_ds, 1e-12, what="dscale")
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalize=False: the rows as given (docs/backends.md), against the float64 oracle of tests/rows_as_given.py.
+
+
+def _as_given_indices(M, N):
+    """nt_xent's partner indices where M == N, else random positives and exclusions with -1 entries."""
+    if M == N:
+        return _nt_indices(M)
+    pos, excl = torch.randint(0, N, (M,)), torch.randint(-1, N, (M,))
+    pos[::5] = -1
+    return pos, excl
+
+
+def _as_given_reference(cont, targ, pos, excl, scale, inv_t, clamp, grad, normalize=False, operand_dtype=None):
+    c, t, s = leaves(cont, targ, scale)
+    loss, lse = core_loss(c, t, pos, excl, s, inv_t, clamp, normalize, operand_dtype)
+    return (loss.detach(), lse.detach(), *torch.autograd.grad(loss, (c, t, s), torch.tensor(grad, dtype=F64)))
+
+
+AS_GIVEN_CASES = [  # (M, N, d, clamp, deterministic, num_splits)
+    (6, 6, 5, None, True, 1),
+    (34, 34, 37, 3.0, False, None),
+    (130, 130, 24, 3.0, True, 2),
+    # 64-blocks in the interpreter: most tiles take the unmasked fast path, with the clamp
+    (300, 300, 17, 3.0, False, 1),
+    (37, 70, 24, 2.9, True, None),  # N != M, positives and exclusions anywhere (-1 included)
+    (70, 37, 37, None, False, 1),
+    (70, 70, 130, 3.0, False, None),  # BLOCK_D 256
+    (70, 70, 300, 3.0, True, None),  # BLOCK_D 512
+]
+
+
+@pytest.mark.parametrize("M,N,d,clamp,deterministic,num_splits", AS_GIVEN_CASES)
+def test_rows_as_given_match_float64(M, N, d, clamp, deterministic, num_splits):
+    # |scale / tau| = 2.6 is below the clamp: for unit rows no logit could reach it (the kernels skip the clamp
+    # there, tiles.clamp_binds), but rows of norm up to 2.5 give |S| up to 16
+    cont = free_rows(M, d)
+    # partners nearby (as in training) where the rows pair up, so wide rows still reach the clamp
+    targ = cont.roll(1, 0) + free_rows(N, d) if M == N else free_rows(N, d)
+    pos, excl = _as_given_indices(M, N)
+    scale, inv_t = torch.tensor(1.3, dtype=F64), 2.0
+    r_loss, r_lse, r_dc, r_dt, r_ds = _as_given_reference(cont, targ, pos, excl, scale, inv_t, clamp, 0.7)
+    if clamp is not None:
+        assert (scale * inv_t * (cont @ targ.t())).abs().max() > clamp > 1.01 * scale * inv_t
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic, num_splits, grad=0.7,
+                                 normalize=False)
+    _close(loss, r_loss, 1e-12, what="loss")
+    _close(lse, r_lse, 1e-12, what="lse")
+    _close(dc, r_dc, 1e-12, what="dcont")
+    _close(dt, r_dt, 1e-12, what="dtarg")
+    _close(ds, r_ds, 1e-12, what="dscale")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_normalize_false_is_not_normalize_true(deterministic):
+    """On rows whose norms are not 1 the two settings give different results, each its own oracle's."""
+    M, d, clamp, inv_t = 70, 24, 3.0, 2.0
+    cont, targ = free_rows(M, d), free_rows(M, d)
+    pos, excl = _nt_indices(M)
+    scale = torch.tensor(1.3, dtype=F64)
+    results = {}
+    for normalize in (True, False):
+        got = _run(cont, targ, pos, excl, scale, inv_t, clamp, deterministic, normalize=normalize)
+        want = _as_given_reference(cont, targ, pos, excl, scale, inv_t, clamp, 1.0, normalize=normalize)
+        for a, b, what in zip(got, want, ("loss", "lse", "dcont", "dtarg", "dscale"), strict=True):
+            _close(a, b, 1e-12, what=f"normalize={normalize}: {what}")
+        results[normalize] = got
+    for a, b, what in zip(results[True], results[False], ("loss", "lse", "dcont", "dtarg", "dscale"), strict=True):
+        assert (a - b).abs().max() > 1e-2 * b.abs().max(), f"{what} does not depend on normalize"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,cfg", shipped_block_shapes(), ids=lambda v: getattr(v, "name", v))
+def test_every_shipped_block_shape_rows_as_given_float64(kernel, cfg):
+    # as test_every_shipped_block_shape_matches_reference_float64, with normalize=False and rows of norm != 1
+    M, d, clamp, inv_t = 150, 24, 3.0, 2.0
+    cont, targ = free_rows(M, d), free_rows(M, d)
+    pos, excl = _nt_indices(M)
+    scale = torch.tensor(1.3, dtype=F64)
+    r_loss, r_lse, r_dc, r_dt, r_ds = _as_given_reference(cont, targ, pos, excl, scale, inv_t, clamp, 1.0)
+    loss, lse = ntx.nt_xent_forward(cont, targ, pos, excl, scale, inv_t, clamp, normalize=False,
+                                    config=cfg if kernel == "fwd" else None)
+    _close(loss, r_loss, 1e-12, what=f"{cfg.name}: loss")
+    for deterministic in (True, False) if kernel == "bwd_row" else (True,):
+        dc, dt, ds = ntx.nt_xent_backward(torch.tensor(1.0, dtype=F64), cont, targ, pos, excl, scale, lse, inv_t,
+                                          clamp, deterministic, normalize=False, configs={kernel: cfg})
+        for got, want, what in ((dc, r_dc, "dcont"), (dt, r_dt, "dtarg"), (ds, r_ds, "dscale")):
+            _close(got, want, 1e-12, what=f"{cfg.name} deterministic={deterministic}: {what}")
+
+
+# bf16's unit roundoff: fp32 rows taken as given are rounded once to bf16 operands (configs.operand_dtype)
+BF16_UNIT = 2.0**-9
+
+
+@pytest.mark.parametrize("magnitude,d,deterministic", [(1.0, 37, True), (1.0, 300, False), (1e6, 24, False),
+                                                       (1e-6, 24, True)])
+def test_float32_rows_as_given_through_bf16_operands(magnitude, d, deterministic):
+    """fp32 rows taken as given: rounded once to bf16 operands (fp32's exponent range: rows of 1e6 hold
+    elements past fp16's 65504, rows of 1e-6 elements below its normal range, 6e-5), fp32 statistics and
+    gradient accumulation, fp32 gradients, no normalisation backward. Against float64 with a bound derived from
+    that rounding alone (docs/backends.md): each operand entry moves by at most BF16_UNIT relatively, so each
+    <c_i, t_j> by at most dC = (2 BF16_UNIT + BF16_UNIT^2) |c|max |t|max (Cauchy-Schwarz) and each logit by
+    delta = |s| / tau dC. Then |d loss| <= 2 delta; a softmax row moves by at most 2 delta in l1, so row i's
+    gradient s / tau / M sum_j G_ij t_j by at most s / tau / M (2 delta (1 + u) |t|max + 2 u |t|max + 2 u |t|max)
+    (the rounded t, and G rounded to bf16 on a GPU), and the column gradients, summed over columns, by M times
+    that with |c|max; dscale = 1 / tau / M sum_ij G_ij C_ij by 1 / tau (2 delta (1 + u) C + 2 dC + 2 u C)."""
+    M, temperature = 130, 0.1
+    cont = free_rows(M, d, torch.float32) * magnitude
+    targ = free_rows(M, d, torch.float32) * magnitude
+    scale = torch.tensor(1.5 / magnitude**2)  # the logits stay O(10) whatever the magnitude of the rows
+    pos, excl = _nt_indices(M)
+    loss, lse, dc, dt, ds = _run(cont, targ, pos, excl, scale, 1 / temperature, None, deterministic, normalize=False)
+    assert loss.dtype == lse.dtype == ds.dtype == dc.dtype == dt.dtype == torch.float32
+    assert all(torch.isfinite(x).all() for x in (loss, lse, dc, dt, ds))
+    # the same rounding in float64: only fp32 accumulation separates the kernels from it
+    e_loss, _, e_dc, e_dt, e_ds = _as_given_reference(cont, targ, pos, excl, scale, 1 / temperature, None, 1.0,
+                                                      operand_dtype=torch.bfloat16)
+    assert abs(loss.double() - e_loss).item() <= 1e-5 * max(1.0, e_loss.abs().item())
+    for got, want, what in ((dc, e_dc, "dcont"), (dt, e_dt, "dtarg"), (ds, e_ds, "dscale")):
+        assert rel_err(got, want) < 1e-4, f"{what} vs bf16-operand float64: {rel_err(got, want):.2e}"
+    # the derived bound against float64 on the unrounded rows
+    r_loss, _, r_dc, r_dt, r_ds = _as_given_reference(cont, targ, pos, excl, scale, 1 / temperature, None, 1.0)
+    u = BF16_UNIT
+    c_max, t_max = cont.double().norm(dim=1).max().item(), targ.double().norm(dim=1).max().item()
+    s_tau = abs(scale.item()) / temperature
+    d_c = (2 * u + u**2) * c_max * t_max
+    delta = s_tau * d_c
+    assert abs(loss.double() - r_loss).item() <= 2 * delta
+    assert abs(ds.double() - r_ds).item() <= (2 * delta * (1 + u) * c_max * t_max + 2 * d_c + 2 * u * c_max * t_max
+                                              ) / temperature
+    row_bound = s_tau / M * (2 * delta * (1 + u) + 4 * u) * t_max
+    assert (dc.double() - r_dc).norm(dim=1).max().item() <= row_bound
+    assert (dt.double() - r_dt).norm(dim=1).sum().item() <= s_tau * (2 * delta * (1 + u) + 4 * u) * c_max

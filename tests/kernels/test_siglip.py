@@ -32,10 +32,10 @@ def _poison(monkeypatch):
 
 def _run(query, key, params, normalize, deterministic=True, num_splits=None, grad=1.0, config=None, configs=None):
     indices = diagonal_indices(query.shape[0], query.device)
-    loss, lse = ksig.siglip_forward(query, key, params, normalize, indices=indices, num_splits=num_splits,
+    loss, lse = ksig.siglip_forward(query, key, params, indices=indices, normalize=normalize, num_splits=num_splits,
                                     config=config)
     g = torch.tensor(grad, dtype=loss.dtype)
-    dq, dk, dp = ksig.siglip_backward(g, query, key, params, lse, normalize, deterministic, indices=indices,
+    dq, dk, dp = ksig.siglip_backward(g, query, key, params, lse, deterministic, indices=indices, normalize=normalize,
                                       num_splits=num_splits, configs=configs)
     return loss, lse, dq, dk, dp
 
@@ -116,10 +116,10 @@ def test_every_shipped_block_shape_matches_reference_float64(kernel, cfg):
     query, key, params = _inputs(150, 24)
     r_loss, r_dq, r_dk, r_dp = _reference(query, key, params, True)
     indices = diagonal_indices(150, query.device)
-    loss, lse = ksig.siglip_forward(query, key, params, True, indices=indices, config=cfg if kernel == "fwd" else None)
+    loss, lse = ksig.siglip_forward(query, key, params, indices=indices, config=cfg if kernel == "fwd" else None)
     _close(loss, r_loss, 1e-12, f"{cfg.name}: loss")
     for deterministic in (True, False) if kernel == "bwd_row" else (True,):
-        dq, dk, dp = ksig.siglip_backward(torch.tensor(1.0, dtype=F64), query, key, params, lse, True, deterministic,
+        dq, dk, dp = ksig.siglip_backward(torch.tensor(1.0, dtype=F64), query, key, params, lse, deterministic,
                                           indices=indices, configs={kernel: cfg})
         for got, want, what in ((dq, r_dq, "dquery"), (dk, r_dk, "dkey"), (dp, r_dp, "dparams")):
             _close(got, want, 1e-12, f"{cfg.name} deterministic={deterministic}: {what}")
@@ -164,6 +164,21 @@ def test_float32_inputs_through_fp16_operands(d, deterministic):
         assert (err <= row_bound + 1e-6 * want.norm(dim=1)).all(), (err / row_bound).max()
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_float32_rows_as_given_stream_as_bf16(deterministic):
+    """fp32 rows with normalize=False are bf16 operands (configs.operand_dtype): entries ~1e5 overflow fp16
+    (a NaN loss), and bf16 keeps fp32's range. Against float64 with the same bf16 rounding: accumulation error."""
+    N, d = 70, 37
+    query, key, _ = _inputs(N, d, torch.float32)
+    query, key = query * 1e5, key * 1e5
+    params = torch.tensor([1e-11, -1.0], dtype=torch.float32)  # logits O(1) on rows of norm ~6e5
+    loss, _, dq, dk, dp = _run(query, key, params, False, deterministic)
+    e_loss, e_dq, e_dk, e_dp = _reference(query, key, params, False, rounded=torch.bfloat16)
+    _close(loss, e_loss, 2e-6 * e_loss.abs().item(), "loss vs bf16-operand float64")
+    for got, want, what in ((dq, e_dq, "dquery"), (dk, e_dk, "dkey"), (dp, e_dp, "dparams")):
+        assert rel_err(got, want) < 1e-4, f"{what} vs bf16-operand float64: {rel_err(got, want):.2e}"
+
+
 def test_deterministic_schedule_is_bitwise_reproducible():
     query, key, params = _inputs(130, 24, torch.float32)
     a = _run(query, key, params, True, True)
@@ -187,18 +202,22 @@ def test_out_of_bounds_guarded_by_sentinels(deterministic):
         assert guards_intact(buf, view)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_public_op_and_module_match_the_reference(normalize):
+@pytest.mark.parametrize("normalize, deterministic", [(True, True), (False, True), (True, False)])
+def test_public_op_and_module_match_the_reference(normalize, deterministic, monkeypatch):
+    schedules = []
+    real = ksig.siglip_backward
+    monkeypatch.setattr(ksig, "siglip_backward", lambda *a, **k: schedules.append(a[5]) or real(*a, **k))
     leaf = lambda *s: torch.randn(*s, dtype=F64, requires_grad=True)
     q, k = leaf(23, 11), leaf(23, 11)
     s, b = torch.tensor(5.0, dtype=F64, requires_grad=True), torch.tensor(-4.0, dtype=F64, requires_grad=True)
-    found = adassl_fast.siglip(q, k, scale=s, bias=b, normalize=normalize, impl="triton")
+    found = adassl_fast.siglip(q, k, scale=s, bias=b, normalize=normalize, impl="triton", deterministic=deterministic)
     want = siglip_reference(q, k, scale=s, bias=b, normalize=normalize)
     _close(found, want, 1e-12, "loss")
     for got, ref, what in zip(torch.autograd.grad(1.5 * found, (q, k, s, b)),
                               torch.autograd.grad(1.5 * want, (q, k, s, b)), ("query", "key", "scale", "bias"),
                               strict=True):
         _close(got, ref, 1e-12, f"d{what}")
+    assert schedules == [deterministic]
     module = SigLIPLoss(impl="triton").double()
     loss = module(q, k)
     grads = torch.autograd.grad(loss, (q, module.log_scale, module.bias))
