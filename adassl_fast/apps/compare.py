@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_at_least(2), default=defaults.batch_size, metavar="N>=2",
                    help="pairs per step")
     p.add_argument("--lr", type=_positive_float, default=defaults.lr, metavar="X>0",
-                   help="AdamW learning rate (the peak, with --lr-schedule cosine)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule,
-                   help="learning rate over the steps")
+                   help="AdamW learning rate (the peak, with --lr-schedule cosine or wsd)")
+    p.add_argument("--lr-schedule", choices=train.OPTIONS["lr_schedule"].choices, default=defaults.lr_schedule,
+                   help=train.OPTIONS["lr_schedule"].help)
     p.add_argument("--temperature", type=_positive_float, default=defaults.temperature, metavar="X>0",
                    help="NT-Xent temperature of every method (without --tune-tau)")
     p.add_argument("--methods", type=_method_list, default=",".join(METHODS), metavar="LIST",

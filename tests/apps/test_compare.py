@@ -100,6 +100,16 @@ def test_steps_and_learning_rate_schedule_have_one_default_shared_by_train_and_c
             [train.lr_at(k, alone) for k in (1, alone.steps // 2, alone.steps)]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+def test_every_learning_rate_schedule_of_train_passes_through_compare(schedule):
+    assert schedule in train.OPTIONS["lr_schedule"].choices
+    args = _compare_args("--lr-schedule", schedule, "--steps", "50")
+    run = compare.run_config("adassl-v", 0, 0.05, args)
+    alone = train.config_from_args(["--method", "adassl-v", "--lr-schedule", schedule, "--steps", "50"])
+    assert run.lr_schedule == alone.lr_schedule == schedule
+    assert [train.lr_at(k, run) for k in range(1, 51)] == [train.lr_at(k, alone) for k in range(1, 51)]
+
+
 def test_each_seed_has_its_own_mixing_shared_by_the_methods():
     args = _compare_args("--steps", "1")
     runs = compare.Runs([compare.run_config(m, s, 0.05, args) for m in ("simclr", "adassl-s") for s in (0, 1)])

@@ -85,6 +85,30 @@ def test_resume_rejects_a_changed_config(tmp_path):
         _run(tmp_path, "run", steps=8, resume=True, temperature=0.3)
 
 
+def test_wsd_schedule_is_constant_then_linear_to_zero_over_the_last_fifth():
+    cfg = train.make_config(lr=1e-3, lr_schedule="wsd", steps=5000)
+    decay = train.wsd_decay_steps(cfg.steps)
+    assert decay == 1000  # WSD_DECAY_FRACTION 0.2 of 5000
+    start = cfg.steps - decay + 1  # the last step at the full rate; the decay starts after it
+    assert [train.lr_at(k, cfg) for k in (1, 2500, start)] == [1e-3, 1e-3, 1e-3]
+    assert train.lr_at(start + 1, cfg) == pytest.approx(1e-3 * 999 / 1000, rel=1e-12)
+    assert train.lr_at(cfg.steps - 499, cfg) == pytest.approx(1e-3 * 500 / 1000, rel=1e-12)  # half-way down
+    assert train.lr_at(cfg.steps, cfg) == pytest.approx(1e-3 / 1000, rel=1e-12)  # the last step: lr / D, not 0
+    rates = [train.lr_at(k, cfg) for k in range(1, cfg.steps + 1)]
+    assert all(a >= b > 0 for a, b in zip(rates, rates[1:]))
+    # An odd length: the decay is round(0.2 x 37) = 7 steps.
+    odd = train.make_config(lr=2e-3, lr_schedule="wsd", steps=37)
+    assert [train.lr_at(k, odd) / 2e-3 for k in (30, 31, 32, 37)] == pytest.approx([1, 1, 6 / 7, 1 / 7], rel=1e-12)
+
+
+def test_resume_with_other_steps_is_refused_under_wsd(tmp_path):
+    """The wsd decay starts at a share of --steps: a continued run with other --steps would not be the one
+    checkpointed."""
+    _run(tmp_path, "run", steps=6, lr_schedule="wsd", stop_after=3)
+    with pytest.raises(train.CheckpointError, match="wsd learning rate"):
+        _run(tmp_path, "run", steps=10, lr_schedule="wsd", resume=True)
+
+
 def test_cli_flags_override_preset_and_config_file(tmp_path, capsys):
     (tmp_path / "cfg.json").write_text(json.dumps({"temperature": 0.2, "steps": 3}))
     cfg = train.config_from_args(["--preset", "tiny", "--config", str(tmp_path / "cfg.json"), "--steps", "5",

@@ -1,18 +1,21 @@
 """Learning curves of `adassl-fast compare`'s three methods: held-out R^2, MCC and DCI-D against steps.
 
-Two kinds, both over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, (peak) learning rate --lr, everything
+Three kinds, all over seeds 0..S-1 (one mixing each), tau 0.05, batch 256, (peak) learning rate --lr, everything
 else `adassl-fast train`'s defaults:
   constant: one run per method and seed at a constant learning rate, evaluated every --eval-every steps
             (where does each method level off?);
-  cosine:   for each budget of --budgets, a full run with the cosine schedule over that budget, evaluated at
-            its end (what the default `compare` would report at that --steps).
+  cosine, wsd: for each budget of --budgets, a full run with that learning-rate schedule over that budget,
+            evaluated at its end (what `compare --lr-schedule KIND --steps BUDGET` would report).
 
     python convergence.py run constant --lr 2e-3 --steps 8000 --eval-every 500 --out constant.json
     python convergence.py run cosine --budgets 1000,2000,6000 --out cosine_a.json
+    python convergence.py run wsd --budgets 5000,3500,2000 --out wsd.json
     python convergence.py plot constant.json [more constant or cosine files] --default-steps 5000 --out convergence.png
 
-The plot marks the level-off steps of the first (constant) curve, the chosen protocol; the others are drawn for
-comparison. Any file may also be a compare.json written by `adassl-fast compare` (one point at its --steps).
+The plot marks the level-off steps of the first curve, the chosen protocol; the others are drawn for comparison.
+The level-off (printed as JSON for every curve of two or more points) is the first step or budget whose seed-mean
+is within 0.01 of the curve's best. Any file may also be a compare.json written by `adassl-fast compare` (one
+point at its --steps).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def _record(jobs, evals) -> dict:
 
 def run(argv) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=("constant", "cosine"))
+    p.add_argument("kind", choices=("constant", "cosine", "wsd"))
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--budgets", default="1000,2000,4000")
@@ -75,7 +78,7 @@ def run(argv) -> None:
         _write(a, points, t0)
     else:
         for budget in (int(b) for b in a.budgets.split(",")):
-            jobs, final, _ = _train(budget, "cosine", a.lr, a.seeds, a.workers)
+            jobs, final, _ = _train(budget, a.kind, a.lr, a.seeds, a.workers)
             points.append({"step": budget, "metrics": _record(jobs, final)})
             print(budget, f"{time.perf_counter() - t0:.0f} s", flush=True)
             _write(a, points, t0)  # after every budget: a long sweep keeps what it has measured
@@ -126,14 +129,12 @@ def plot(argv) -> None:
     import matplotlib.pyplot as plt
 
     p = argparse.ArgumentParser()
-    p.add_argument("files", nargs="+", help="the first must be a constant-lr curve: the chosen protocol, whose "
-                                            "level-off steps are marked; further curves are drawn thinner")
+    p.add_argument("files", nargs="+", help="the first is the chosen protocol (drawn thick, its level-off steps "
+                                            "marked); further curves are drawn thinner (constant) or as markers")
     p.add_argument("--out", required=True)
     p.add_argument("--default-steps", type=int, default=0, help="draw the default compare's --steps")
     a = p.parse_args(argv)
     curves = [dict(_load(f), file=f) for f in a.files]
-    if curves[0]["kind"] != "constant":
-        p.error("the first file must be a `run constant` curve")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = {"simclr": "tab:blue", "adassl-v": "tab:orange", "adassl-s": "tab:green"}
     summary: dict = {}
@@ -144,26 +145,30 @@ def plot(argv) -> None:
                 steps = [pt["step"] for pt in pts]
                 ms = [_mean_std(pt, m, metric) for pt in pts]
                 label = f"{m}, {curve['kind']} lr {curve['lr']:g} ({curve['file']})"
-                if curve["kind"] == "constant":
-                    main = i == 0
+                main = i == 0
+                if main or curve["kind"] == "constant":
                     ax.plot(steps, [x for x, _ in ms], color=c, lw=2 if main else 1, ls=("-", "--", ":", "-.")[i % 4],
+                            marker="o" if curve["kind"] != "constant" else None,
                             alpha=1 if main else 0.6, label=label)
                     if main:
                         ax.fill_between(steps, [x - s for x, s in ms], [x + s for x, s in ms], color=c, alpha=0.15)
-                    knee = level_off(pts, m, metric)
-                    entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
-                    at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
-                    if at_default:  # how far below its best the method is at the default's steps
-                        entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
-                    summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
-                    if main:
-                        ax.axvline(knee, color=c, ls=":", lw=1.2)
                 else:
-                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="os^v"[i % 4],
-                                ls="none", capsize=3, alpha=0.7, label=label)
+                    ax.errorbar(steps, [x for x, _ in ms], yerr=[s for _, s in ms], color=c, marker="osD^v<>p"[i % 8],
+                                ls="-" if len(pts) > 1 else "none", lw=0.8, capsize=3, alpha=0.7, label=label)
+                if len(pts) < 2:
+                    continue
+                knee = level_off(pts, m, metric)
+                entry = {"level_off": knee, "best": round(max(x for x, _ in ms), 4)}
+                at_default = [x for st, (x, _) in zip(steps, ms, strict=True) if st == a.default_steps]
+                if at_default:  # how far below its best the method is at the default's steps
+                    entry["below_best_at_default"] = round(entry["best"] - at_default[0], 4)
+                summary.setdefault(curve["file"], {}).setdefault(m, {})[metric] = entry
+                if main:
+                    ax.axvline(knee, color=c, ls=":", lw=1.2)
         if a.default_steps:
             ax.axvline(a.default_steps, color="k", lw=1.5, label=f"default compare ({a.default_steps} steps)")
-        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of lr {curves[0]['lr']:g})",
+        ax.set_title(f"{compare.METRIC_NAMES[metric]}, held-out (dotted: level-off of {curves[0]['kind']} "
+                     f"lr {curves[0]['lr']:g})",
                      fontsize=10)
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
