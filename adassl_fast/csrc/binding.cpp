@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -96,17 +97,23 @@ torch::Tensor workspace(const torch::Tensor& like, int64_t M, int64_t N, int64_t
   return torch::empty({bytes}, like.options().dtype(at::kByte));
 }
 
+// The nt_xent core's inputs (docs/backends.md): cont (M, d) and targ (N, d) rows alike, pos / excl (M,) int64.
+std::tuple<int64_t, int64_t, int64_t> core_shape(const torch::Tensor& cont, const torch::Tensor& targ,
+                                                 const torch::Tensor& pos, const torch::Tensor& excl) {
+  TORCH_CHECK(cont.dim() == 2, "adassl_fast cuda: cont must be 2-D (M, d)");
+  const int64_t M = cont.size(0), d = cont.size(1);
+  TORCH_CHECK(d > 0 && d < (int64_t{1} << 20), "adassl_fast cuda: bad feature dim ", d);
+  check_rows(cont, "cont", cont, d);
+  check_rows(targ, "targ", cont, d);
+  check_index(pos, "pos", cont, M);
+  check_index(excl, "excl", cont, M);
+  return {M, targ.size(0), d};
+}
+
 std::vector<torch::Tensor> nt_xent_forward(torch::Tensor cont, torch::Tensor targ, torch::Tensor pos,
                                            torch::Tensor excl, torch::Tensor scale, double inv_temperature,
                                            c10::optional<double> clamp, bool normalize, int64_t stream) {
-  TORCH_CHECK(cont.dim() == 2, "adassl_fast cuda: cont must be 2-D (M, d)");
-  const int64_t M = cont.size(0), d = cont.size(1);
-  check_rows(cont, "cont", cont, d);
-  check_rows(targ, "targ", cont, d);
-  const int64_t N = targ.size(0);
-  check_index(pos, "pos", cont, M);
-  check_index(excl, "excl", cont, M);
-  TORCH_CHECK(d > 0 && d < (int64_t{1} << 20), "adassl_fast cuda: bad feature dim ", d);
+  const auto [M, N, d] = core_shape(cont, targ, pos, excl);
   auto sc = scalar_arg(scale, "scale", cont);
   auto aopt = cont.options().dtype(acc_type(cont.scalar_type()));
   auto loss = torch::empty({}, aopt);
@@ -125,13 +132,7 @@ std::vector<torch::Tensor> nt_xent_backward(torch::Tensor grad_loss, torch::Tens
                                             torch::Tensor pos, torch::Tensor excl, torch::Tensor scale,
                                             torch::Tensor lse, double inv_temperature, c10::optional<double> clamp,
                                             bool normalize, int64_t stream) {
-  TORCH_CHECK(cont.dim() == 2, "adassl_fast cuda: cont must be 2-D (M, d)");
-  const int64_t M = cont.size(0), d = cont.size(1);
-  check_rows(cont, "cont", cont, d);
-  check_rows(targ, "targ", cont, d);
-  const int64_t N = targ.size(0);
-  check_index(pos, "pos", cont, M);
-  check_index(excl, "excl", cont, M);
+  const auto [M, N, d] = core_shape(cont, targ, pos, excl);
   auto sc = scalar_arg(scale, "scale", cont);
   auto gl = scalar_arg(grad_loss, "grad_loss", cont);
   auto at = acc_type(cont.scalar_type());
