@@ -111,7 +111,7 @@ def define_loss(
     """
     n = len(tensors)
     tensor_schema = ", ".join(f"Tensor {t}" for t in tensors)
-    option_schema = f"{options}, str impl, bool deterministic" + "".join(f", bool {k}" for k in keywords)
+    option_schema = ", ".join(filter(None, (options, "str impl, bool deterministic", *(f"bool {k}" for k in keywords))))
     grad_schema = ", ".join(f"Tensor grad_{loss}" for loss in losses)
     lse_schema = ", ".join(["Tensor lse", *(f"Tensor {t}" for t in saved)])
     returns = lambda k: "(" + ", ".join(["Tensor"] * k) + ")"
@@ -291,29 +291,22 @@ def _triton_backend() -> Backend:
     the library)."""
     from adassl_fast.kernels import adassl, info_nce, nt_xent, siglip
 
-    def info_nce_forward(query, *args, **options):  # options: normalize (docs/backends.md)
-        return info_nce.info_nce_forward(query, *args, indices=diagonal_indices(len(query), query.device), **options)
+    def given(module, entry: str, rows_at: int, indices):
+        """module.<entry> with its `indices=` from the size of its argument `rows_at` (options such as normalize
+        pass through as keywords, docs/backends.md); looked up per call, like the table's other entries."""
 
-    def info_nce_backward(grad_loss, query, *args, **options):
-        return info_nce.info_nce_backward(grad_loss, query, *args, indices=diagonal_indices(len(query), query.device),
-                                          **options)
+        def run(*args, **options):
+            rows = args[rows_at]
+            return getattr(module, entry)(*args, indices=indices(len(rows), rows.device), **options)
 
-    def adassl_forward(emb_x, *args, **options):
-        return adassl.adassl_forward(emb_x, *args, indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
+        return run
 
-    def adassl_backward(grad_ssl, grad_reg, emb_x, *args, **options):
-        return adassl.adassl_backward(grad_ssl, grad_reg, emb_x, *args,
-                                      indices=partner_indices(2 * len(emb_x), emb_x.device), **options)
-
-    # the SigLIP op passes normalize as its option, positionally (docs/backends.md); kernels/ takes it by keyword
-    def siglip_forward(query, key, params, normalize):
-        return siglip.siglip_forward(query, key, params, indices=diagonal_indices(len(query), query.device),
-                                     normalize=normalize)
-
-    def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
-        return siglip.siglip_backward(grad_loss, query, key, params, lse, deterministic,
-                                      indices=diagonal_indices(len(query), query.device), normalize=normalize)
-
-    return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward, info_nce_forward, info_nce_backward,
-                   adassl_forward, adassl_backward, siglip_forward, siglip_backward, info_nce.labelled_forward,
+    paired = lambda b, device: partner_indices(2 * b, device)  # AdaSSL's 2 B edited rows from B pairs
+    return Backend(nt_xent.nt_xent_forward, nt_xent.nt_xent_backward,
+                   given(info_nce, "info_nce_forward", 0, diagonal_indices),
+                   given(info_nce, "info_nce_backward", 1, diagonal_indices),
+                   given(adassl, "adassl_forward", 0, paired), given(adassl, "adassl_backward", 2, paired),
+                   given(siglip, "siglip_forward", 0, diagonal_indices),
+                   given(siglip, "siglip_backward", 1, diagonal_indices),
+                   info_nce.labelled_forward,
                    info_nce.labelled_backward, info_nce.labelled_info_nce_forward, info_nce.labelled_info_nce_backward)

@@ -567,7 +567,8 @@ def _contrastive_ops(name, public, tensors, options, plan_of, lse_shape, kept_fa
         return *(g.to(t.dtype) for g, t in zip(grads, local_tensors, strict=True)), dscale
 
     return define_loss(name, tensors=tensors, graded=(tensors[0], tensors[1], tensors[2]),
-                       options=f"{_COMM_OPTIONS}, {options}", losses=("loss",), lse_shape=lse_shape, reference=None,
+                       options=", ".join(filter(None, (_COMM_OPTIONS, options))),
+                       losses=("loss",), lse_shape=lse_shape, reference=None,
                        public=public, body=(forward, backward), saved=_KEPT, saved_fake=kept_fake,
                        not_differentiable=_NOT_DIFFERENTIABLE, keywords=keywords)
 
@@ -598,7 +599,7 @@ def _info_nce_plan(query, key, scale, labels, group, sizes, schedule, timeout, i
     return plan, scale, (query, key)
 
 
-def _siglip_plan(query, key, params, group, sizes, schedule, timeout, normalize, impl, deterministic):
+def _siglip_plan(query, key, params, group, sizes, schedule, timeout, impl, deterministic, normalize):
     pos, excl = diagonal_indices(query.shape[0], query.device)
     plan = _Plan(_comm_of("siglip", group, schedule, timeout), [sizes, sizes],
                  [_Problem(0, 1, pos, excl, 1.0 / sum(sizes))], 1.0, None, impl, deterministic,
@@ -624,9 +625,10 @@ info_nce_ops = _contrastive_ops(
     keywords=("normalize",))
 # params = (scale, bias) (2,); -> (loss, the block sums (1,), gathered query (empty), gathered key)
 siglip_ops = _contrastive_ops(
-    "distributed_siglip", "siglip", ("query", "key", "params"), "bool normalize", _siglip_plan,
+    "distributed_siglip", "siglip", ("query", "key", "params"), "", _siglip_plan,
     lse_shape=lambda query, *_: (1,),
-    kept_fake=lambda query, key, params, group, sizes, schedule, *_: _kept_fake(query, key, sizes, schedule))
+    kept_fake=lambda query, key, params, group, sizes, schedule, *_: _kept_fake(query, key, sizes, schedule),
+    keywords=("normalize",))
 
 
 def _adassl_plan(emb_x, group, sizes, schedule, timeout, inv_temperature, clamp, impl, deterministic,
@@ -761,5 +763,5 @@ def siglip(query, key, params, normalize, impl, process_group, *, schedule=None,
     comm = _comm("siglip", process_group, schedule, timeout)
     (n_sizes,) = _metadata(comm, query.device, query.dtype, query.shape[1], [("normalize", bool(normalize))],
                            [("the rows of query", query.shape[0])])
-    return siglip_ops.forward(query, key, params, *_op_options(comm, n_sizes), bool(normalize), _kernel_impl(impl),
-                               True)[0]
+    return siglip_ops.forward(query, key, params, *_op_options(comm, n_sizes), _kernel_impl(impl), True,
+                              bool(normalize))[0]

@@ -34,7 +34,7 @@ def siglip_reference(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, norm
     return -F.logsigmoid(labels * logits).sum() / len(u)
 
 
-def _op_reference(query, key, params, normalize):
+def _op_reference(query, key, params, *, normalize):
     return siglip_reference(query, key, scale=params[0], bias=params[1], normalize=normalize)
 
 
@@ -55,7 +55,8 @@ _ops = _library.define_loss(
     "siglip",
     tensors=("query", "key", "params"),
     graded=("query", "key", "params"),
-    options="bool normalize",
+    options="",
+    keywords=("normalize",),
     losses=("loss",),
     lse_shape=lambda query, *_: (0,),
     reference=_op_reference,
@@ -87,7 +88,7 @@ def siglip(query: Tensor, key: Tensor, *, scale=10.0, bias=-10.0, normalize: boo
                                   timeout=timeout)
     if impl == "reference":
         return siglip_reference(query, key, scale=scale, bias=bias, normalize=normalize)
-    args = (query, key, params, normalize, impl, _checks.flag("deterministic", deterministic))
+    args = (query, key, params, impl, _checks.flag("deterministic", deterministic), normalize)
     if trains_in_one_pass(impl, query, key, params):
         return _ops.forward_backward(*args)[0]
     return _ops.forward(*args)[0]

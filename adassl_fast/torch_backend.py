@@ -584,19 +584,19 @@ def siglip_blocks(query, key, params, normalize, *, positives=0, loss=True, grad
     return total, dcont, grad_v, torch.stack([dscale, dbias]).to(params.dtype)
 
 
-def siglip_forward(query, key, params, normalize):
+def siglip_forward(query, key, params, *, normalize=True):
     """(loss, an empty LSE): SigLIP keeps no row statistic between its forward and backward."""
     total, *_ = siglip_blocks(query, key, params, normalize)
     return total / query.shape[0], total.new_empty(0)
 
 
-def siglip_backward(grad_loss, query, key, params, lse, normalize, deterministic):
+def siglip_backward(grad_loss, query, key, params, lse, deterministic, *, normalize=True):
     _, dq, dk, dparams = siglip_blocks(query, key, params, normalize, loss=False,
                                         grad_weight=grad_loss.to(params.dtype) / query.shape[0])
     return dq.to(query.dtype), dk.to(key.dtype), dparams
 
 
-def siglip_forward_backward(query, key, params, normalize):
+def siglip_forward_backward(query, key, params, *, normalize=True):
     """(loss, empty LSE, dquery, dkey, dparams) in one pass, the gradients for grad_loss = 1."""
     total, dq, dk, dparams = siglip_blocks(query, key, params, normalize, grad_weight=1.0 / query.shape[0])
     return total / query.shape[0], total.new_empty(0), dq, dk, dparams

@@ -387,7 +387,7 @@ def _op_args(op, group, schedule, m=7, d=5):
                                                   op != "info_nce_oneway", "torch", True, True)
     if op == "siglip":
         params = torch.tensor([3.0, -0.8], dtype=torch.float64, requires_grad=True)
-        return distributed.siglip_ops.forward, (_leaf(m, d), _leaf(m, d), params, *comm, True, "torch", True)
+        return distributed.siglip_ops.forward, (_leaf(m, d), _leaf(m, d), params, *comm, "torch", True, True)
     priors = (_leaf(m, 2 * d), _leaf(m, 2 * d)) if op == "adassl_v" else (torch.empty(0, dtype=torch.float64),) * 2
     draw = torch.randn if op == "adassl_v" else torch.rand
     noises = (draw(m, d, dtype=torch.float64), draw(m, d, dtype=torch.float64))

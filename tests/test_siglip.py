@@ -69,7 +69,7 @@ def test_two_pass_backward_and_float_parameters_match_the_reference(monkeypatch)
     monkeypatch.setattr(torch_backend, "SLAB_ELEMENTS", 16)
     q, k, s, b = _inputs(21, 9)
     params = torch.stack([s, b])
-    loss = _ops.forward(q, k, params, True, "torch", True)[0]  # the two-pass op: its backward recomputes the slabs
+    loss = _ops.forward(q, k, params, "torch", True, True)[0]  # the two-pass op: its backward recomputes the slabs
     found = (loss, *torch.autograd.grad(2.5 * loss, [q, k, s, b]))
     ref = siglip_reference(q, k, scale=s, bias=b)
     _assert_close(found, (ref, *torch.autograd.grad(2.5 * ref, [q, k, s, b])))
@@ -90,7 +90,7 @@ def test_double_backward_matches_the_reference():
 
 def test_opcheck():
     q, k, s, b = _inputs(5, 3)
-    torch.library.opcheck(_ops.forward, (q, k, torch.stack([s, b]).detach().requires_grad_(), False, "torch", True))
+    torch.library.opcheck(_ops.forward, (q, k, torch.stack([s, b]).detach().requires_grad_(), "torch", True, False))
 
 
 def test_cuda_refuses_and_auto_never_picks_it(monkeypatch):
