@@ -207,7 +207,7 @@ def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
     has_positive = pos_blk >= 0
     outside = None
     hot = has_positive.to(slab.dtype)
-    if clamp_active:
+    if clamp_active and _clamp_bites(slab, clamp):
         outside = (slab > clamp) | (slab < -clamp)
         slab.clamp_(-clamp, clamp)
         hot.mul_(raw.abs() <= clamp)  # the inclusive indicator
@@ -216,6 +216,17 @@ def _clamp_and_exclude(slab, pos_blk, excl_blk, clamp, clamp_active):
     col = excl_blk.clamp_min(0).unsqueeze(1)
     slab.scatter_(1, col, torch.where(excl_blk.unsqueeze(1) >= 0, float("-inf"), slab.gather(1, col)))
     return torch.where(has_positive, raw, 0.0), outside, hot
+
+
+def _clamp_bites(slab, clamp) -> bool:
+    """Whether some logit of the block lies outside [-clamp, clamp]. On the host one read of the slab tells, and
+    a block the clamp cannot change skips the mask, the clamp and the masked fill (about 8x that read at 512 x
+    512): the usual case, as a clamp equal to |scale / tau| bites only on rounding. On an accelerator the answer
+    would stall the queue once per block, so every block is masked there."""
+    if slab.device.type != "cpu":
+        return True
+    low, high = torch.aminmax(slab)
+    return bool(low < -clamp) or bool(high > clamp)
 
 
 def _exponentiate(slab, lse_blk, unshifted):

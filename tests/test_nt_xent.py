@@ -77,6 +77,26 @@ def test_backend_with_active_clamp_and_multiple_blocks(impl, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
+def test_blocks_the_active_clamp_cannot_change_skip_it_exactly(monkeypatch):
+    # scale / tau = 20.5 against a clamp of 20: active everywhere, but it bites only in the block holding rows
+    # 40-42, made parallel (or antiparallel) to a target row; the other blocks skip the mask (the torch backend
+    # decides per block on the host). Both kinds of block must agree with the reference.
+    backend = sys.modules["adassl_fast.torch_backend"]
+    monkeypatch.setattr(backend, "SLAB_ELEMENTS", 7 * 130)  # 16 rows a block
+    decided = []
+    bites = backend._clamp_bites
+    monkeypatch.setattr(backend, "_clamp_bites", lambda slab, clamp: decided.append(bites(slab, clamp)) or decided[-1])
+    cont, targ, lam = _inputs(130, 11, scale=2.05)
+    with torch.no_grad():
+        cont[40], cont[41], cont[42] = 3 * targ[7], -0.5 * targ[90], targ[41]
+    ref, ref_grads = _value_and_grads(nt_xent_reference, cont, targ, lam, temperature=0.1, clamp=20.0)
+    got, got_grads = _value_and_grads(adassl_fast.nt_xent, cont, targ, lam, temperature=0.1, impl="torch")
+    assert decided.count(True) >= 1 and decided.count(False) >= 1
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["reference"] + CPU_IMPLS)
 def test_entries_exactly_at_the_clamp_pass_their_gradient(impl):
     # d = 1: every cosine is +-1 and scale / tau = 20, so every logit sits exactly on the clamp. An
