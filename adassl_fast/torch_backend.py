@@ -409,14 +409,17 @@ def _halves(*rows: Tensor) -> tuple[Tensor, Tensor]:
     return heads, tails
 
 
-def _log_variance(pre: Tensor) -> tuple[Tensor, Tensor]:
-    """(logvar = clamp(2 log sigma, -10, 10) with sigma = softplus(pre) + 1e-6, d logvar / d pre): 2 softplus'(pre)
-    / sigma inside the clamp (inclusive), 0 outside; softplus' = sigmoid, exactly 1 above torch's threshold 20."""
+def _sigma(pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigma = softplus(pre) + 1e-6, 2 log sigma: the log-variance before its clamp to +-10)."""
     sigma = F.softplus(pre) + SIGMA_EPS
-    raw = 2 * torch.log(sigma)
-    inside = (raw >= -LOGVAR_BOUND) & (raw <= LOGVAR_BOUND)
+    return sigma, 2 * torch.log(sigma)
+
+
+def _log_variance_slope(pre: Tensor, sigma: Tensor, raw: Tensor) -> Tensor:
+    """d logvar / d pre: 2 softplus'(pre) / sigma inside the clamp (inclusive), 0 outside; softplus' = sigmoid,
+    exactly 1 above torch's threshold 20."""
     slope = torch.where(pre > 20, 1.0, torch.sigmoid(pre))
-    return raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND), torch.where(inside, 2 * slope / sigma, 0.0)
+    return torch.where(raw.abs() <= LOGVAR_BOUND, 2 * slope / sigma, 0.0)
 
 
 def _row_gradients(d_heads: Tensor, d_tails: Tensor) -> tuple[Tensor, ...]:
@@ -429,7 +432,7 @@ def latent_forward(post_yx, post_xy, prior_yx, prior_xy, noise, variant):
     in the accumulation dtype, the same order; the priors are unread for "s"."""
     if variant == "v":
         heads, tails = _halves(post_yx, post_xy, prior_yx, prior_xy)
-        logvar = _log_variance(tails)[0]
+        logvar = _sigma(tails)[1].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
         lv_q, lv_p, delta = logvar[:2], logvar[2:], heads[:2] - heads[2:]
         r = heads[:2] + noise * torch.exp(0.5 * lv_q)
         kl = 0.5 * (lv_p - lv_q + torch.exp(lv_q - lv_p) + delta**2 * torch.exp(-lv_p) - 1)
@@ -444,7 +447,8 @@ def latent_backward(grad_r, reg_weight, post_yx, post_xy, prior_yx, prior_xy, no
     of "s") from dL/dr (2, B, d) and the regulariser's weight d L / d R_sum; the rest as for `latent_forward`."""
     if variant == "v":
         heads, tails = _halves(post_yx, post_xy, prior_yx, prior_xy)
-        logvar, dlogvar_dpre = _log_variance(tails)
+        sigma, raw = _sigma(tails)
+        logvar, dlogvar_dpre = raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND), _log_variance_slope(tails, sigma, raw)
         lv_q, lv_p, delta = logvar[:2], logvar[2:], heads[:2] - heads[2:]
         inv_var_p = torch.exp(-lv_p)
         ratio = torch.exp(lv_q - lv_p)

@@ -52,6 +52,29 @@ def test_torch_op_matches_reference_float64(path, variant, b, d, tau, clamp, mon
                 torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize("variant", ["v", "s"])
+def test_torch_op_at_the_prologue_edges_matches_reference_float64(variant):
+    # Pre-activations across softplus's threshold (20: slope exactly 1 above), the log-variance clamp (+-10:
+    # pre near -5.3 and 148.4, inclusive) and far past both, at both directions' tails; mask logits saturating.
+    edges = torch.tensor([-40.0, -5.3, -1e-3, 0.0, 19.5, 20.0, 20.5, 60.0, 148.0, 149.0, 1e3], dtype=torch.float64)
+    inputs, noise = make_inputs(5, 9, variant)
+    with torch.no_grad():
+        for name, t in inputs.items():
+            if name.startswith(("post", "prior")):
+                half = t[:, 9:] if variant == "v" else t[:, :9]
+                half.copy_(edges[torch.randperm(edges.numel()).repeat(5)[: half.numel()]].view_as(half))
+    lam = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    kw = dict(variant=variant, temperature=0.1, scale=lam, **noise)
+    ref = adassl_nt_xent_reference(**inputs, **kw)
+    got = adassl_fast.adassl_nt_xent(**inputs, impl="torch", **kw)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    weighted = lambda out: [0.6 * out[0] + 1.7 * out[1]]
+    for got_grads, ref_grads in zip(_grads(weighted(got), inputs, lam), _grads(weighted(ref), inputs, lam)):
+        for g, r in zip(got_grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11)
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("variant", ["v", "s"])
 def test_bfloat16_inputs_agree_with_float64(variant, impl):
