@@ -389,87 +389,73 @@ def labelled_info_nce_backward(grad_loss, query, key, labels, scale, lse, inv_te
 
 
 # ----------------------------------------------------------------------------------------------------
-# The AdaSSL op: the latent prologue in closed form (forward and backward), around the core. Each formula runs
-# once on the directions stacked in the order of the edited rows, [yx, xy] (and for "v" on the posterior and the
-# prior together), over contiguous halves: torch's CPU kernels run strided column slices such as post[:, d:]
-# several times slower (softplus ten times), and at the compare app's shapes (B = 256, d = 16) each op's host
-# overhead weighs as much as its arithmetic.
+# The AdaSSL op: the latent prologue in closed form (forward and backward), around the core.
 
 
-def _halves(*rows: Tensor) -> tuple[Tensor, Tensor]:
-    """(heads, tails), each (len(rows), B, d), contiguous and in the accumulation dtype, of (B, 2d) matrices."""
-    b, d = rows[0].shape[0], rows[0].shape[1] // 2
-    stacked = torch.stack([t.reshape(b, 2, d).transpose(0, 1) for t in rows], 1)
-    heads, tails = stacked.to(_checks.accumulation_dtype(stacked.dtype))
-    return heads, tails
+def _softplus_slope(pre: Tensor) -> Tensor:
+    """d softplus / d pre with torch's threshold: sigmoid(pre), exactly 1 above 20."""
+    return torch.where(pre > 20, torch.ones_like(pre), torch.sigmoid(pre))
 
 
-def _sigma(pre: Tensor) -> tuple[Tensor, Tensor]:
-    """(sigma = softplus(pre) + 1e-6, 2 log sigma: the log-variance before its clamp to +-10)."""
-    sigma = F.softplus(pre) + SIGMA_EPS
+def _unclamped_log_variance(pre: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigma = softplus(pre) + 1e-6, 2 log sigma before the clamp). softplus reads a contiguous copy: torch's CPU
+    kernel runs a strided column slice such as post[:, d:] about ten times slower (~100 vs ~8 us at 256 x 16)."""
+    sigma = F.softplus(pre.contiguous()) + SIGMA_EPS
     return sigma, 2 * torch.log(sigma)
 
 
-def _log_variance_slope(pre: Tensor, sigma: Tensor, raw: Tensor) -> Tensor:
-    """d logvar / d pre: 2 softplus'(pre) / sigma inside the clamp (inclusive), 0 outside; softplus' = sigmoid,
-    exactly 1 above torch's threshold 20."""
-    slope = torch.where(pre > 20, 1.0, torch.sigmoid(pre))
-    return torch.where(raw.abs() <= LOGVAR_BOUND, 2 * slope / sigma, 0.0)
+def _gaussian(pre: Tensor):
+    """sigma-related quantities of one Gaussian: (logvar clamped, d logvar / d pre with the clamp indicator)."""
+    sigma, raw = _unclamped_log_variance(pre)
+    inside = raw.abs() <= LOGVAR_BOUND
+    dlogvar_dpre = torch.where(inside, 2 * _softplus_slope(pre) / sigma, torch.zeros_like(pre))
+    return raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND), dlogvar_dpre
 
 
-def _row_gradients(d_heads: Tensor, d_tails: Tensor) -> tuple[Tensor, ...]:
-    """The (B, 2d) gradients [d head | d tail] of each stacked matrix, from (k, B, d) halves."""
-    return tuple(torch.stack([d_heads, d_tails], 2).flatten(2))
-
-
-def latent_forward(post_yx, post_xy, prior_yx, prior_xy, noise, variant):
-    """r (2, B, d) of the directions [yx, xy] and the regulariser summed over both, rows and dims; noise (2, B, d)
-    in the accumulation dtype, the same order; the priors are unread for "s"."""
+def direction_forward(post, prior, noise, variant):
+    """r (B, d) and the regulariser summed over rows and dims, for one direction."""
+    d = post.shape[1] // 2
+    head, tail = post[:, :d], post[:, d:]
     if variant == "v":
-        heads, tails = _halves(post_yx, post_xy, prior_yx, prior_xy)
-        logvar = _sigma(tails)[1].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
-        lv_q, lv_p, delta = logvar[:2], logvar[2:], heads[:2] - heads[2:]
-        r = heads[:2] + noise * torch.exp(0.5 * lv_q)
-        kl = 0.5 * (lv_p - lv_q + torch.exp(lv_q - lv_p) + delta**2 * torch.exp(-lv_p) - 1)
+        logvar_q, logvar_p = (_unclamped_log_variance(pre)[1].clamp(-LOGVAR_BOUND, LOGVAR_BOUND)
+                              for pre in (tail, prior[:, d:]))
+        r = head + noise * torch.exp(0.5 * logvar_q)
+        delta = head - prior[:, :d]
+        kl = 0.5 * (logvar_p - logvar_q + torch.exp(logvar_q - logvar_p) + delta**2 * torch.exp(-logvar_p) - 1)
         return r, kl.sum()
-    logits, unmasked = _halves(post_yx, post_xy)
-    soft = torch.sigmoid(logits + logistic_noise(noise))
-    return (soft > 0.5).to(unmasked.dtype) * unmasked, torch.sigmoid(logits).sum()
+    soft = torch.sigmoid(head + logistic_noise(noise))
+    return (soft > 0.5).to(tail.dtype) * tail, torch.sigmoid(head).sum()
 
 
-def latent_backward(grad_r, reg_weight, post_yx, post_xy, prior_yx, prior_xy, noise, variant):
-    """(dpost_yx, dpost_xy, dprior_yx, dprior_xy) (B, 2d) in the accumulation dtype (None for the absent priors
-    of "s") from dL/dr (2, B, d) and the regulariser's weight d L / d R_sum; the rest as for `latent_forward`."""
+def direction_backward(grad_r, reg_weight, post, prior, noise, variant):
+    """(dpost, dprior) of one direction from dL/dr and the regulariser's weight d l_reg / d R_sum."""
+    d = post.shape[1] // 2
+    head, tail = post[:, :d], post[:, d:]
     if variant == "v":
-        heads, tails = _halves(post_yx, post_xy, prior_yx, prior_xy)
-        sigma, raw = _sigma(tails)
-        logvar, dlogvar_dpre = raw.clamp(-LOGVAR_BOUND, LOGVAR_BOUND), _log_variance_slope(tails, sigma, raw)
-        lv_q, lv_p, delta = logvar[:2], logvar[2:], heads[:2] - heads[2:]
-        inv_var_p = torch.exp(-lv_p)
-        ratio = torch.exp(lv_q - lv_p)
-        pull = reg_weight * delta * inv_var_p
-        d_logvar = torch.cat([grad_r * noise * 0.5 * torch.exp(0.5 * lv_q) + reg_weight * 0.5 * (ratio - 1),
-                              reg_weight * 0.5 * (1 - ratio - delta**2 * inv_var_p)])
-        return _row_gradients(torch.cat([grad_r + pull, -pull]), d_logvar * dlogvar_dpre)
-    logits, unmasked = _halves(post_yx, post_xy)
-    soft = torch.sigmoid(logits + logistic_noise(noise))
-    keep = torch.sigmoid(logits)
-    d_logits = grad_r * unmasked * soft * (1 - soft) + reg_weight * keep * (1 - keep)
-    return *_row_gradients(d_logits, grad_r * (soft > 0.5).to(unmasked.dtype)), None, None
-
-
-def _stacked_noise(noise_xy, noise_yx, acc):
-    return torch.stack([noise_yx, noise_xy]).to(acc)
+        logvar_q, dlvq_dpre = _gaussian(tail)
+        logvar_p, dlvp_dpre = _gaussian(prior[:, d:])
+        delta = head - prior[:, :d]
+        inv_var_p = torch.exp(-logvar_p)
+        ratio = torch.exp(logvar_q - logvar_p)
+        d_mu = grad_r + reg_weight * delta * inv_var_p
+        d_logvar_q = grad_r * noise * 0.5 * torch.exp(0.5 * logvar_q) + reg_weight * 0.5 * (ratio - 1)
+        d_logvar_p = reg_weight * 0.5 * (1 - ratio - delta**2 * inv_var_p)
+        dpost = torch.cat([d_mu, d_logvar_q * dlvq_dpre], 1)
+        dprior = torch.cat([-reg_weight * delta * inv_var_p, d_logvar_p * dlvp_dpre], 1)
+        return dpost, dprior
+    soft = torch.sigmoid(head + logistic_noise(noise))
+    keep = torch.sigmoid(head)
+    d_logits = grad_r * tail * soft * (1 - soft) + reg_weight * keep * (1 - keep)
+    return torch.cat([d_logits, grad_r * (soft > 0.5).to(tail.dtype)], 1), None
 
 
 def edited_rows(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, variant):
-    """(cont, targ) (2B, d) = ([emb_y + r_yx; emb_x + r_xy], [emb_x; emb_y]) and l_reg = (R_xy + R_yx) / 2B, in
-    the accumulation dtype."""
     acc = _checks.accumulation_dtype(emb_x.dtype)
-    r, reg_sum = latent_forward(post_yx, post_xy, prior_yx, prior_xy, _stacked_noise(noise_xy, noise_yx, acc),
-                                variant)
-    ex, ey = emb_x.to(acc), emb_y.to(acc)
-    return (torch.stack([ey, ex]) + r).flatten(0, 1), torch.cat([ex, ey]), reg_sum / (2 * emb_x.shape[0])
+    up = lambda t: t.to(acc) if t.numel() else None
+    r_xy, reg_xy = direction_forward(up(post_xy), up(prior_xy), up(noise_xy), variant)
+    r_yx, reg_yx = direction_forward(up(post_yx), up(prior_yx), up(noise_yx), variant)
+    ex, ey = up(emb_x), up(emb_y)
+    return torch.cat([ey + r_yx, ex + r_xy]), torch.cat([ex, ey]), (reg_xy + reg_yx) / (2 * emb_x.shape[0])
 
 
 def adassl_forward(emb_x, emb_y, post_xy, post_yx, prior_xy, prior_yx, noise_xy, noise_yx, scale,
@@ -518,9 +504,9 @@ def prologue_backward(dcont, dtarg, reg_weight, emb_x, emb_y, post_xy, post_yx, 
     in the inputs' dtypes (empty priors get empty gradients)."""
     acc = _checks.accumulation_dtype(emb_x.dtype)
     b = emb_x.shape[0]
-    dpost_yx, dpost_xy, dprior_yx, dprior_xy = latent_backward(
-        dcont.reshape(2, b, -1), reg_weight, post_yx, post_xy, prior_yx, prior_xy,
-        _stacked_noise(noise_xy, noise_yx, acc), variant)
+    up = lambda t: t.to(acc) if t.numel() else None
+    dpost_xy, dprior_xy = direction_backward(dcont[b:], reg_weight, up(post_xy), up(prior_xy), up(noise_xy), variant)
+    dpost_yx, dprior_yx = direction_backward(dcont[:b], reg_weight, up(post_yx), up(prior_yx), up(noise_yx), variant)
     out = lambda g, like: torch.empty_like(like) if g is None else g.to(like.dtype)
     return (
         (dtarg[:b] + dcont[b:]).to(emb_x.dtype),
