@@ -19,8 +19,10 @@ same predictor, beta 0.5, no warm-up. `--tune-tau` repeats everything for each t
 keeps each method's best by mean R^2 (selected on the same held-out data it reports: an optimistic but
 equal treatment of all methods).
 
-How it is fast: all runs of one temperature (methods x seeds) train as one stacked encoder, R copies of
-the MLP whose layers are batched matmuls over (R, rows, features); each run keeps its own loss head
+How it is fast: the runs (methods x seeds x temperatures) are dealt into `--workers` groups, each trained
+in its own worker process (one per core: the loss heads' many small ops are Python-bound, and separate
+interpreters run them side by side where threads take turns on one GIL). A group trains as one stacked
+encoder, R copies of the MLP whose layers are batched matmuls over (R, rows, features); each run keeps its own loss head
 (adassl_fast's NTXentLoss / AdaSSL modules, called once per run per step), its own gradient clipping and
 its own latent-noise generator, so a run computes what `adassl-fast train` computes for it alone (AdamW is
 elementwise, so one optimiser over the stacked weights equals one per run). No value is read back to
@@ -32,11 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=_int_at_least(100), default=defaults.eval_samples, metavar="N>=100",
                    help="held-out samples in each of the two evaluation sets")
     p.add_argument("--workers", type=_int_at_least(1), default=min(os.cpu_count() or 1, 4), metavar="N>=1",
-                   help="groups of runs trained side by side in threads (CPUs / N torch threads each)")
+                   help="groups of runs trained side by side in worker processes (CPUs / N torch threads each)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a live progress bar with ETA on stderr")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.json and compare.png")
@@ -344,26 +345,68 @@ def _plot(summary: dict, path: Path) -> bool:
 # Main.
 
 
+# Worker processes: each trains one stacked group with its own interpreter, so the groups' Python (the loss
+# heads are many small ops) runs in parallel instead of taking turns on one GIL.
+
+_run_steps_done = None  # in a worker: the multiprocessing.Value counting the run-steps of every worker
+
+
+def _share_counter(counter) -> None:
+    global _run_steps_done
+    _run_steps_done = counter
+
+
+def _count_run_steps(k: int) -> None:
+    with _run_steps_done.get_lock():
+        _run_steps_done.value += k
+
+
+def _train_group(configs: list[train.Config], eval_steps: tuple, threads: int) -> tuple[list[dict], list[dict]]:
+    """In a worker process: Runs(configs).train, counting its run-steps for the parent's progress bar."""
+    torch.set_num_threads(threads)
+    return Runs(configs).train(_count_run_steps, eval_steps)
+
+
+def train_groups(groups: list[list[train.Config]], eval_steps=(), advance=None) -> list[tuple[list[dict], list[dict]]]:
+    """Train each group of runs as one stacked `Runs` in its own worker process, side by side; -> per group,
+    `Runs.train`'s (final metrics per run, curve records at `eval_steps`).
+
+    Workers are spawned (fresh interpreters: no forked thread pools) with CPUs / len(groups) torch threads
+    each; every group builds its own seeds' data. `advance(k)` is called here as the workers complete k more
+    run-steps (a progress bar's update). The first worker to fail stops the others and its error is raised."""
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    seen = 0
+    with ctx.Pool(len(groups), initializer=_share_counter, initargs=(counter,)) as pool:  # exit: terminate
+        pending = [pool.apply_async(_train_group, (g, tuple(eval_steps), threads)) for g in groups]
+        while True:
+            finished = [r for r in pending if r.ready()]
+            now = counter.value
+            if advance is not None and now > seen:
+                advance(now - seen)
+                seen = now
+            for r in finished:
+                if not r.successful():
+                    r.get()  # raises the worker's error
+            if len(finished) == len(pending):
+                return [r.get() for r in pending]
+            time.sleep(0.2)
+
+
 def _train_all(args, taus: list[float]) -> dict:
     """{(method, tau): [metrics of seed 0, 1, ...]}: the runs dealt round-robin into `--workers` stacked
-    groups, trained in parallel threads (the ops release the GIL, and each thread's ops run on its own core)."""
+    groups, trained side by side in worker processes."""
     from tqdm import tqdm
 
     jobs = [(m, seed, tau) for tau in taus for m in args.methods for seed in range(args.seeds)]
     groups = [jobs[i::args.workers] for i in range(min(args.workers, len(jobs)))]
-    datasets: dict = {}
-    stacks = [Runs([run_config(m, seed, tau, args) for m, seed, tau in g], datasets) for g in groups]
     bar = tqdm(total=args.steps * len(jobs), desc=f"compare ({len(jobs)} runs)", unit=" run-steps",
                dynamic_ncols=True, file=sys.stderr, disable=not args.progress)
-    lock = threading.Lock()
-
-    def advance(k: int) -> None:
-        with lock:
-            bar.update(k)
-
-    with bar, ThreadPoolExecutor(len(stacks)) as pool:
-        evals = list(pool.map(lambda runs: runs.train(advance)[0], stacks))
-    by_job = {job: ev for group, group_evals in zip(groups, evals, strict=True)
+    with bar:
+        results = train_groups([[run_config(m, seed, tau, args) for m, seed, tau in g] for g in groups],
+                               advance=bar.update)
+    by_job = {job: ev for group, (group_evals, _) in zip(groups, results, strict=True)
               for job, ev in zip(group, group_evals, strict=True)}
     return {(m, tau): [by_job[m, seed, tau] for seed in range(args.seeds)] for m in args.methods for tau in taus}
 
@@ -390,14 +433,7 @@ def main(argv=None) -> int:
           f"steps ({args.lr_schedule} lr {args.lr:g}), batch {args.batch_size}, {args.workers} worker(s)",
           file=sys.stderr)
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    # One intra-op thread per worker: the ops are small, and idle threads spinning on a busy core cost more
-    # than they give.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
-    try:
-        results = _train_all(args, taus)
-    finally:
-        torch.set_num_threads(threads)
+    results = _train_all(args, taus)
     elapsed = time.perf_counter() - t0
 
     per_tau = {m: {tau: {k: _stats([r[k] for r in results[m, tau]]) for k in METRICS} for tau in taus}

@@ -2,6 +2,7 @@
 its runs equal to `adassl-fast train`'s, one mixing per seed, and one-line command-line errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,30 @@ def test_every_flag_has_a_type_or_choices_a_default_and_help():
         assert action.default is not None, action.dest
         assert action.type is not None or action.choices or action.nargs == 0 or action.const is not None, action.dest
     assert compare.build_parser().format_help().count("(default:") >= 12
+
+
+def test_worker_processes_train_what_one_process_trains():
+    """train_groups (a spawned worker per group) gives each run the metrics, curve and run-step count that
+    the same group trained here gives."""
+    args = _compare_args("--steps", "4", "--batch-size", "32", "--eval-samples", "128")
+    groups = [[compare.run_config("adassl-v", 0, 0.05, args)],
+              [compare.run_config(m, 1, 0.05, args) for m in ("simclr", "adassl-s")]]
+    counted = []
+    in_workers = compare.train_groups(groups, eval_steps=(2,), advance=counted.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(groups)))  # as each worker
+    try:
+        here = [compare.Runs(g).train(eval_steps=(2,)) for g in groups]
+    finally:
+        torch.set_num_threads(threads)
+    assert in_workers == here
+    assert sum(counted) == 4 * 3
+
+
+def test_a_failing_worker_raises_its_error():
+    args = _compare_args("--steps", "4", "--batch-size", "32", "--eval-samples", "128")
+    mismatched = train.make_config(**{**compare.run_config("simclr", 0, 0.05, args).__dict__, "lr": 5e-4})
+    groups = [[compare.run_config("simclr", 0, 0.05, args)], [compare.run_config("adassl-s", 0, 0.05, args),
+                                                               mismatched]]
+    with pytest.raises(ValueError, match="runs trained together must share"):
+        compare.train_groups(groups)

@@ -24,24 +24,30 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from adassl_fast.apps import compare
+from adassl_fast.apps import compare, train
 
 METRICS = compare.METRICS
 
 
-def _train(steps: int, schedule: str, lr: float, seeds: int, workers: int, eval_steps=()) -> tuple[list, list, list]:
-    """(jobs, final metrics per job, curve records): the runs in `workers` stacked groups, as compare does."""
+def _train(steps: int, schedule: str, lr: float, seeds: int, workers: int, eval_steps=(),
+           warmup_of: int = 0) -> tuple[list, list, list]:
+    """(jobs, final metrics per job, curve records): the runs in `workers` stacked groups in worker processes,
+    as compare trains them. warmup_of > 0: AdaSSL-V warms beta up as a `warmup_of`-step run does (so at a constant
+    learning rate the curve's first `warmup_of` steps are that run's)."""
     args = compare.build_parser().parse_args(["--steps", str(steps), "--lr-schedule", schedule, "--lr", str(lr)])
     jobs = [(m, s) for m in compare.METHODS for s in range(seeds)]
     groups = [jobs[i::workers] for i in range(workers)]
-    datasets: dict = {}
-    stacks = [compare.Runs([compare.run_config(m, s, 0.05, args) for m, s in g], datasets) for g in groups]
-    with ThreadPoolExecutor(workers) as pool:
-        outs = list(pool.map(lambda runs: runs.train(eval_steps=eval_steps), stacks))
+
+    def config(method: str, seed: int) -> train.Config:
+        cfg = compare.run_config(method, seed, 0.05, args)
+        if warmup_of and method == "adassl-v":
+            cfg = train.make_config(**{**cfg.__dict__, "beta_warmup_steps": round(warmup_of / 15)})
+        return cfg
+
+    outs = compare.train_groups([[config(m, s) for m, s in g] for g in groups], eval_steps)
     order = [job for g in groups for job in g]
     final = [ev for out in outs for ev in out[0]]
     curve = [{"step": recs[0]["step"], "runs": [ev for rec in recs for ev in rec["runs"]]}
@@ -65,6 +71,8 @@ def run(argv) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="(peak) learning rate of every run")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup-of", type=int, default=0,
+                   help="AdaSSL-V's beta warm-up of a run of this many steps (default: of the curve's own length)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -72,7 +80,7 @@ def run(argv) -> None:
     points = []
     if a.kind == "constant":
         jobs, final, curve = _train(a.steps, "constant", a.lr, a.seeds, a.workers,
-                                    range(a.eval_every, a.steps, a.eval_every))
+                                    range(a.eval_every, a.steps, a.eval_every), a.warmup_of)
         for rec in [*curve, {"step": a.steps, "runs": final}]:
             points.append({"step": rec["step"], "metrics": _record(jobs, rec["runs"])})
         _write(a, points, t0)
