@@ -3,6 +3,8 @@ its runs equal to `adassl-fast train`'s, one mixing per seed, and one-line comma
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,13 @@ def test_a_failing_worker_raises_its_error():
                                                                mismatched]]
     with pytest.raises(ValueError, match="runs trained together must share"):
         compare.train_groups(groups)
+
+
+def test_compare_spawns_its_workers_from_python_dash_m(tmp_path):
+    """`python -m adassl_fast compare`: the spawned workers must not rerun the package's __main__ (the CLI)."""
+    proc = subprocess.run([sys.executable, "-m", "adassl_fast", "compare", "--seeds", "1", "--steps", "2",
+                           "--batch-size", "16", "--eval-samples", "128", "--methods", "simclr", "--no-progress",
+                           "--out", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "cmp" / "compare.json")
+    assert proc.stderr.count("compare: 1 methods") == 1  # the CLI ran once, not again in a worker
