@@ -1,4 +1,5 @@
-"""`adassl-fast compare`: the JSON's documented keys, the paired table, one default shared with `train`,
+"""`adassl-fast compare`: the JSON's documented keys, the paired table, one default shared with `train`, its
+worker processes (same results as one process, errors raised, safe under `python -m`),
 its runs equal to `adassl-fast train`'s, one mixing per seed, and one-line command-line errors."""
 
 import json
