@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         # would. Python would raise again when flushing stdout at exit, so point stdout at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + int(signal.SIGPIPE)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's exit status for SIGINT, not a traceback (compare's worker processes
+        # are terminated on the way out).
+        print("adassl-fast: interrupted", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
 
 
 def _route(argv: list[str]) -> int:
