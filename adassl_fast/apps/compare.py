@@ -401,11 +401,19 @@ def _train_all(args, taus: list[float]) -> dict:
 
     jobs = [(m, seed, tau) for tau in taus for m in args.methods for seed in range(args.seeds)]
     groups = [jobs[i::args.workers] for i in range(min(args.workers, len(jobs)))]
-    bar = tqdm(total=args.steps * len(jobs), desc=f"compare ({len(jobs)} runs)", unit=" run-steps",
+    name = f"compare ({len(jobs)} runs)"
+    bar = tqdm(total=args.steps * len(jobs), desc=f"{name}: building the data", unit=" run-steps",
                dynamic_ncols=True, file=sys.stderr, disable=not args.progress)
+
+    def advance(k: int) -> None:
+        if bar.n == 0:  # training has begun: time the rate and the ETA from here, not from the data's build
+            bar.set_description(name, refresh=False)
+            bar.reset()
+        bar.update(k)
+
     with bar:
         results = train_groups([[run_config(m, seed, tau, args) for m, seed, tau in g] for g in groups],
-                               advance=bar.update)
+                               advance=advance)
     by_job = {job: ev for group, (group_evals, _) in zip(groups, results, strict=True)
               for job, ev in zip(group, group_evals, strict=True)}
     return {(m, tau): [by_job[m, seed, tau] for seed in range(args.seeds)] for m in args.methods for tau in taus}

@@ -40,7 +40,8 @@ def test_compare_tiny_budget_writes_json_and_prints_its_path_last(tmp_path, caps
     assert paired["deltas"] == pytest.approx(expected)
     assert paired["ahead"] == sum(d > 0 for d in expected)
     assert any(line.startswith("adassl-s") and "ahead on" in line and "/2" in line for line in lines)
-    assert "compare (6 runs)" in captured.err  # the progress bar
+    assert "compare (6 runs): building the data" in captured.err  # the progress bar, before the first step
+    assert "compare (6 runs): 100%" in captured.err and "36/36" in captured.err  # timed from the first step
 
 
 def test_compare_tune_tau_keeps_each_methods_best(tmp_path, capsys):
