@@ -178,9 +178,9 @@ class StackedMLP(nn.Module):
 
 class Runs:
     """Runs trained together: per run an `adassl-fast train` model (its encoder moved into one StackedMLP),
-    per distinct seed one synthetic data set (from `datasets`, a cache shared between groups, when given)."""
+    per distinct seed one synthetic data set."""
 
-    def __init__(self, configs: list[train.Config], datasets: dict | None = None):
+    def __init__(self, configs: list[train.Config]):
         first = configs[0]
         shared = ("steps", "batch_size", "lr", "lr_schedule", "weight_decay", "grad_clip", "n_latents", "emb_dim",
                   "encoder_hidden", "eval_samples")
@@ -188,7 +188,6 @@ class Runs:
             if cfg.data != "synthetic" or any(getattr(cfg, k) != getattr(first, k) for k in shared):
                 raise ValueError(f"runs trained together must share the synthetic data and {', '.join(shared)}")
         self.configs = configs
-        cache = {} if datasets is None else datasets
         self.datasets: dict[tuple, object] = {}
         self.models, self.noise = [], []
         for cfg in configs:
@@ -198,9 +197,8 @@ class Runs:
             self.noise.append(torch.Generator())
             self.noise[-1].set_state(torch.get_rng_state())
             key = (cfg.data_seed, cfg.seed)
-            if key not in cache:
-                cache[key] = train.make_data(cfg, 0, 1)
-            self.datasets[key] = cache[key]
+            if key not in self.datasets:
+                self.datasets[key] = train.make_data(cfg, 0, 1)
         keys = list(self.datasets)
         self.run_data = torch.tensor([keys.index((cfg.data_seed, cfg.seed)) for cfg in configs])
         self.encoder = StackedMLP([m.encoder for m in self.models])

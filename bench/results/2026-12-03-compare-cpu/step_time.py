@@ -39,8 +39,7 @@ def stacked(steps: int, workers: int) -> float:
     torch.set_num_threads(1)
     args = compare.build_parser().parse_args(["--steps", str(steps + 20)])
     jobs = [(m, s) for m in compare.METHODS for s in range(3)]
-    datasets: dict = {}
-    groups = [compare.Runs([compare.run_config(m, s, 0.05, args) for m, s in jobs[i::workers]], datasets)
+    groups = [compare.Runs([compare.run_config(m, s, 0.05, args) for m, s in jobs[i::workers]])
               for i in range(workers)]
 
     def run(runs, first, last):
