@@ -230,7 +230,7 @@ def test_ctrl_c_stops_compare_and_its_workers_with_one_line(tmp_path):
         while len(kids := _children(proc.pid)) < 2 and time.monotonic() < deadline:  # the two workers (+ tracker)
             time.sleep(0.2)
         assert len(kids) >= 2, "compare never started its workers"
-        time.sleep(1.0)
+        time.sleep(0.3)  # the workers are still importing torch: a KeyboardInterrupt there prints a traceback
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         err = proc.communicate(timeout=60)[1]
     finally:
@@ -242,3 +242,17 @@ def test_ctrl_c_stops_compare_and_its_workers_with_one_line(tmp_path):
     while any(_alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [k for k in kids if _alive(k)], "worker processes outlived compare"
+
+
+def test_processes_started_by_compare_ignore_ctrl_c_until_told_otherwise():
+    """Workers start with SIGINT ignored (the parent handles Ctrl-C and terminates them), so a worker still
+    importing torch cannot print a KeyboardInterrupt traceback of its own; the parent's handler is restored."""
+    import multiprocessing
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with compare._sigint_ignored():
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    with pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before
