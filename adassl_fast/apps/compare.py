@@ -366,7 +366,8 @@ def _count_run_steps(k: int) -> None:
 def _sigint_ignored():
     """SIGINT ignored meanwhile (in the main thread; signal dispositions belong to it), so that processes
     started meanwhile inherit SIG_IGN: a terminal's Ctrl-C reaches the whole process group, and a worker
-    still importing torch would otherwise print a KeyboardInterrupt traceback of its own."""
+    still importing torch would otherwise print a KeyboardInterrupt traceback of its own. (A Ctrl-C during
+    this moment, while the pool starts its processes, is lost: press it again.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

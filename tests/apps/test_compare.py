@@ -211,9 +211,16 @@ def _alive(pid: int) -> bool:
     return info is not None and info[0] != "Z"
 
 
-def _children(pid: int) -> list[int]:
-    """The live child processes of `pid`."""
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _alive(e) and _state_and_parent(e)[1] == pid]
+def _workers(pid: int) -> list[int]:
+    """The live pool workers (spawned children running multiprocessing's spawn_main) of `pid`."""
+    def spawned(e):
+        try:
+            return b"spawn_main" in Path(f"/proc/{e}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and _alive(e) and _state_and_parent(e)[1] == pid and spawned(e)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through Linux /proc")
@@ -227,10 +234,12 @@ def test_ctrl_c_stops_compare_and_its_workers_with_one_line(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while len(kids := _children(proc.pid)) < 2 and time.monotonic() < deadline:  # the two workers (+ tracker)
-            time.sleep(0.2)
-        assert len(kids) >= 2, "compare never started its workers"
-        time.sleep(0.3)  # the workers are still importing torch: a KeyboardInterrupt there prints a traceback
+        while len(kids := _workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(kids) == 2, "compare never started its two workers"
+        # Past the pool's start (the moment SIGINT is ignored while the workers are made), with the workers
+        # still importing torch: a KeyboardInterrupt there would print a traceback.
+        time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         err = proc.communicate(timeout=60)[1]
     finally:
