@@ -32,14 +32,11 @@ Python inside the loop except a finiteness check every 100 steps; evaluation run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -362,22 +359,6 @@ def _count_run_steps(k: int) -> None:
         _run_steps_done.value += k
 
 
-@contextlib.contextmanager
-def _sigint_ignored():
-    """SIGINT ignored meanwhile (in the main thread; signal dispositions belong to it), so that processes
-    started meanwhile inherit SIG_IGN: a terminal's Ctrl-C reaches the whole process group, and a worker
-    still importing torch would otherwise print a KeyboardInterrupt traceback of its own. (A Ctrl-C during
-    this moment, while the pool starts its processes, is lost: press it again.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _train_group(configs: list[train.Config], eval_steps: tuple, threads: int) -> tuple[list[dict], list[dict]]:
     """In a worker process: Runs(configs).train, counting its run-steps for the parent's progress bar."""
     torch.set_num_threads(threads)
@@ -395,9 +376,7 @@ def train_groups(groups: list[list[train.Config]], eval_steps=(), advance=None) 
     counter = ctx.Value("q", 0)
     threads = max(1, (os.cpu_count() or 1) // len(groups))
     seen = 0
-    with _sigint_ignored():  # Ctrl-C is this process's to handle: the workers start (and stay) deaf to it
-        pool = ctx.Pool(len(groups), initializer=_share_counter, initargs=(counter,))
-    with pool:  # exit (a return, an error, Ctrl-C here): terminate the workers
+    with ctx.Pool(len(groups), initializer=_share_counter, initargs=(counter,)) as pool:  # exit: terminate
         pending = [pool.apply_async(_train_group, (g, tuple(eval_steps), threads)) for g in groups]
         while True:
             finished = [r for r in pending if r.ready()]
