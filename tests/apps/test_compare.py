@@ -198,8 +198,8 @@ def test_compare_spawns_its_workers_from_python_dash_m(tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    """Ctrl-C in any command (here compare's training): `adassl-fast: interrupted` and the shell's status for
-    SIGINT, not a traceback; compare's worker pool is terminated on the way out (its with-block)."""
+    """Ctrl-C in any command (here during compare's training): `adassl-fast: interrupted` and the shell's
+    status for SIGINT, not a traceback."""
     import signal
 
     def interrupted(*_):
